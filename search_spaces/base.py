@@ -1,0 +1,87 @@
+"""What every family shares: the head, the optimizer and the hyperparameters that go with them."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import keras
+import keras_tuner as kt
+
+FLIP_MODES = ("horizontal_and_vertical", "horizontal", "vertical", "none")
+MAX_ROTATION_FACTOR = 0.3
+
+
+class HyperFamily(kt.HyperModel):
+    """A model family as a Keras Tuner search space whose defaults build the study's model.
+
+    Subclasses declare their own hyperparameters in ``declare`` (every one with an explicit default) and
+    build the layers in ``build_layers``; this class adds the study's compile step (Adam, sparse categorical
+    cross-entropy from logits, accuracy).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, num_classes: int = 2, image_size: tuple[int, int] = (160, 160)) -> None:
+        super().__init__(name=self.name, tunable=True)
+        self.num_classes = num_classes
+        self.image_size = tuple(image_size)
+
+    # -- hyperparameters -------------------------------------------------------------------------------
+    def declare(self, hp: kt.HyperParameters) -> dict[str, Any]:
+        """Declare this family's hyperparameters on ``hp`` and return their current values."""
+        return {
+            "dropout": hp.Float("dropout", 0.0, 0.5, step=0.05, default=0.2),
+            "learning_rate": hp.Float("learning_rate", 1e-4, 1e-2, sampling="log", default=1e-3),
+        }
+
+    @staticmethod
+    def declare_augmentation(hp: kt.HyperParameters) -> dict[str, Any]:
+        return {
+            "flip_mode": hp.Choice("flip_mode", list(FLIP_MODES), default="horizontal_and_vertical"),
+            "rotation_factor": hp.Float("rotation_factor", 0.0, MAX_ROTATION_FACTOR, step=0.05, default=0.2),
+        }
+
+    # -- model -----------------------------------------------------------------------------------------
+    def build_layers(self, inputs: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
+        raise NotImplementedError
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        values = self.declare(hp)
+        inputs = keras.Input(shape=(*self.image_size, 3), name="image")
+        outputs = self.build_layers(inputs, values)
+        model = keras.Model(inputs, outputs, name=self.name)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=values["learning_rate"]),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        return model
+
+    # -- shared blocks ---------------------------------------------------------------------------------
+    @staticmethod
+    def preprocess(x: keras.KerasTensor) -> keras.KerasTensor:
+        """MobileNetV2's ``preprocess_input`` (x / 127.5 - 1) as a serialisable layer."""
+        return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)
+
+    @staticmethod
+    def augment(x: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
+        """RandomFlip then RandomRotation, as the study; a flip mode of "none" or a factor of 0 drops the layer."""
+        if values["flip_mode"] != "none":
+            x = keras.layers.RandomFlip(values["flip_mode"], name="random_flip")(x)
+        if values["rotation_factor"] > 0:
+            x = keras.layers.RandomRotation(values["rotation_factor"], name="random_rotation")(x)
+        return x
+
+    def head(self, x: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
+        pooling = values["pooling"]
+        if pooling == "flatten":
+            x = keras.layers.Flatten(name="flatten")(x)
+        elif pooling == "global_max":
+            x = keras.layers.GlobalMaxPooling2D(name="global_max_pooling")(x)
+        elif pooling == "global_avg":
+            x = keras.layers.GlobalAveragePooling2D(name="global_avg_pooling")(x)
+        else:  # hp.Choice guards this; a hand-made HyperParameters may not
+            raise ValueError(f"unknown pooling {pooling!r}")
+        x = keras.layers.Dropout(values["dropout"], name="dropout")(x)
+        return keras.layers.Dense(self.num_classes, name="logits")(x)

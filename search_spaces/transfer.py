@@ -1,0 +1,96 @@
+"""The transfer family: a frozen ImageNet MobileNetV2 base with a small trainable head.
+
+The study's model: preprocess_input, RandomFlip, RandomRotation(0.2), MobileNetV2 (no top, frozen, called
+with ``training=False``), GlobalMaxPooling2D, Dropout 0.2, Dense(classes) on logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner as kt
+
+from search_spaces.base import HyperFamily
+from sweep.errors import WeightsError
+
+WEIGHTS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+IMAGENET_SIZES = (96, 128, 160, 192, 224)
+
+
+def imagenet_weights_name(image_size: tuple[int, int], alpha: float = 1.0) -> str:
+    """Keras' own file name for MobileNetV2 no-top ImageNet weights at this input size."""
+    rows = image_size[0] if image_size[0] in IMAGENET_SIZES else 224
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}_no_top.h5"
+
+
+def resolve_weights(weights: str | None, image_size: tuple[int, int]) -> str | None:
+    """Turn ``--weights`` into what ``MobileNetV2(weights=...)`` takes, failing early with a clear message.
+
+    Args:
+        weights: "imagenet" (Keras' cache under ``$KERAS_HOME/models``, downloaded when missing), a path to a
+            local ``.h5``, or None / "none" for random initialisation.
+        image_size: the model's input size; picks Keras' file for the ImageNet weights.
+
+    Returns:
+        A local file path, or None.
+
+    Raises:
+        WeightsError: the path does not exist, or the ImageNet weights are not cached and cannot be downloaded.
+    """
+    if weights is None or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() == "imagenet":
+        name = imagenet_weights_name(image_size)
+        try:
+            return keras.utils.get_file(name, WEIGHTS_ORIGIN + name, cache_subdir="models")
+        except Exception as exc:  # get_file raises a bare Exception when the network is unreachable
+            raise WeightsError(
+                f"ImageNet weights {name} are not in the Keras cache and could not be downloaded ({exc}). "
+                f"Pass --weights PATH to a local MobileNetV2 no-top .h5, or copy one to "
+                f"$KERAS_HOME/models/{name}."
+            ) from None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"weights file {weights} does not exist; pass --weights imagenet, none, or a path to a MobileNetV2 .h5."
+        )
+    return str(path)
+
+
+class HyperTransfer(HyperFamily):
+    name = "transfer"
+    description = "frozen ImageNet MobileNetV2 base + pooling/dropout/dense head (study: ~95-98 %)"
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        image_size: tuple[int, int] = (160, 160),
+        weights: str | None = None,
+    ) -> None:
+        """``weights`` is a local file path or None; use ``resolve_weights`` to turn "imagenet" into a path."""
+        super().__init__(num_classes=num_classes, image_size=image_size)
+        self.weights = weights
+
+    def declare(self, hp: kt.HyperParameters) -> dict[str, Any]:
+        values = super().declare(hp)
+        values["pooling"] = hp.Choice("pooling", ["global_max", "global_avg"], default="global_max")
+        values.update(self.declare_augmentation(hp))
+        return values
+
+    def build_base(self) -> keras.Model:
+        try:
+            base = keras.applications.MobileNetV2(
+                input_shape=(*self.image_size, 3), include_top=False, weights=self.weights
+            )
+        except (ValueError, OSError) as exc:
+            raise WeightsError(f"could not load MobileNetV2 weights from {self.weights}: {exc}") from None
+        base.trainable = False
+        return base
+
+    def build_layers(self, inputs: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
+        x = self.preprocess(inputs)
+        x = self.augment(x, values)
+        x = self.build_base()(x, training=False)
+        return self.head(x, values)

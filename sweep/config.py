@@ -1,0 +1,143 @@
+"""Settings: ``mlflow.yaml``, environment overrides and sweep options, as frozen dataclasses.
+
+Precedence for tracking settings: environment (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``) over
+``mlflow.yaml`` over built-in defaults. Relative paths in ``mlflow.yaml`` are resolved against the file's folder,
+so a sweep logs to the same store whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sweep.errors import ConfigError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
+DEFAULT_EXPERIMENT = "cats-vs-dogs"
+CONFIG_FILE = "mlflow.yaml"
+DEFAULT_TUNER_DIR = "mlruns/keras_tuner"
+KNOWN_KEYS = {"tracking_uri", "artifact_root", "experiment", "tuner_dir"}
+
+TUNERS = ("random", "bayesian", "hyperband")
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where runs and artifacts go."""
+
+    tracking_uri: str
+    artifact_root: Path
+    experiment: str
+    tuner_dir: Path
+    source: str = "defaults"
+
+    @property
+    def is_local(self) -> bool:
+        """True when runs are stored on this machine (SQLite or a file store), not on a tracking server."""
+        return not self.tracking_uri.startswith(("http://", "https://", "databricks"))
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """One sweep of one family, as the user asked for it."""
+
+    family: str
+    trials: int = 10
+    tuner: str = "random"
+    epochs: int = 20
+    seed: int = 42
+    batch_size: int = 32
+    image_size: tuple[int, int] = (160, 160)
+    data_dir: Path | None = None
+    weights: str | None = "imagenet"
+    verbose: int = 1
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"trials must be at least 1, got {self.trials}.")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}.")
+        if self.tuner not in TUNERS:
+            raise ConfigError(f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}.")
+        if min(self.image_size) < 32:
+            raise ConfigError(f"image size must be at least 32x32, got {self.image_size}.")
+
+
+def _resolve_sqlite(uri: str, base: Path) -> str:
+    """Make a relative ``sqlite:///path`` absolute against ``base`` and create its folder."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    path = Path(uri[len(prefix):])
+    if not path.is_absolute():
+        path = base / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return prefix + str(path)
+
+
+def load_tracking(config_path: Path | None = None, environ: dict[str, str] | None = None) -> TrackingSettings:
+    """Read tracking settings.
+
+    Args:
+        config_path: an explicit ``mlflow.yaml``; by default ``./mlflow.yaml`` when it exists.
+        environ: the environment to read overrides from (``os.environ`` by default).
+
+    Raises:
+        ConfigError: the file is missing (when named), not YAML, not a mapping, or has unknown or empty keys.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, str] = {}
+    base = Path.cwd()
+    source = "defaults"
+    if config_path is None and Path(CONFIG_FILE).is_file():
+        config_path = Path(CONFIG_FILE)
+    if config_path is not None:
+        config_path = Path(config_path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file {config_path} does not exist; create it or drop --config.")
+        try:
+            loaded = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where else ""
+            raise ConfigError(f"{config_path} is not valid YAML{line}: fix the syntax or delete the file.") from None
+        loaded = {} if loaded is None else loaded
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{config_path} must be a mapping of tracking_uri, artifact_root, experiment and tuner_dir, "
+                f"got a {type(loaded).__name__}."
+            )
+        unknown = sorted(set(map(str, loaded)) - KNOWN_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{config_path} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(KNOWN_KEYS))}."
+            )
+        for key, value in loaded.items():
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{config_path}: {key} must be a non-empty string, got {value!r}.")
+            values[key] = value.strip()
+        base = config_path.resolve().parent
+        source = str(config_path)
+
+    tracking_uri = environ.get("MLFLOW_TRACKING_URI") or values.get("tracking_uri", DEFAULT_TRACKING_URI)
+    experiment = environ.get("MLFLOW_EXPERIMENT_NAME") or values.get("experiment", DEFAULT_EXPERIMENT)
+    artifact_root = Path(values.get("artifact_root", DEFAULT_ARTIFACT_ROOT))
+    if not artifact_root.is_absolute():
+        artifact_root = base / artifact_root
+    tuner_dir = Path(values.get("tuner_dir", DEFAULT_TUNER_DIR))
+    if not tuner_dir.is_absolute():
+        tuner_dir = base / tuner_dir
+    return TrackingSettings(
+        tracking_uri=_resolve_sqlite(tracking_uri, base),
+        tuner_dir=tuner_dir,
+        artifact_root=artifact_root,
+        experiment=experiment,
+        source=source,
+    )

@@ -1,0 +1,213 @@
+"""The dataset: find or download it, build the study's splits, decode every image once.
+
+The study loads ``train/`` and ``validation/`` with ``image_dataset_from_directory`` (160x160, batch 32,
+shuffled) and takes the first fifth of the validation batches as its test split. Its validation dataset
+reshuffles on every pass, so its "test" images changed at every read and overlapped validation. Here the
+validation images are ordered once by the sweep's seed, the first fifth of the batches is the test split and
+the rest is validation: fixed, disjoint, and the same at every read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sweep.errors import DataError
+
+DATASET_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+DATASET_NAME = "cats_and_dogs_filtered"
+SPLIT_DIRS = ("train", "validation")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split held in memory: decoded float32 images (0-255), integer labels and their source files."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    files: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def class_counts(self, class_names: tuple[str, ...]) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(class_names))
+        return {name: int(n) for name, n in zip(class_names, counts)}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train, validation and test splits with everything a sweep logs about them."""
+
+    train: Split
+    validation: Split
+    test: Split
+    class_names: tuple[str, ...]
+    image_size: tuple[int, int]
+    batch_size: int
+    seed: int
+    source: str
+
+    @property
+    def majority_class(self) -> int:
+        """The training split's most frequent class (the lowest index on a tie)."""
+        return int(np.argmax(np.bincount(self.train.labels, minlength=len(self.class_names))))
+
+    @property
+    def baseline_accuracy(self) -> float:
+        """Accuracy on the test split of always guessing the training split's majority class."""
+        return float(np.mean(self.test.labels == self.majority_class))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {s.name: s.class_counts(self.class_names) for s in (self.train, self.validation, self.test)}
+
+    def summary(self) -> dict:
+        """A JSON-ready description: source, classes, counts, baseline."""
+        return {
+            "source": self.source,
+            "class_names": list(self.class_names),
+            "image_size": list(self.image_size),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "counts": self.counts(),
+            "majority_class": self.class_names[self.majority_class],
+            "baseline_accuracy": self.baseline_accuracy,
+        }
+
+
+def download_dataset() -> Path:
+    """Fetch the study's archive through Keras' cache (``$KERAS_HOME/datasets``) and return its folder.
+
+    Raises:
+        DataError: the download failed (no network, say).
+    """
+    import keras
+
+    try:
+        archive = Path(keras.utils.get_file("cats_and_dogs.zip", origin=DATASET_URL, extract=True))
+    except Exception as exc:  # get_file raises a bare Exception on network failures
+        raise DataError(
+            f"could not download the dataset from {DATASET_URL} ({exc.__class__.__name__}: {exc}). "
+            "Pass --data-dir DIR with train/ and validation/ class folders instead."
+        ) from None
+    for candidate in (archive / DATASET_NAME, archive.parent / DATASET_NAME, archive):
+        if (candidate / "train").is_dir():
+            return candidate
+    raise DataError(f"the downloaded archive at {archive} holds no {DATASET_NAME}/train folder.")
+
+
+def check_layout(data_dir: Path) -> tuple[str, ...]:
+    """Check ``data_dir`` holds ``train/`` and ``validation/`` with the same two or more class folders.
+
+    Returns:
+        The class names, sorted as Keras sorts them.
+
+    Raises:
+        DataError: naming the folder that is missing, empty or mismatched.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data dir {data_dir} does not exist; pass a folder holding train/ and validation/.")
+    classes: dict[str, tuple[str, ...]] = {}
+    for split in SPLIT_DIRS:
+        folder = data_dir / split
+        if not folder.is_dir():
+            raise DataError(f"{folder} is missing; the data dir needs train/ and validation/ with one folder per class.")
+        names = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
+        if len(names) < 2:
+            raise DataError(
+                f"{folder} has {len(names)} class folder(s) ({', '.join(names) or 'none'}); "
+                "a classifier needs at least two, one subfolder per class."
+            )
+        for name in names:
+            if not any(p.is_file() for p in (folder / name).iterdir()):
+                raise DataError(f"class folder {folder / name} is empty; add images or remove the folder.")
+        classes[split] = names
+    if classes["train"] != classes["validation"]:
+        raise DataError(
+            f"train/ has classes {', '.join(classes['train'])} but validation/ has {', '.join(classes['validation'])}; "
+            "both need the same class folders."
+        )
+    return classes["train"]
+
+
+def _decode_folder(folder: Path, class_names: tuple[str, ...], image_size: tuple[int, int]):
+    """Decode every image of ``folder`` once, exactly as ``image_dataset_from_directory`` does."""
+    import keras
+
+    try:
+        dataset = keras.utils.image_dataset_from_directory(
+            folder,
+            labels="inferred",
+            label_mode="int",
+            class_names=list(class_names),
+            image_size=image_size,
+            batch_size=256,
+            shuffle=False,
+            verbose=False,
+        )
+    except ValueError as exc:
+        raise DataError(f"could not read images from {folder}: {exc}") from None
+    files = tuple(dataset.file_paths)
+    images, labels = [], []
+    for x, y in dataset:
+        images.append(x.numpy())
+        labels.append(y.numpy())
+    if not images:
+        raise DataError(f"no images found in {folder}; supported: jpeg, png, bmp, gif.")
+    return np.concatenate(images), np.concatenate(labels).astype("int32"), files
+
+
+def load_splits(
+    data_dir: Path | None,
+    image_size: tuple[int, int] = (160, 160),
+    batch_size: int = 32,
+    seed: int = 42,
+) -> Splits:
+    """Load train / validation / test as the study does, with a test split fixed by ``seed``.
+
+    Args:
+        data_dir: a folder with ``train/`` and ``validation/`` class folders; ``None`` downloads the study's data.
+        image_size: (height, width) every image is resized to (bilinear, as Keras does).
+        batch_size: the study's batch size; the test split is the first fifth of the validation batches.
+        seed: orders the validation images before the test split is cut.
+
+    Raises:
+        DataError: the folders are missing, empty, have fewer than two classes, or too few validation images.
+    """
+    source = str(data_dir) if data_dir is not None else DATASET_URL
+    data_dir = Path(data_dir) if data_dir is not None else download_dataset()
+    class_names = check_layout(data_dir)
+    x_train, y_train, f_train = _decode_folder(data_dir / "train", class_names, image_size)
+    x_val, y_val, f_val = _decode_folder(data_dir / "validation", class_names, image_size)
+
+    n_batches = math.ceil(len(y_val) / batch_size)
+    test_batches = n_batches // 5
+    if test_batches == 0:
+        raise DataError(
+            f"validation/ has {len(y_val)} images, {n_batches} batch(es) of {batch_size}; the test split is the first "
+            f"fifth of the validation batches, so it needs at least 5 batches: add images or lower --batch-size."
+        )
+    order = np.random.default_rng(seed).permutation(len(y_val))
+    n_test = min(len(y_val), test_batches * batch_size)
+    test_idx, val_idx = order[:n_test], order[n_test:]
+    if len(val_idx) == 0:
+        raise DataError(f"validation/ has {len(y_val)} images, all taken by the test split; add images.")
+
+    def take(name: str, x: np.ndarray, y: np.ndarray, files: tuple[str, ...], idx: np.ndarray) -> Split:
+        return Split(name, x[idx], y[idx], tuple(files[i] for i in idx))
+
+    return Splits(
+        train=Split("train", x_train, y_train, f_train),
+        validation=take("validation", x_val, y_val, f_val, val_idx),
+        test=take("test", x_val, y_val, f_val, test_idx),
+        class_names=class_names,
+        image_size=tuple(image_size),
+        batch_size=batch_size,
+        seed=seed,
+        source=source,
+    )

@@ -1,0 +1,64 @@
+"""Plain records of finished trials, the best pick and the trials table."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrialRecord:
+    """What one trial produced, free of Keras Tuner and MLflow objects."""
+
+    family: str
+    trial_id: str
+    number: int
+    hyperparameters: dict[str, Any]
+    history: dict[str, list[float]] = field(default_factory=dict)
+    first_epoch: int = 1  # Hyperband continues a trial from a later epoch
+    test_accuracy: float = float("nan")
+    test_loss: float = float("nan")
+    seconds: float = 0.0
+    run_id: str = ""
+
+    @property
+    def val_accuracy(self) -> float:
+        """Validation accuracy after the last epoch: the model whose test accuracy is logged."""
+        values = self.history.get("val_accuracy") or [float("nan")]
+        return float(values[-1])
+
+    @property
+    def accuracy(self) -> float:
+        values = self.history.get("accuracy") or [float("nan")]
+        return float(values[-1])
+
+
+def best_record(records: list[TrialRecord]) -> TrialRecord | None:
+    """The trial with the highest final validation accuracy; the earliest wins a tie."""
+    finished = [r for r in records if r.val_accuracy == r.val_accuracy]  # drop NaN
+    return max(finished, key=lambda r: (r.val_accuracy, -r.number), default=None)
+
+
+def format_value(value: Any) -> str:
+    """Short, stable text for a hyperparameter value (floats to 4 significant digits)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def trials_csv(records: list[TrialRecord]) -> str:
+    """All trials as CSV: identity, every hyperparameter, accuracies and time."""
+    names: list[str] = []
+    for record in records:
+        names += [n for n in record.hyperparameters if n not in names]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial", "trial_id", "run_id", *names, "accuracy", "val_accuracy", "test_accuracy", "seconds"])
+    for r in records:
+        writer.writerow(
+            [r.number, r.trial_id, r.run_id, *(r.hyperparameters.get(n, "") for n in names),
+             f"{r.accuracy:.4f}", f"{r.val_accuracy:.4f}", f"{r.test_accuracy:.4f}", f"{r.seconds:.1f}"]
+        )
+    return out.getvalue()

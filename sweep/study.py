@@ -1,0 +1,50 @@
+"""One or more family sweeps over the same data: validate everything first, then train.
+
+All checks that can fail on user input (data layout, weights, tracking store) run before the first MLflow
+run is created, so bad input leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sweep.config import SweepSettings, TrackingSettings
+from sweep.errors import SweepError
+
+
+def run_study(
+    settings: list[SweepSettings], tracking_settings: TrackingSettings, report: Callable[[str], None] = print
+):
+    """Run each family's sweep in turn on one decoded copy of the data.
+
+    Args:
+        settings: one entry per family, sharing data options (data dir, image size, batch size, seed).
+        tracking_settings: the MLflow store and experiment.
+        report: receives progress lines.
+
+    Returns:
+        A list of ``SweepResult``, one per family.
+
+    Raises:
+        SweepError: bad data, weights or tracking settings, or a sweep that stopped on failures.
+    """
+    from search_spaces import resolve_weights
+    from sweep import tracking
+    from sweep.data import check_layout, load_splits
+    from sweep.tuning import run_sweep
+
+    if not settings:
+        raise SweepError("no family to sweep.")
+    first = settings[0]
+    if first.data_dir is not None:
+        check_layout(first.data_dir)  # fail in a second, before decoding thousands of images
+    weights_path = None
+    if any(s.family == "transfer" for s in settings):
+        weights_path = resolve_weights(first.weights, first.image_size)
+    experiment_id = tracking.use_experiment(tracking_settings)
+    report(f"Loading images from {first.data_dir or 'the study download'} ...")
+    splits = load_splits(first.data_dir, first.image_size, first.batch_size, first.seed)
+    counts = ", ".join(f"{split} {sum(c.values())}" for split, c in splits.counts().items())
+    report(f"Classes {', '.join(splits.class_names)}; images: {counts}; "
+           f"baseline (always '{splits.class_names[splits.majority_class]}') {splits.baseline_accuracy:.1%}")
+    return [run_sweep(s, splits, tracking_settings, experiment_id, weights_path, report) for s in settings]

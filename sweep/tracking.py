@@ -1,0 +1,114 @@
+"""The one module that talks to MLflow while a sweep trains.
+
+A parent run per sweep and a nested run per trial; the callers own each run's lifetime (``with`` blocks), so
+an exception marks the run FAILED and Ctrl-C marks it KILLED. The Keras callback logs into the run it is
+given and never starts one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import keras
+import mlflow
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from sweep.config import TrackingSettings
+from sweep.errors import ConfigError
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def use_experiment(settings: TrackingSettings) -> str:
+    """Point MLflow at the configured store and return the experiment's id, creating it when new.
+
+    Raises:
+        ConfigError: the tracking store cannot be reached or the experiment was deleted.
+    """
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(settings.experiment)
+        if experiment is None:
+            location = settings.artifact_root.resolve().as_uri() if settings.is_local else None
+            return mlflow.create_experiment(settings.experiment, artifact_location=location)
+    except MlflowException as exc:
+        raise ConfigError(
+            f"cannot use MLflow tracking store {settings.tracking_uri} ({exc.message.splitlines()[0]}); "
+            "check tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI."
+        ) from None
+    if experiment.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"experiment {settings.experiment!r} is deleted in {settings.tracking_uri}; restore it in the MLflow UI "
+            "or pick another name with --experiment."
+        )
+    return experiment.experiment_id
+
+
+@contextmanager
+def sweep_run(experiment_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
+    """Start the parent run of a sweep; yields its run id."""
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+        mlflow.log_params(params)
+        yield run.info.run_id
+
+
+@contextmanager
+def trial_run(name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
+    """Start a trial's run nested under the active sweep run; yields its run id."""
+    with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+        mlflow.log_params(params)
+        yield run.info.run_id
+
+
+def log_result(metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+    """Log final metrics (no step) and tags into the active run."""
+    mlflow.log_metrics(metrics)
+    if tags:
+        mlflow.set_tags(tags)
+
+
+def log_figure(figure: Any, name: str) -> None:
+    mlflow.log_figure(figure, name)
+
+
+def log_text(text: str, name: str) -> None:
+    mlflow.log_text(text, name)
+
+
+def log_json(data: Any, name: str) -> None:
+    mlflow.log_text(json.dumps(data, indent=2, default=str), name)
+
+
+class EpochMetricsLogger(keras.callbacks.Callback):
+    """Logs loss, accuracy, val_loss and val_accuracy once per epoch (step = epoch number, from 1) into a run.
+
+    It also keeps the values, since Keras Tuner keeps no per-epoch history of its own.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.history: dict[str, list[float]] = {name: [] for name in EPOCH_METRICS}
+        self.first_epoch: int | None = None
+        self._client: MlflowClient | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._client = MlflowClient()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if self.first_epoch is None:
+            self.first_epoch = epoch + 1
+        timestamp = int(time.time() * 1000)
+        metrics = []
+        for name in EPOCH_METRICS:
+            if name in logs:
+                value = float(logs[name])
+                self.history[name].append(value)
+                metrics.append(Metric(name, value, timestamp, epoch + 1))
+        self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)

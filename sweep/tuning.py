@@ -1,0 +1,263 @@
+"""The Keras Tuner side of a sweep: oracles that start from the study's defaults, and the trial loop.
+
+Every trial trains on the in-memory splits, logs one MLflow run nested under the sweep's run (per-epoch
+curves, test accuracy, baseline, ``accuracy.png``), and reports a progress line through ``report``.
+This module knows nothing of click.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+import keras
+import keras_tuner as kt
+
+from search_spaces import FAMILIES, HyperFamily, default_values, describe, make_hypermodel
+from sweep import plots, tracking
+from sweep.config import SweepSettings, TrackingSettings
+from sweep.data import Splits
+from sweep.errors import SweepError
+from sweep.results import TrialRecord, best_record, format_value, trials_csv
+
+OBJECTIVE = kt.Objective("val_accuracy", direction="max")
+Reporter = Callable[[str], None]
+
+
+class DefaultsFirst:
+    """Oracle mixin: the first set of values any oracle draws is the search space's defaults.
+
+    A family's defaults are the study's model, so trial 1 of every sweep reproduces the study and shows
+    whether the search beat it. Random, Bayesian (initial points) and Hyperband (new brackets) all draw
+    through ``_random_values``.
+    """
+
+    def _random_values(self):
+        defaults = kt.HyperParameters()
+        for item in self.hyperparameters.space:
+            defaults.merge([item])
+        values = dict(defaults.values)
+        if values and not self._duplicate(values):
+            return values
+        return super()._random_values()
+
+
+class DefaultsFirstRandomSearch(DefaultsFirst, kt.oracles.RandomSearchOracle):
+    pass
+
+
+class DefaultsFirstBayesian(DefaultsFirst, kt.oracles.BayesianOptimizationOracle):
+    pass
+
+
+class DefaultsFirstHyperband(DefaultsFirst, kt.oracles.HyperbandOracle):
+    pass
+
+
+def build_oracle(tuner: str, trials: int, epochs: int, seed: int) -> kt.Oracle:
+    """The oracle for ``--tuner``; Hyperband's trial count is capped at ``trials`` as well."""
+    if tuner == "random":
+        return DefaultsFirstRandomSearch(objective=OBJECTIVE, max_trials=trials, seed=seed)
+    if tuner == "bayesian":
+        return DefaultsFirstBayesian(objective=OBJECTIVE, max_trials=trials, seed=seed)
+    if tuner == "hyperband":
+        oracle = DefaultsFirstHyperband(objective=OBJECTIVE, max_epochs=epochs, seed=seed)
+        oracle.max_trials = trials
+        return oracle
+    raise SweepError(f"unknown tuner {tuner!r}; choose random, bayesian or hyperband.")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class SweepTuner(kt.Tuner):
+    """A Keras Tuner whose trials train on in-memory splits and log to MLflow.
+
+    Each trial returns its final-epoch ``val_accuracy``, so the model the oracle scores is the model whose
+    test accuracy is logged (Keras Tuner's default would score the best epoch while the logged model is the
+    last one).
+    """
+
+    def __init__(self, *, splits: Splits, settings: SweepSettings, report: Reporter, **kwargs: Any) -> None:
+        self.splits = splits
+        self.settings = settings
+        self.report = report
+        self.records: list[TrialRecord] = []
+        self.started = time.monotonic()
+        super().__init__(**kwargs)
+
+    def _build_hypermodel(self, hp: kt.HyperParameters) -> keras.Model:
+        model = super()._build_hypermodel(hp)
+        if "tuner/trial_id" in hp.values:  # Hyperband: continue from the earlier trial's weights
+            model.load_weights(self._get_checkpoint_fname(hp.values["tuner/trial_id"]))
+        return model
+
+    def trial_params(self, values: dict[str, Any], epochs: int) -> dict[str, Any]:
+        s = self.settings
+        params = {name: format_value(value) for name, value in values.items()}
+        params.update(
+            family=s.family, tuner=s.tuner, epochs=epochs, batch_size=s.batch_size,
+            image_size=f"{s.image_size[0]}x{s.image_size[1]}", seed=s.seed,
+        )
+        if s.family == "transfer":
+            params["weights"] = str(s.weights)
+        return params
+
+    def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
+        hp = trial.hyperparameters
+        values = dict(hp.values)
+        epochs = int(values.get("tuner/epochs", self.settings.epochs))
+        initial_epoch = int(values.get("tuner/initial_epoch", 0))
+        number = len(self.records) + 1
+        splits, s = self.splits, self.settings
+        keras.utils.set_random_seed(s.seed + number - 1)
+        tags = {"family": s.family, "trial_id": trial.trial_id, "trial_number": str(number)}
+        started = time.monotonic()
+        with tracking.trial_run(f"{s.family}-trial-{number}", self.trial_params(values, epochs), tags) as run_id:
+            try:
+                logger = tracking.EpochMetricsLogger(run_id)
+                model = self._try_build(hp)
+                model.fit(
+                    splits.train.images, splits.train.labels,
+                    batch_size=s.batch_size, epochs=epochs, initial_epoch=initial_epoch, shuffle=True,
+                    validation_data=(splits.validation.images, splits.validation.labels),
+                    callbacks=[logger], verbose=s.verbose,
+                )
+                test_loss, test_accuracy = model.evaluate(
+                    splits.test.images, splits.test.labels, batch_size=s.batch_size, verbose=0
+                )
+                record = TrialRecord(
+                    family=s.family, trial_id=trial.trial_id, number=number, hyperparameters=values,
+                    history=logger.history, first_epoch=logger.first_epoch or 1,
+                    test_accuracy=float(test_accuracy), test_loss=float(test_loss),
+                    seconds=time.monotonic() - started, run_id=run_id,
+                )
+                tracking.log_result(
+                    {"test_accuracy": record.test_accuracy, "test_loss": record.test_loss,
+                     "baseline_accuracy": splits.baseline_accuracy, "train_seconds": record.seconds}
+                )
+                tracking.log_figure(plots.plot_accuracy(record, splits.baseline_accuracy), "accuracy.png")
+                model.save_weights(self._get_checkpoint_fname(trial.trial_id))
+            except Exception as exc:
+                tracking.log_result({}, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
+                self.report(f"[{s.family}] trial {number} FAILED: {type(exc).__name__}: {exc}")
+                raise
+        self.records.append(record)
+        self.report(self.progress_line(record))
+        return {"val_accuracy": record.val_accuracy}
+
+    def progress_line(self, record: TrialRecord) -> str:
+        s = self.settings
+        best = best_record(self.records)
+        elapsed = time.monotonic() - self.started
+        done = len(self.records)
+        left = max(s.trials - done, 0)
+        eta = f"~{_duration(elapsed / done * left)} left" if left else "done"
+        hps = " ".join(f"{k}={format_value(v)}" for k, v in record.hyperparameters.items())
+        return (
+            f"[{s.family}] trial {record.number}/{s.trials} ({_duration(record.seconds)}): {hps} | "
+            f"val {record.val_accuracy:.1%} test {record.test_accuracy:.1%} | "
+            f"best val {best.val_accuracy:.1%} (trial {best.number}) | "
+            f"elapsed {_duration(elapsed)}, {eta}"
+        )
+
+
+@dataclass
+class SweepResult:
+    """What a finished sweep produced."""
+
+    family: str
+    run_id: str
+    records: list[TrialRecord] = field(default_factory=list)
+    baseline_accuracy: float = 0.0
+
+    @property
+    def best(self) -> TrialRecord | None:
+        return best_record(self.records)
+
+
+def run_sweep(
+    settings: SweepSettings,
+    splits: Splits,
+    tracking_settings: TrackingSettings,
+    experiment_id: str,
+    weights_path: str | None = None,
+    report: Reporter = print,
+) -> SweepResult:
+    """Run one family's sweep under a parent MLflow run and log its summary there.
+
+    Args:
+        settings: the sweep as asked for (family, trials, tuner, epochs, seed, ...).
+        splits: the decoded data; shared by every trial (and every family of a study).
+        tracking_settings: where Keras Tuner keeps its project folder.
+        experiment_id: the MLflow experiment (see ``tracking.use_experiment``).
+        weights_path: a local MobileNetV2 weights file or None (transfer only; see ``resolve_weights``).
+        report: receives one progress line per finished trial.
+
+    Raises:
+        SweepError: bad settings, or too many trials failed in a row.
+    """
+    if settings.family not in FAMILIES:
+        raise SweepError(f"unknown family {settings.family!r}; choose one of {', '.join(FAMILIES)}.")
+    keras.utils.set_random_seed(settings.seed)
+    hypermodel: HyperFamily = make_hypermodel(
+        settings.family, num_classes=len(splits.class_names), image_size=splits.image_size, weights=weights_path
+    )
+    name = f"{settings.family}-{settings.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
+    # Built before any MLflow run exists: a model that cannot be built (bad weights file) leaves no run behind.
+    tuner = SweepTuner(
+        splits=splits, settings=settings, report=report,
+        oracle=build_oracle(settings.tuner, settings.trials, settings.epochs, settings.seed),
+        hypermodel=hypermodel, directory=str(tracking_settings.tuner_dir), project_name=name, overwrite=True,
+    )
+    params = {
+        "family": settings.family, "tuner": settings.tuner, "trials": settings.trials, "epochs": settings.epochs,
+        "seed": settings.seed, "batch_size": settings.batch_size,
+        "image_size": f"{settings.image_size[0]}x{settings.image_size[1]}", "data": splits.source,
+        "num_classes": len(splits.class_names), "tuner_dir": tuner.project_dir,
+    }
+    if settings.family == "transfer":
+        params["weights"] = str(settings.weights)
+    tags = {"family": settings.family, "sweep": name, "kind": "sweep", **settings.extra_tags}
+    report(
+        f"[{settings.family}] sweep {name}: {settings.trials} trial(s) x {settings.epochs} epoch(s), "
+        f"{settings.tuner} search; baseline {splits.baseline_accuracy:.1%} on {len(splits.test)} test images"
+    )
+    with tracking.sweep_run(experiment_id, name, params, tags) as run_id:
+        result = SweepResult(settings.family, run_id, tuner.records, splits.baseline_accuracy)
+        tracking.log_json(splits.summary(), "data.json")
+        tracking.log_text("\n".join(splits.test.files) + "\n", "test_files.txt")
+        tracking.log_json({"family": settings.family, "hyperparameters": describe(settings.family),
+                           "defaults": default_values(tuner.oracle.hyperparameters)}, "search_space.json")
+        try:
+            tuner.search(verbose=0)
+        except RuntimeError as exc:
+            if "consecutive failures" not in str(exc):
+                raise
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+            raise SweepError(
+                f"{settings.family}: {tuner.oracle.max_consecutive_failed_trials} trials failed in a row, so the "
+                f"sweep stopped. Last error: {last}. Each failed trial's MLflow run holds its error."
+            ) from None
+        _log_summary(result, settings)
+    return result
+
+
+def _log_summary(result: SweepResult, settings: SweepSettings) -> None:
+    metrics = {"baseline_accuracy": result.baseline_accuracy, "trials_finished": float(len(result.records))}
+    tags = {}
+    best = result.best
+    if best is not None:
+        metrics.update(best_val_accuracy=best.val_accuracy, best_test_accuracy=best.test_accuracy)
+        tags = {"best_trial": str(best.number), "best_run_id": best.run_id}
+        tracking.log_json({k: v for k, v in best.hyperparameters.items()}, "best_hyperparameters.json")
+    tracking.log_result(metrics, tags)
+    tracking.log_text(trials_csv(result.records), "trials.csv")
+    title = f"{settings.family}: validation accuracy of {len(result.records)} trial(s)"
+    tracking.log_figure(plots.plot_trials(result.records, result.baseline_accuracy, title), "trials.png")
