@@ -13,6 +13,7 @@ import keras
 import keras_tuner as kt
 
 from search_spaces.base import HyperFamily
+from sweep.config import keras_cache_dir
 from sweep.errors import WeightsError
 
 WEIGHTS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
@@ -44,7 +45,9 @@ def resolve_weights(weights: str | None, image_size: tuple[int, int]) -> str | N
     if str(weights).lower() == "imagenet":
         name = imagenet_weights_name(image_size)
         try:
-            return keras.utils.get_file(name, WEIGHTS_ORIGIN + name, cache_subdir="models")
+            return keras.utils.get_file(
+                name, WEIGHTS_ORIGIN + name, cache_subdir="models", cache_dir=keras_cache_dir()
+            )
         except Exception as exc:  # get_file raises a bare Exception when the network is unreachable
             raise WeightsError(
                 f"ImageNet weights {name} are not in the Keras cache and could not be downloaded ({exc}). "

@@ -70,6 +70,11 @@ class SweepSettings:
             raise ConfigError(f"image size must be at least 32x32, got {self.image_size}.")
 
 
+def keras_cache_dir() -> str | None:
+    """``$KERAS_HOME`` as it is now (Keras reads it only once, at import); None means Keras' default."""
+    return os.environ.get("KERAS_HOME") or None
+
+
 def _resolve_sqlite(uri: str, base: Path) -> str:
     """Make a relative ``sqlite:///path`` absolute against ``base`` and create its folder."""
     prefix = "sqlite:///"

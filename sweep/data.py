@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sweep.config import keras_cache_dir
 from sweep.errors import DataError
 
 DATASET_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
@@ -88,7 +89,9 @@ def download_dataset() -> Path:
     import keras
 
     try:
-        archive = Path(keras.utils.get_file("cats_and_dogs.zip", origin=DATASET_URL, extract=True))
+        archive = Path(keras.utils.get_file(
+            "cats_and_dogs.zip", origin=DATASET_URL, extract=True, cache_dir=keras_cache_dir()
+        ))
     except Exception as exc:  # get_file raises a bare Exception on network failures
         raise DataError(
             f"could not download the dataset from {DATASET_URL} ({exc.__class__.__name__}: {exc}). "

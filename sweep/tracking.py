@@ -60,7 +60,10 @@ def sweep_run(experiment_id: str, name: str, params: dict[str, Any], tags: dict[
 @contextmanager
 def trial_run(name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
     """Start a trial's run nested under the active sweep run; yields its run id."""
-    with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError("trial_run needs an active sweep run")
+    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name, nested=True, tags=tags) as run:
         mlflow.log_params(params)
         yield run.info.run_id
 

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny synthetic image folders, an MLflow store under tmp_path, a CLI runner, Keras' cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL_DATA = SHARED / "datasets" / "cats_and_dogs_filtered"
+SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.coral-ptq-dequant.h5"
+
+
+def make_image_folders(root: Path, classes=("cats", "dogs"), train=16, validation=12, size=40, seed=0) -> Path:
+    """Write JPEGs in ``root/{train,validation}/<class>/``; each class has its own colour, so it is learnable."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = [(200, 60, 60), (60, 60, 200), (60, 200, 60), (200, 200, 60)]
+    for split, count in (("train", train), ("validation", validation)):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.normal(0, 40, (size, size, 3)) + np.array(colours[index % len(colours)])
+                Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(folder / f"{name}.{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """2 classes, 16 train and 12 validation images each (batch 4: 6 validation batches, 1 for test)."""
+    return make_image_folders(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture()
+def tracking_env(tmp_path, monkeypatch):
+    """An empty MLflow store and Keras Tuner folder under tmp_path, set up through mlflow.yaml in the cwd."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    (tmp_path / "mlflow.yaml").write_text(
+        "tracking_uri: sqlite:///mlruns/mlflow.db\nartifact_root: mlruns/artifacts\n"
+        "experiment: test-exp\ntuner_dir: mlruns/keras_tuner\n"
+    )
+    yield tmp_path
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture()
+def runner():
+    from click.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture()
+def keras_cache(tmp_path, monkeypatch) -> Path:
+    """A KERAS_HOME pre-seeded with the shared ImageNet MobileNetV2 weights, so 'imagenet' needs no network."""
+    if not SHARED_WEIGHTS.is_file():
+        pytest.skip(f"{SHARED_WEIGHTS} is not available")
+    from search_spaces.transfer import imagenet_weights_name
+
+    home = tmp_path / "keras_home"
+    (home / "models").mkdir(parents=True)
+    for size in ((160, 160), (96, 96)):
+        target = home / "models" / imagenet_weights_name(size)
+        if not target.exists():
+            os.symlink(SHARED_WEIGHTS, target)
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    return home
+
+
+@pytest.fixture()
+def empty_keras_cache(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "empty_keras_home"
+    home.mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    return home
+
+
+def runs_in(tracking_dir: Path, experiment: str = "test-exp"):
+    """Every run of ``experiment`` in the store under ``tracking_dir`` (empty when nothing was written)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tracking_dir / "mlruns" / "mlflow.db"
+    if not db.exists():
+        return []
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def copy_sample(src: Path, dst: Path, per_class: dict[str, int]) -> Path:
+    """Copy the first N images of each class of each split of a real dataset."""
+    for split, count in per_class.items():
+        for class_dir in sorted((src / split).iterdir()):
+            target = dst / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copy(image, target / image.name)
+    return dst

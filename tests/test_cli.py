@@ -1,0 +1,81 @@
+"""The CLI: help, families, and bad input answered with one message, a non-zero exit and no MLflow run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sweep.cli import main
+from tests.conftest import make_image_folders, runs_in
+
+
+def test_help_lists_commands(runner):
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert "run" in result.output and "families" in result.output
+
+
+def test_families_prints_hyperparameters_and_defaults(runner):
+    result = runner.invoke(main, ["families"])
+    assert result.exit_code == 0, result.output
+    for family in ("scratch", "augmented", "preprocessed", "transfer"):
+        assert f"{family}: " in result.output
+    assert "rotation_factor  Float   [0.0, 0.3] step 0.05" in result.output
+    assert "{global_max, global_avg}" in result.output
+    assert "default flatten" in result.output
+
+
+@pytest.fixture()
+def data_variants(tmp_path):
+    good = make_image_folders(tmp_path / "good", train=4, validation=12)
+    single = make_image_folders(tmp_path / "single", train=4, validation=12)
+    shutil.rmtree(single / "train" / "dogs")
+    shutil.rmtree(single / "validation" / "dogs")
+    (tmp_path / "empty").mkdir()
+    return {"good": good, "single": single, "empty": tmp_path / "empty", "missing": tmp_path / "missing"}
+
+
+BASE = ["run", "--trials", "1", "--epochs", "1", "--batch-size", "4", "--image-size", "32"]
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["run", "--family", "resnet"], 2, "Invalid value for '--family': 'resnet' is not one of"),
+        (["run", "--family", "scratch", "--trials", "0"], 2, "Invalid value for '--trials': 0 is not in the range x>=1"),
+        (["run", "--family", "scratch", "--tuner", "grid"], 2, "Invalid value for '--tuner'"),
+        (["run", "--family", "scratch", "--image-size", "abc"], 2, "'abc' is not a size like 160 or 160x160"),
+        ([*BASE, "--family", "scratch", "--data-dir", "{missing}"], 1, "does not exist; pass a folder holding train/"),
+        ([*BASE, "--family", "scratch", "--data-dir", "{empty}"], 1, "train is missing"),
+        ([*BASE, "--family", "scratch", "--data-dir", "{single}"], 1, "has 1 class folder(s) (cats)"),
+        ([*BASE, "--family", "transfer", "--data-dir", "{good}", "--weights", "/no/such/weights.h5"], 1,
+         "weights file /no/such/weights.h5 does not exist"),
+    ],
+)
+def test_bad_input_gets_one_message_and_no_run(runner, tracking_env, data_variants, args, code, message):
+    args = [a.format(**data_variants) for a in args]
+    result = runner.invoke(main, args)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert runs_in(tracking_env) == []
+
+
+def test_malformed_mlflow_yaml(runner, tracking_env, data_variants):
+    (tracking_env / "mlflow.yaml").write_text("tracking_uri: [oops\n")
+    result = runner.invoke(main, [*BASE, "--family", "scratch", "--data-dir", str(data_variants["good"])])
+    assert result.exit_code == 1
+    assert "mlflow.yaml is not valid YAML (line" in result.output
+    assert "Traceback" not in result.output
+    assert not (tracking_env / "mlruns" / "mlflow.db").exists()
+
+
+def test_corrupt_weights_file_leaves_no_run(runner, tracking_env, data_variants):
+    bad = tracking_env / "bad.h5"
+    bad.write_bytes(b"not an hdf5 file")
+    result = runner.invoke(main, [*BASE, "--family", "transfer", "--data-dir", str(data_variants["good"]),
+                                  "--weights", str(bad)])
+    assert result.exit_code == 1, result.output
+    assert f"could not load MobileNetV2 weights from {bad}" in result.output
+    assert [r for r in runs_in(tracking_env)] == []

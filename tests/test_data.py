@@ -1,0 +1,86 @@
+"""Splits as the study builds them, with a test split fixed by the seed; counts and baseline from labels."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from sweep.data import check_layout, load_splits
+from sweep.errors import DataError
+from tests.conftest import make_image_folders
+
+
+def test_splits_sizes_counts_and_baseline(tiny_data):
+    splits = load_splits(tiny_data, image_size=(32, 32), batch_size=4, seed=1)
+    assert splits.class_names == ("cats", "dogs")
+    assert len(splits.train) == 32
+    # 24 validation images = 6 batches of 4; the test split is the first 6 // 5 = 1 batch
+    assert len(splits.test) == 4 and len(splits.validation) == 20
+    assert splits.train.images.shape == (32, 32, 32, 3) and splits.train.images.dtype == np.float32
+    assert splits.counts()["train"] == {"cats": 16, "dogs": 16}
+    total = {c: splits.counts()["validation"][c] + splits.counts()["test"][c] for c in splits.class_names}
+    assert total == {"cats": 12, "dogs": 12}
+    # majority of train is a tie: Keras' argmax picks the first class; baseline measured on the test labels
+    assert splits.majority_class == 0
+    assert splits.baseline_accuracy == pytest.approx(np.mean(splits.test.labels == 0))
+    assert splits.summary()["baseline_accuracy"] == splits.baseline_accuracy
+
+
+def test_test_split_is_fixed_by_seed_and_disjoint(tiny_data):
+    a = load_splits(tiny_data, image_size=(32, 32), batch_size=4, seed=7)
+    b = load_splits(tiny_data, image_size=(32, 32), batch_size=4, seed=7)
+    c = load_splits(tiny_data, image_size=(32, 32), batch_size=4, seed=8)
+    assert a.test.files == b.test.files
+    np.testing.assert_array_equal(a.test.images, b.test.images)
+    assert a.test.files != c.test.files
+    assert not set(a.test.files) & set(a.validation.files)
+    assert len(set(a.test.files) | set(a.validation.files)) == 24
+
+
+def test_labels_follow_folders(tiny_data):
+    splits = load_splits(tiny_data, image_size=(32, 32), batch_size=4, seed=1)
+    for files, labels in ((splits.train.files, splits.train.labels), (splits.test.files, splits.test.labels)):
+        for path, label in zip(files, labels):
+            assert f"/{splits.class_names[label]}/" in path
+
+
+def test_majority_class_is_computed(tmp_path):
+    root = make_image_folders(tmp_path / "d", train=10, validation=12)
+    for extra in range(6):  # 16 dogs vs 10 cats in train
+        shutil.copy(root / "train/dogs/dogs.0.jpg", root / f"train/dogs/extra{extra}.jpg")
+    splits = load_splits(root, image_size=(32, 32), batch_size=4, seed=0)
+    assert splits.class_names[splits.majority_class] == "dogs"
+    assert splits.baseline_accuracy == pytest.approx(np.mean(splits.test.labels == 1))
+
+
+def test_three_classes(tmp_path):
+    root = make_image_folders(tmp_path / "d", classes=("a", "b", "c"), train=4, validation=8)
+    splits = load_splits(root, image_size=(32, 32), batch_size=4, seed=0)
+    assert splits.class_names == ("a", "b", "c")
+    assert set(np.unique(splits.train.labels)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: shutil.rmtree(r / "validation"), "validation is missing"),
+        (lambda r: shutil.rmtree(r / "train" / "dogs"), "train has 1 class folder"),
+        (lambda r: [p.unlink() for p in (r / "train" / "dogs").iterdir()], "is empty"),
+        (lambda r: (r / "validation" / "dogs").rename(r / "validation" / "wolves"), "both need the same class folders"),
+    ],
+)
+def test_bad_layouts(tmp_path, damage, message):
+    root = make_image_folders(tmp_path / "d", train=2, validation=2)
+    damage(root)
+    with pytest.raises(DataError, match=message):
+        check_layout(root)
+
+
+def test_missing_dir_and_too_few_validation_images(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        check_layout(tmp_path / "nowhere")
+    root = make_image_folders(tmp_path / "d", train=4, validation=4)
+    with pytest.raises(DataError, match="at least 5 batches"):
+        load_splits(root, image_size=(32, 32), batch_size=32)

@@ -1,0 +1,171 @@
+"""Search-space construction: defaults are the study's models; each hyperparameter changes what it says."""
+
+from __future__ import annotations
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pytest
+
+from search_spaces import FAMILIES, default_values, describe, make_hypermodel, resolve_weights
+from search_spaces.transfer import imagenet_weights_name
+from sweep.errors import WeightsError
+
+
+def build(family: str, image_size=(160, 160), weights=None, **fixed):
+    hp = kt.HyperParameters()
+    for name, value in fixed.items():
+        hp.Fixed(name, value)
+    model = make_hypermodel(family, num_classes=2, image_size=image_size, weights=weights).build(hp)
+    return model, hp
+
+
+def layer_summary(model):
+    return [(type(layer).__name__, tuple(layer.output.shape)) for layer in model.layers]
+
+
+CONV_TRUNK = [
+    ("Conv2D", (None, 158, 158, 32)),
+    ("MaxPooling2D", (None, 79, 79, 32)),
+    ("Conv2D", (None, 77, 77, 32)),
+    ("MaxPooling2D", (None, 38, 38, 32)),
+    ("Conv2D", (None, 36, 36, 64)),
+    ("Flatten", (None, 82944)),
+    ("Dropout", (None, 82944)),
+    ("Dense", (None, 2)),
+]
+STUDY_LAYERS = {
+    "scratch": [("InputLayer", (None, 160, 160, 3))] + CONV_TRUNK,
+    "augmented": [("InputLayer", (None, 160, 160, 3)), ("RandomFlip", (None, 160, 160, 3)),
+                  ("RandomRotation", (None, 160, 160, 3))] + CONV_TRUNK,
+    "preprocessed": [("InputLayer", (None, 160, 160, 3)), ("Rescaling", (None, 160, 160, 3))] + CONV_TRUNK,
+}
+
+
+@pytest.mark.parametrize("family", ["scratch", "augmented", "preprocessed"])
+def test_conv_family_defaults_are_the_study_model(family):
+    model, hp = build(family)
+    assert layer_summary(model) == STUDY_LAYERS[family]
+    # 896 + 9,248 + 18,496 conv parameters and 82,944 * 2 + 2 in the dense head
+    assert model.count_params() == 194_530
+    assert model.get_layer("dropout").rate == pytest.approx(0.2)
+    assert [model.get_layer(f"conv{i}").kernel_size for i in (1, 2, 3)] == [(3, 3)] * 3
+    assert all(model.get_layer(f"conv{i}").activation.__name__ == "relu" for i in (1, 2, 3))
+    assert model.get_layer("logits").activation.__name__ == "linear"  # logits, as the loss expects
+    assert model.loss.get_config()["from_logits"] is True
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+
+
+def test_augmented_defaults_match_study_layers():
+    model, _ = build("augmented")
+    assert model.get_layer("random_flip").mode == "horizontal_and_vertical"
+    assert model.get_layer("random_rotation").factor == (-0.2, 0.2)
+
+
+def test_preprocessed_scaling_is_mobilenet_preprocess_input():
+    model, _ = build("preprocessed")
+    layer = model.get_layer("preprocess")
+    pixels = np.array([[0.0, 127.5, 255.0]], dtype="float32")
+    expected = keras.applications.mobilenet_v2.preprocess_input(pixels.copy())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(pixels)), expected, atol=1e-6)
+
+
+def test_transfer_defaults_are_the_study_model():
+    model, _ = build("transfer")
+    names = [type(layer).__name__ for layer in model.layers]
+    assert names == ["InputLayer", "Rescaling", "RandomFlip", "RandomRotation", "Functional",
+                     "GlobalMaxPooling2D", "Dropout", "Dense"]
+    base = model.layers[4]
+    assert base.name.startswith("mobilenetv2_1.00_160")
+    assert tuple(base.output.shape) == (None, 5, 5, 1280)
+    assert base.trainable is False
+    assert base.count_params() == 2_257_984
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == 1280 * 2 + 2
+    assert model.get_layer("random_rotation").factor == (-0.2, 0.2)
+
+
+def test_transfer_base_is_called_in_inference_mode():
+    """Dropout and BatchNorm of the base must not change outputs between calls in training mode."""
+    model, _ = build("transfer", image_size=(32, 32), pooling="global_avg", dropout=0.0,
+                     flip_mode="none", rotation_factor=0.0)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(model(x, training=True), model(x, training=False), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family, fixed, check",
+    [
+        ("scratch", {"conv1_filters": 16}, lambda m: m.get_layer("conv1").filters == 16),
+        ("scratch", {"conv2_filters": 64}, lambda m: m.get_layer("conv2").filters == 64),
+        ("scratch", {"conv3_filters": 128}, lambda m: tuple(m.get_layer("conv3").output.shape)[-1] == 128),
+        ("scratch", {"pooling": "global_max"}, lambda m: tuple(m.get_layer("global_max_pooling").output.shape) == (None, 64)),
+        ("scratch", {"pooling": "global_avg"}, lambda m: m.count_params() == 896 + 9248 + 18496 + 64 * 2 + 2),
+        ("scratch", {"dropout": 0.45}, lambda m: m.get_layer("dropout").rate == pytest.approx(0.45)),
+        ("scratch", {"learning_rate": 3e-4}, lambda m: float(m.optimizer.learning_rate) == pytest.approx(3e-4)),
+        ("augmented", {"flip_mode": "horizontal"}, lambda m: m.get_layer("random_flip").mode == "horizontal"),
+        ("augmented", {"flip_mode": "none"}, lambda m: "random_flip" not in [l.name for l in m.layers]),
+        ("augmented", {"rotation_factor": 0.1}, lambda m: m.get_layer("random_rotation").factor == (-0.1, 0.1)),
+        ("augmented", {"rotation_factor": 0.0}, lambda m: "random_rotation" not in [l.name for l in m.layers]),
+        ("transfer", {"pooling": "global_avg"}, lambda m: type(m.layers[-3]).__name__ == "GlobalAveragePooling2D"),
+        ("transfer", {"rotation_factor": 0.3}, lambda m: m.get_layer("random_rotation").factor == (-0.3, 0.3)),
+        ("transfer", {"dropout": 0.0}, lambda m: m.get_layer("dropout").rate == 0.0),
+    ],
+)
+def test_each_hyperparameter_changes_the_model(family, fixed, check):
+    model, hp = build(family, **fixed)
+    for name, value in fixed.items():
+        assert hp.get(name) == value
+    assert check(model)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_training_step_lowers_the_loss(family):
+    model, _ = build(family, image_size=(32, 32), learning_rate=1e-2, dropout=0.0)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    y = np.array([0, 1] * 4)
+    before = [w.copy() for w in model.get_weights()]
+    first = float(model.train_on_batch(x, y)[0])
+    changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights())]
+    assert np.isfinite(first)
+    assert any(changed)
+    assert len(model.trainable_weights) >= 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_describe_lists_every_hyperparameter_with_its_default(family):
+    rows = {row["name"]: row for row in describe(family)}
+    _, hp = build(family)
+    assert set(rows) == set(default_values(hp))
+    for name, value in default_values(hp).items():
+        assert rows[name]["default"] == value
+    assert rows["learning_rate"]["domain"] == "[0.0001, 0.01] (log)"
+
+
+def test_resolve_weights_reads_the_keras_cache_without_network(keras_cache):
+    path = resolve_weights("imagenet", (160, 160))
+    assert path == str(keras_cache / "models" / imagenet_weights_name((160, 160)))
+    model, _ = build("transfer", weights=path)
+    reference = keras.applications.MobileNetV2(input_shape=(160, 160, 3), include_top=False, weights=path)
+    loaded = model.layers[4].get_layer("Conv1").get_weights()[0]
+    np.testing.assert_array_equal(loaded, reference.get_layer("Conv1").get_weights()[0])
+    random = keras.applications.MobileNetV2(input_shape=(160, 160, 3), include_top=False, weights=None)
+    assert not np.allclose(loaded, random.get_layer("Conv1").get_weights()[0])
+
+
+def test_resolve_weights_offline_without_cache_says_how_to_fix(empty_keras_cache, monkeypatch):
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(WeightsError, match=r"--weights PATH.*KERAS_HOME/models/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_160_no_top.h5"):
+        resolve_weights("imagenet", (160, 160))
+
+
+def test_resolve_weights_missing_path_and_none(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        resolve_weights(str(tmp_path / "nope.h5"), (160, 160))
+    assert resolve_weights("none", (160, 160)) is None
+    assert resolve_weights(None, (160, 160)) is None

@@ -1,0 +1,123 @@
+"""Oracles start from the study's defaults; sweeps log parents, trials, curves and artifacts to MLflow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import keras_tuner as kt
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search_spaces import default_values, make_hypermodel
+from sweep.cli import main
+from sweep.tuning import build_oracle
+from tests.conftest import runs_in
+
+def tiny_args(data_dir, image_size="32"):
+    return ["--data-dir", str(data_dir), "--batch-size", "4", "--image-size", image_size, "--epochs", "2",
+            "--seed", "3"]
+
+
+@pytest.mark.parametrize("tuner", ["random", "bayesian", "hyperband"])
+def test_first_trial_is_the_defaults_then_the_search_moves_on(tuner, tmp_path):
+    oracle = build_oracle(tuner, trials=5, epochs=4, seed=0)
+    oracle._set_project_dir(str(tmp_path), f"oracle-{tuner}")
+    hp = kt.HyperParameters()
+    make_hypermodel("augmented").declare(hp)
+    oracle.update_space(hp)
+
+    def drawn(trial):
+        return {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}
+
+    first = oracle.create_trial("tuner0")
+    assert drawn(first) == default_values(hp)
+    second = oracle.create_trial("tuner1")
+    assert second.status == "RUNNING"
+    assert drawn(second) != default_values(hp)
+
+
+def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, runner):
+    result = runner.invoke(main, ["run", "--family", "scratch", "--trials", "2", "-q", *tiny_args(tiny_data)])
+    assert result.exit_code == 0, result.output
+    assert "[scratch] trial 1/2" in result.output and "[scratch] trial 2/2" in result.output
+    assert "best val" in result.output and "left" in result.output
+
+    runs = runs_in(tracking_env)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+    client = MlflowClient()
+    hp_names = {"dropout", "learning_rate", "conv1_filters", "conv2_filters", "conv3_filters", "pooling"}
+    by_number = {int(c.data.tags["trial_number"]): c for c in children}
+    for child in children:
+        params = child.data.params
+        assert hp_names | {"family", "tuner", "epochs", "batch_size", "image_size", "seed"} <= set(params)
+        assert (params["family"], params["tuner"], params["epochs"], params["batch_size"]) == ("scratch", "random", "2", "4")
+        assert (params["image_size"], params["seed"]) == ("32x32", "3")
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            history = client.get_metric_history(child.info.run_id, metric)
+            assert [m.step for m in history] == [1, 2], metric
+        assert 0.0 <= child.data.metrics["test_accuracy"] <= 1.0
+        assert child.data.metrics["test_loss"] >= 0.0
+        assert child.data.metrics["baseline_accuracy"] == parent.data.metrics["baseline_accuracy"]
+        assert child.data.tags["family"] == "scratch"
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert "accuracy.png" in artifacts
+        png = client.download_artifacts(child.info.run_id, "accuracy.png", str(tracking_env))
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # trial 1 is the study's model
+    defaults = {"dropout": "0.2", "learning_rate": "0.001", "conv1_filters": "32", "conv2_filters": "32",
+                "conv3_filters": "64", "pooling": "flatten"}
+    assert {k: by_number[1].data.params[k] for k in defaults} == defaults
+    assert {k: by_number[2].data.params[k] for k in defaults} != defaults
+
+    metrics = parent.data.metrics
+    best = max(children, key=lambda c: (client.get_metric_history(c.info.run_id, "val_accuracy")[-1].value,
+                                        -int(c.data.tags["trial_number"])))
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
+    assert metrics["trials_finished"] == 2
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.png", "trials.csv", "search_space.json", "data.json", "test_files.txt",
+            "best_hyperparameters.json"} <= artifacts
+    table = list(csv.DictReader(io.StringIO(open(client.download_artifacts(
+        parent.info.run_id, "trials.csv", str(tracking_env))).read())))
+    assert [row["run_id"] for row in table] == [by_number[1].info.run_id, by_number[2].info.run_id]
+    space = json.load(open(client.download_artifacts(parent.info.run_id, "search_space.json", str(tracking_env))))
+    assert space["defaults"]["conv3_filters"] == 64
+    data = json.load(open(client.download_artifacts(parent.info.run_id, "data.json", str(tracking_env))))
+    assert data["counts"]["train"] == {"cats": 16, "dogs": 16}
+    test_files = open(client.download_artifacts(parent.info.run_id, "test_files.txt", str(tracking_env))).read().split()
+    assert len(test_files) == 4 and all(f.endswith(".jpg") for f in test_files)
+
+
+def test_transfer_hyperband_sweep_with_cached_imagenet_weights(tiny_data, tracking_env, runner, keras_cache):
+    result = runner.invoke(
+        main, ["run", "--family", "transfer", "--tuner", "hyperband", "--trials", "2", "-q",
+               *tiny_args(tiny_data, image_size="96")],
+    )
+    assert result.exit_code == 0, result.output
+    children = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    for child in children:
+        assert child.data.params["weights"] == "imagenet"
+        assert child.data.params["tuner"] == "hyperband"
+        assert "tuner/epochs" in child.data.params
+        assert child.data.metrics["test_accuracy"] >= 0.0
+
+
+def test_all_families_run_in_turn(tiny_data, tracking_env, runner):
+    result = runner.invoke(main, ["run", "--family", "all", "--trials", "1", "--weights", "none", "-q",
+                                  *tiny_args(tiny_data)])
+    assert result.exit_code == 0, result.output
+    parents = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags]
+    assert sorted(p.data.params["family"] for p in parents) == ["augmented", "preprocessed", "scratch", "transfer"]
+    for family in ("scratch", "augmented", "preprocessed", "transfer"):
+        assert f"{family}: best trial 1" in result.output
