@@ -170,6 +170,7 @@ def load_splits(
     image_size: tuple[int, int] = (160, 160),
     batch_size: int = 32,
     seed: int = 42,
+    source: str | None = None,
 ) -> Splits:
     """Load train / validation / test as the study does, with a test split fixed by ``seed``.
 
@@ -178,12 +179,15 @@ def load_splits(
         image_size: (height, width) every image is resized to (bilinear, as Keras does).
         batch_size: the study's batch size; the test split is the first fifth of the validation batches.
         seed: orders the validation images before the test split is cut.
+        source: where the data came from, for the logs (default: the folder).
 
     Raises:
         DataError: the folders are missing, empty, have fewer than two classes, or too few validation images.
     """
-    source = str(data_dir) if data_dir is not None else DATASET_URL
-    data_dir = Path(data_dir) if data_dir is not None else download_dataset()
+    if data_dir is None:
+        data_dir, source = download_dataset(), source or DATASET_URL
+    data_dir = Path(data_dir)
+    source = source or str(data_dir)
     class_names = check_layout(data_dir)
     x_train, y_train, f_train = _decode_folder(data_dir / "train", class_names, image_size)
     x_val, y_val, f_val = _decode_folder(data_dir / "validation", class_names, image_size)

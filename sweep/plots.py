@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sweep.results import TrialRecord
 
@@ -12,6 +13,7 @@ def _epochs(values: list[float], start: int = 1) -> list[int]:
 
 
 def _baseline(ax, baseline: float) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(baseline, color="grey", linestyle="--", linewidth=1.2, label=f"baseline {baseline:.1%}")
 
 

@@ -30,20 +30,21 @@ def run_study(
     """
     from search_spaces import resolve_weights
     from sweep import tracking
-    from sweep.data import check_layout, load_splits
+    from sweep.data import DATASET_URL, check_layout, download_dataset, load_splits
     from sweep.tuning import run_sweep
 
     if not settings:
         raise SweepError("no family to sweep.")
     first = settings[0]
-    if first.data_dir is not None:
-        check_layout(first.data_dir)  # fail in a second, before decoding thousands of images
+    data_dir = first.data_dir if first.data_dir is not None else download_dataset()
+    check_layout(data_dir)  # fail in a second, before decoding thousands of images
     weights_path = None
     if any(s.family == "transfer" for s in settings):
         weights_path = resolve_weights(first.weights, first.image_size)
     experiment_id = tracking.use_experiment(tracking_settings)
-    report(f"Loading images from {first.data_dir or 'the study download'} ...")
-    splits = load_splits(first.data_dir, first.image_size, first.batch_size, first.seed)
+    report(f"Loading images from {data_dir} ...")
+    source = str(first.data_dir) if first.data_dir is not None else DATASET_URL
+    splits = load_splits(data_dir, first.image_size, first.batch_size, first.seed, source=source)
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in splits.counts().items())
     report(f"Classes {', '.join(splits.class_names)}; images: {counts}; "
            f"baseline (always '{splits.class_names[splits.majority_class]}') {splits.baseline_accuracy:.1%}")

@@ -79,3 +79,17 @@ def test_corrupt_weights_file_leaves_no_run(runner, tracking_env, data_variants)
     assert result.exit_code == 1, result.output
     assert f"could not load MobileNetV2 weights from {bad}" in result.output
     assert [r for r in runs_in(tracking_env)] == []
+
+
+def test_offline_download_failure_is_one_message(runner, tracking_env, empty_keras_cache, monkeypatch):
+    import keras
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    result = runner.invoke(main, ["run", "--family", "scratch", "--trials", "1"])
+    assert result.exit_code == 1
+    assert "could not download the dataset" in result.output and "--data-dir DIR" in result.output
+    assert "Traceback" not in result.output
+    assert runs_in(tracking_env) == []
