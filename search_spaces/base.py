@@ -9,6 +9,8 @@ import keras_tuner as kt
 
 FLIP_MODES = ("horizontal_and_vertical", "horizontal", "vertical", "none")
 MAX_ROTATION_FACTOR = 0.3
+# The transfer family's feature cache keeps one band of rotations per step (sweep/features.py).
+ROTATION_STEP = 0.1
 
 
 class HyperFamily(kt.HyperModel):
@@ -39,7 +41,9 @@ class HyperFamily(kt.HyperModel):
     def declare_augmentation(hp: kt.HyperParameters) -> dict[str, Any]:
         return {
             "flip_mode": hp.Choice("flip_mode", list(FLIP_MODES), default="horizontal_and_vertical"),
-            "rotation_factor": hp.Float("rotation_factor", 0.0, MAX_ROTATION_FACTOR, step=0.05, default=0.2),
+            "rotation_factor": hp.Float(
+                "rotation_factor", 0.0, MAX_ROTATION_FACTOR, step=ROTATION_STEP, default=0.2
+            ),
         }
 
     # -- model -----------------------------------------------------------------------------------------
@@ -51,12 +55,17 @@ class HyperFamily(kt.HyperModel):
         inputs = keras.Input(shape=(*self.image_size, 3), name="image")
         outputs = self.build_layers(inputs, values)
         model = keras.Model(inputs, outputs, name=self.name)
+        self.compile(model, values)
+        return model
+
+    @staticmethod
+    def compile(model: keras.Model, values: dict[str, Any]) -> None:
+        """The study's training setup: Adam, sparse categorical cross-entropy from logits, accuracy."""
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=values["learning_rate"]),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
-        return model
 
     # -- shared blocks ---------------------------------------------------------------------------------
     @staticmethod

@@ -75,6 +75,7 @@ class HyperTransfer(HyperFamily):
         """``weights`` is a local file path or None; use ``resolve_weights`` to turn "imagenet" into a path."""
         super().__init__(num_classes=num_classes, image_size=image_size)
         self.weights = weights
+        self._base: keras.Model | None = None
 
     def declare(self, hp: kt.HyperParameters) -> dict[str, Any]:
         values = super().declare(hp)
@@ -83,6 +84,13 @@ class HyperTransfer(HyperFamily):
         return values
 
     def build_base(self) -> keras.Model:
+        """The frozen base, built and loaded once and shared by every model this hypermodel builds.
+
+        Sharing is safe because the base never trains, and it makes every trial's model use the very
+        weights the feature cache was computed with (with ``weights=None`` too).
+        """
+        if self._base is not None:
+            return self._base
         try:
             base = keras.applications.MobileNetV2(
                 input_shape=(*self.image_size, 3), include_top=False, weights=self.weights
@@ -90,7 +98,21 @@ class HyperTransfer(HyperFamily):
         except (ValueError, OSError) as exc:
             raise WeightsError(f"could not load MobileNetV2 weights from {self.weights}: {exc}") from None
         base.trainable = False
+        self._base = base
         return base
+
+    def build_head(self, hp: kt.HyperParameters, feature_dim: int = 1280) -> keras.Model:
+        """The trainable part alone, on pooled base features: Dropout then Dense, compiled like ``build``.
+
+        Its ``logits`` weights drop into the end-to-end model built by ``build`` with the same ``hp``.
+        """
+        values = self.declare(hp)
+        inputs = keras.Input(shape=(feature_dim,), name=f"{values['pooling']}_features")
+        x = keras.layers.Dropout(values["dropout"], name="dropout")(inputs)
+        outputs = keras.layers.Dense(self.num_classes, name="logits")(x)
+        model = keras.Model(inputs, outputs, name=f"{self.name}_head")
+        self.compile(model, values)
+        return model
 
     def build_layers(self, inputs: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
         x = self.preprocess(inputs)

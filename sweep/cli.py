@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -71,9 +72,12 @@ def main() -> None:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--image-size", default="160", show_default=True, callback=_parse_image_size,
               help="Input size, e.g. 160 or 160x160.")
+@click.option("--no-cache", is_flag=True,
+              help="transfer only: train every trial on raw images through the full model (the study's way, "
+                   "much slower) instead of on cached base features.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch Keras progress; one line per trial only.")
 def run(family, trials, tuner, epochs, seed, data_dir, weights, experiment, config_path, batch_size, image_size,
-        quiet) -> None:
+        no_cache, quiet) -> None:
     """Run a sweep and log every trial to MLflow.
 
     Example: sweep run --family transfer --trials 20
@@ -82,11 +86,12 @@ def run(family, trials, tuner, epochs, seed, data_dir, weights, experiment, conf
     try:
         tracking_settings = load_tracking(config_path)
         if experiment:
-            tracking_settings = type(tracking_settings)(**{**tracking_settings.__dict__, "experiment": experiment})
+            tracking_settings = replace(tracking_settings, experiment=experiment)
         families = list(FAMILY_NAMES) if family == "all" else [family]
         settings = [
             SweepSettings(family=f, trials=trials, tuner=tuner, epochs=epochs, seed=seed, batch_size=batch_size,
-                          image_size=image_size, data_dir=data_dir, weights=weights, verbose=_keras_verbosity(quiet))
+                          image_size=image_size, data_dir=data_dir, weights=weights, verbose=_keras_verbosity(quiet),
+                          feature_cache=not no_cache)
             for f in families
         ]
         from sweep.study import run_study
@@ -106,6 +111,43 @@ def run(family, trials, tuner, epochs, seed, data_dir, weights, experiment, conf
         )
     click.echo(f"Runs are in {tracking_settings.tracking_uri}, experiment {tracking_settings.experiment!r}. "
                "Compare them with: mlflow ui --backend-store-uri " + tracking_settings.tracking_uri)
+
+
+@main.command()
+@click.option("--family", default="transfer", show_default=True, type=click.Choice(FAMILY_NAMES))
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Trials of the whole sweep timed our way.")
+@click.option("--plain-trials", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Trials run the plain way (raw images, stock Keras Tuner); trial 1 is the defaults.")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--weights", default="imagenet", show_default=True)
+@click.option("--experiment", default="sweep-bench", show_default=True, help="MLflow experiment for our sweep.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--image-size", default="160", show_default=True, callback=_parse_image_size)
+@click.option("--warm", is_flag=True, help="Use the configured feature cache (default: a cold, temporary one).")
+@click.option("-q", "--quiet", is_flag=True)
+def bench(family, trials, plain_trials, epochs, seed, data_dir, weights, experiment, config_path, batch_size,
+          image_size, warm, quiet) -> None:
+    """Time the same trial the plain way and ours, and a whole sweep our way; print a table."""
+    _quiet_tensorflow()
+    try:
+        tracking_settings = replace(load_tracking(config_path), experiment=experiment)
+        settings = SweepSettings(family=family, trials=trials, epochs=epochs, seed=seed, batch_size=batch_size,
+                                 image_size=image_size, data_dir=data_dir, weights=weights,
+                                 verbose=_keras_verbosity(quiet))
+        from sweep.bench import format_table, run_bench
+        from sweep.study import prepare
+
+        prepared = prepare(settings, tracking_settings, family == "transfer", report=click.echo)
+        result = run_bench(settings, prepared.splits, tracking_settings, prepared.experiment_id,
+                           prepared.weights_path, plain_trials, cold=not warm, report=click.echo)
+    except SweepError as exc:
+        _fail(exc)
+    click.echo("")
+    click.echo(format_table(result))
 
 
 @main.command()

@@ -20,7 +20,8 @@ DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
 DEFAULT_EXPERIMENT = "cats-vs-dogs"
 CONFIG_FILE = "mlflow.yaml"
 DEFAULT_TUNER_DIR = "mlruns/keras_tuner"
-KNOWN_KEYS = {"tracking_uri", "artifact_root", "experiment", "tuner_dir"}
+DEFAULT_CACHE_DIR = "mlruns/feature_cache"
+KNOWN_KEYS = {"tracking_uri", "artifact_root", "experiment", "tuner_dir", "cache_dir"}
 
 TUNERS = ("random", "bayesian", "hyperband")
 
@@ -33,6 +34,7 @@ class TrackingSettings:
     artifact_root: Path
     experiment: str
     tuner_dir: Path
+    cache_dir: Path
     source: str = "defaults"
 
     @property
@@ -55,6 +57,7 @@ class SweepSettings:
     data_dir: Path | None = None
     weights: str | None = "imagenet"
     verbose: int = 1
+    feature_cache: bool = True
     extra_tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -116,7 +119,7 @@ def load_tracking(config_path: Path | None = None, environ: dict[str, str] | Non
         loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ConfigError(
-                f"{config_path} must be a mapping of tracking_uri, artifact_root, experiment and tuner_dir, "
+                f"{config_path} must be a mapping of tracking_uri, artifact_root, experiment, tuner_dir and cache_dir, "
                 f"got a {type(loaded).__name__}."
             )
         unknown = sorted(set(map(str, loaded)) - KNOWN_KEYS)
@@ -133,15 +136,13 @@ def load_tracking(config_path: Path | None = None, environ: dict[str, str] | Non
 
     tracking_uri = environ.get("MLFLOW_TRACKING_URI") or values.get("tracking_uri", DEFAULT_TRACKING_URI)
     experiment = environ.get("MLFLOW_EXPERIMENT_NAME") or values.get("experiment", DEFAULT_EXPERIMENT)
-    artifact_root = Path(values.get("artifact_root", DEFAULT_ARTIFACT_ROOT))
-    if not artifact_root.is_absolute():
-        artifact_root = base / artifact_root
-    tuner_dir = Path(values.get("tuner_dir", DEFAULT_TUNER_DIR))
-    if not tuner_dir.is_absolute():
-        tuner_dir = base / tuner_dir
+    artifact_root = base / values.get("artifact_root", DEFAULT_ARTIFACT_ROOT)  # an absolute path stays as is
+    tuner_dir, cache_dir = (base / values.get(key, default) for key, default in
+                            (("tuner_dir", DEFAULT_TUNER_DIR), ("cache_dir", DEFAULT_CACHE_DIR)))
     return TrackingSettings(
         tracking_uri=_resolve_sqlite(tracking_uri, base),
         tuner_dir=tuner_dir,
+        cache_dir=cache_dir,
         artifact_root=artifact_root,
         experiment=experiment,
         source=source,

@@ -18,16 +18,11 @@ class TrialRecord:
     hyperparameters: dict[str, Any]
     history: dict[str, list[float]] = field(default_factory=dict)
     first_epoch: int = 1  # Hyperband continues a trial from a later epoch
+    val_accuracy: float = float("nan")  # the final model's, as scored by the tuner
     test_accuracy: float = float("nan")
     test_loss: float = float("nan")
     seconds: float = 0.0
     run_id: str = ""
-
-    @property
-    def val_accuracy(self) -> float:
-        """Validation accuracy after the last epoch: the model whose test accuracy is logged."""
-        values = self.history.get("val_accuracy") or [float("nan")]
-        return float(values[-1])
 
     @property
     def accuracy(self) -> float:

@@ -6,15 +6,50 @@ run is created, so bad input leaves nothing half-written.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from sweep.config import SweepSettings, TrackingSettings
+from sweep.data import Splits
 from sweep.errors import SweepError
 
+Reporter = Callable[[str], None]
 
-def run_study(
-    settings: list[SweepSettings], tracking_settings: TrackingSettings, report: Callable[[str], None] = print
-):
+
+@dataclass
+class Prepared:
+    """Everything a sweep needs that is checked or loaded once: data, weights file, experiment."""
+
+    splits: Splits
+    weights_path: str | None
+    experiment_id: str
+
+
+def prepare(first: SweepSettings, tracking_settings: TrackingSettings, need_weights: bool,
+            report: Reporter = print) -> Prepared:
+    """Check data, weights and the tracking store, then decode the images once.
+
+    Raises:
+        SweepError: bad data, weights or tracking settings.
+    """
+    from search_spaces import resolve_weights
+    from sweep import tracking
+    from sweep.data import DATASET_URL, check_layout, download_dataset, load_splits
+
+    data_dir = first.data_dir if first.data_dir is not None else download_dataset()
+    check_layout(data_dir)  # fail in a second, before decoding thousands of images
+    weights_path = resolve_weights(first.weights, first.image_size) if need_weights else None
+    experiment_id = tracking.use_experiment(tracking_settings)
+    report(f"Loading images from {data_dir} ...")
+    source = str(first.data_dir) if first.data_dir is not None else DATASET_URL
+    splits = load_splits(data_dir, first.image_size, first.batch_size, first.seed, source=source)
+    counts = ", ".join(f"{split} {sum(c.values())}" for split, c in splits.counts().items())
+    report(f"Classes {', '.join(splits.class_names)}; images: {counts}; "
+           f"baseline (always '{splits.class_names[splits.majority_class]}') {splits.baseline_accuracy:.1%}")
+    return Prepared(splits, weights_path, experiment_id)
+
+
+def run_study(settings: list[SweepSettings], tracking_settings: TrackingSettings, report: Reporter = print):
     """Run each family's sweep in turn on one decoded copy of the data.
 
     Args:
@@ -28,24 +63,10 @@ def run_study(
     Raises:
         SweepError: bad data, weights or tracking settings, or a sweep that stopped on failures.
     """
-    from search_spaces import resolve_weights
-    from sweep import tracking
-    from sweep.data import DATASET_URL, check_layout, download_dataset, load_splits
     from sweep.tuning import run_sweep
 
     if not settings:
         raise SweepError("no family to sweep.")
-    first = settings[0]
-    data_dir = first.data_dir if first.data_dir is not None else download_dataset()
-    check_layout(data_dir)  # fail in a second, before decoding thousands of images
-    weights_path = None
-    if any(s.family == "transfer" for s in settings):
-        weights_path = resolve_weights(first.weights, first.image_size)
-    experiment_id = tracking.use_experiment(tracking_settings)
-    report(f"Loading images from {data_dir} ...")
-    source = str(first.data_dir) if first.data_dir is not None else DATASET_URL
-    splits = load_splits(data_dir, first.image_size, first.batch_size, first.seed, source=source)
-    counts = ", ".join(f"{split} {sum(c.values())}" for split, c in splits.counts().items())
-    report(f"Classes {', '.join(splits.class_names)}; images: {counts}; "
-           f"baseline (always '{splits.class_names[splits.majority_class]}') {splits.baseline_accuracy:.1%}")
-    return [run_sweep(s, splits, tracking_settings, experiment_id, weights_path, report) for s in settings]
+    prepared = prepare(settings[0], tracking_settings, any(s.family == "transfer" for s in settings), report)
+    return [run_sweep(s, prepared.splits, tracking_settings, prepared.experiment_id, prepared.weights_path, report)
+            for s in settings]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable
 
 import keras
@@ -20,6 +21,8 @@ from sweep import plots, tracking
 from sweep.config import SweepSettings, TrackingSettings
 from sweep.data import Splits
 from sweep.errors import SweepError
+from sweep.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
+from sweep.head import ViewSampler, fit_head
 from sweep.results import TrialRecord, best_record, format_value, trials_csv
 
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
@@ -84,11 +87,14 @@ class SweepTuner(kt.Tuner):
     last one).
     """
 
-    def __init__(self, *, splits: Splits, settings: SweepSettings, report: Reporter, **kwargs: Any) -> None:
+    def __init__(self, *, splits: Splits, settings: SweepSettings, report: Reporter,
+                 features: TransferFeatures | None = None, **kwargs: Any) -> None:
         self.splits = splits
+        self.features = features
         self.settings = settings
         self.report = report
         self.records: list[TrialRecord] = []
+        self.attempts = 0  # trials started, failed ones included
         self.started = time.monotonic()
         super().__init__(**kwargs)
 
@@ -114,28 +120,37 @@ class SweepTuner(kt.Tuner):
         values = dict(hp.values)
         epochs = int(values.get("tuner/epochs", self.settings.epochs))
         initial_epoch = int(values.get("tuner/initial_epoch", 0))
-        number = len(self.records) + 1
+        self.attempts += 1
+        number = self.attempts
         splits, s = self.splits, self.settings
         keras.utils.set_random_seed(s.seed + number - 1)
-        tags = {"family": s.family, "trial_id": trial.trial_id, "trial_number": str(number)}
+        tags = {"family": s.family, "trial_id": trial.trial_id, "trial_number": str(number),
+                "training": "cached_features" if self.features else "raw_images"}
         started = time.monotonic()
         with tracking.trial_run(f"{s.family}-trial-{number}", self.trial_params(values, epochs), tags) as run_id:
             try:
                 logger = tracking.EpochMetricsLogger(run_id)
                 model = self._try_build(hp)
-                model.fit(
-                    splits.train.images, splits.train.labels,
-                    batch_size=s.batch_size, epochs=epochs, initial_epoch=initial_epoch, shuffle=True,
-                    validation_data=(splits.validation.images, splits.validation.labels),
-                    callbacks=[logger], verbose=s.verbose,
-                )
+                if self.features is None:
+                    model.fit(
+                        splits.train.images, splits.train.labels,
+                        batch_size=s.batch_size, epochs=epochs, initial_epoch=initial_epoch, shuffle=True,
+                        validation_data=(splits.validation.images, splits.validation.labels),
+                        callbacks=[logger], verbose=s.verbose,
+                    )
+                    val_accuracy = logger.history["val_accuracy"][-1]
+                else:
+                    self._fit_head(hp, model, epochs, initial_epoch, logger, seed=s.seed + number - 1)
+                    # The trained head now sits on the real base: score that end-to-end model on raw images.
+                    _, val_accuracy = model.evaluate(splits.validation.images, splits.validation.labels,
+                                                     batch_size=s.batch_size, verbose=0)
                 test_loss, test_accuracy = model.evaluate(
                     splits.test.images, splits.test.labels, batch_size=s.batch_size, verbose=0
                 )
                 record = TrialRecord(
                     family=s.family, trial_id=trial.trial_id, number=number, hyperparameters=values,
                     history=logger.history, first_epoch=logger.first_epoch or 1,
-                    test_accuracy=float(test_accuracy), test_loss=float(test_loss),
+                    val_accuracy=float(val_accuracy), test_accuracy=float(test_accuracy), test_loss=float(test_loss),
                     seconds=time.monotonic() - started, run_id=run_id,
                 )
                 tracking.log_result(
@@ -151,6 +166,18 @@ class SweepTuner(kt.Tuner):
         self.records.append(record)
         self.report(self.progress_line(record))
         return {"val_accuracy": record.val_accuracy}
+
+    def _fit_head(self, hp: kt.HyperParameters, model: keras.Model, epochs: int, initial_epoch: int,
+                  logger: tracking.EpochMetricsLogger, seed: int) -> None:
+        """Train only the head on cached features, then copy its weights into ``model``'s head."""
+        values = dict(hp.values)
+        head = self.hypermodel.build_head(hp, self.features.pool.features.max.shape[-1])
+        head.get_layer("logits").set_weights(model.get_layer("logits").get_weights())  # Hyperband: continue
+        sampler = ViewSampler(self.features.pool, self.splits.train.labels, values["pooling"],
+                              values["flip_mode"], values["rotation_factor"], self.settings.batch_size, seed)
+        fit_head(head, sampler, self.features.validation, self.splits.validation.labels, values["pooling"],
+                 epochs, initial_epoch, [logger], self.settings.verbose)
+        model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
 
     def progress_line(self, record: TrialRecord) -> str:
         s = self.settings
@@ -169,6 +196,25 @@ class SweepTuner(kt.Tuner):
 
 
 @dataclass
+class TransferFeatures:
+    """What a cached transfer trial trains on: the training view pool and clean validation features."""
+
+    pool: TrainPool
+    validation: PooledFeatures
+
+
+def prepare_features(hypermodel: HyperFamily, splits: Splits, weights_path: str | None,
+                     cache_dir: Path | None, report: Reporter) -> TransferFeatures:
+    """Load or compute the transfer family's cached features (disk cache only for a weights file)."""
+    weights_id = digest(Path(weights_path)) if weights_path else None
+    cache = FeatureCache(cache_dir if weights_id else None, lambda: FeatureExtractor(hypermodel.build_base()),
+                         weights_id or "random-init", report=report)
+    pool = cache.pool(splits.train.images, PoolSpec())
+    validation = cache.clean(splits.validation.images, "validation")
+    return TransferFeatures(pool, validation)
+
+
+@dataclass
 class SweepResult:
     """What a finished sweep produced."""
 
@@ -176,6 +222,7 @@ class SweepResult:
     run_id: str
     records: list[TrialRecord] = field(default_factory=list)
     baseline_accuracy: float = 0.0
+    setup_seconds: float = 0.0  # feature cache load or build, before the first trial
 
     @property
     def best(self) -> TrialRecord | None:
@@ -209,10 +256,14 @@ def run_sweep(
     hypermodel: HyperFamily = make_hypermodel(
         settings.family, num_classes=len(splits.class_names), image_size=splits.image_size, weights=weights_path
     )
+    features, setup_started = None, time.monotonic()
+    if settings.family == "transfer" and settings.feature_cache:
+        features = prepare_features(hypermodel, splits, weights_path, tracking_settings.cache_dir, report)
+    setup_seconds = time.monotonic() - setup_started
     name = f"{settings.family}-{settings.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
     # Built before any MLflow run exists: a model that cannot be built (bad weights file) leaves no run behind.
     tuner = SweepTuner(
-        splits=splits, settings=settings, report=report,
+        splits=splits, settings=settings, report=report, features=features,
         oracle=build_oracle(settings.tuner, settings.trials, settings.epochs, settings.seed),
         hypermodel=hypermodel, directory=str(tracking_settings.tuner_dir), project_name=name, overwrite=True,
     )
@@ -224,13 +275,16 @@ def run_sweep(
     }
     if settings.family == "transfer":
         params["weights"] = str(settings.weights)
+        params["feature_cache"] = features is not None
+        if features is not None:
+            params["pool_views_per_image"] = features.pool.spec.views_per_image
     tags = {"family": settings.family, "sweep": name, "kind": "sweep", **settings.extra_tags}
     report(
         f"[{settings.family}] sweep {name}: {settings.trials} trial(s) x {settings.epochs} epoch(s), "
         f"{settings.tuner} search; baseline {splits.baseline_accuracy:.1%} on {len(splits.test)} test images"
     )
     with tracking.sweep_run(experiment_id, name, params, tags) as run_id:
-        result = SweepResult(settings.family, run_id, tuner.records, splits.baseline_accuracy)
+        result = SweepResult(settings.family, run_id, tuner.records, splits.baseline_accuracy, setup_seconds)
         tracking.log_json(splits.summary(), "data.json")
         tracking.log_text("\n".join(splits.test.files) + "\n", "test_files.txt")
         tracking.log_json({"family": settings.family, "hyperparameters": describe(settings.family),

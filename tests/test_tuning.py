@@ -121,3 +121,42 @@ def test_all_families_run_in_turn(tiny_data, tracking_env, runner):
     assert sorted(p.data.params["family"] for p in parents) == ["augmented", "preprocessed", "scratch", "transfer"]
     for family in ("scratch", "augmented", "preprocessed", "transfer"):
         assert f"{family}: best trial 1" in result.output
+
+
+def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_data, tracking_env, runner,
+                                                                          keras_cache):
+    args = ["run", "--family", "transfer", "--trials", "2", "-q", *tiny_args(tiny_data, image_size="96")]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "Computing MobileNetV2 features of 32 training images x 16 augmented views" in first.output
+    assert len(list((tracking_env / "mlruns" / "feature_cache").glob("*.npz"))) == 2  # pool + validation
+    second = runner.invoke(main, args)
+    assert second.exit_code == 0, second.output
+    assert "Computing" not in second.output  # read from the disk cache
+
+    client = MlflowClient()
+    children = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4
+    for child in children:
+        assert child.data.tags["training"] == "cached_features"
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [1, 2]
+    parents = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags]
+    assert {p.data.params["pool_views_per_image"] for p in parents} == {"16"}
+    # the same seed gives the same trials, whether the cache was cold or warm
+    by_sweep = {}
+    for child in children:
+        by_sweep.setdefault(child.data.tags["mlflow.parentRunId"], {})[child.data.tags["trial_number"]] = child
+    cold, warm = by_sweep.values()
+    for number in ("1", "2"):
+        assert cold[number].data.metrics["test_accuracy"] == warm[number].data.metrics["test_accuracy"]
+
+
+def test_no_cache_trains_transfer_on_raw_images(tiny_data, tracking_env, runner):
+    result = runner.invoke(main, ["run", "--family", "transfer", "--trials", "1", "--weights", "none",
+                                  "--no-cache", "-q", *tiny_args(tiny_data)])
+    assert result.exit_code == 0, result.output
+    assert "Computing" not in result.output
+    child = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags)
+    assert child.data.tags["training"] == "raw_images"
+    assert not (tracking_env / "mlruns" / "feature_cache").exists()
