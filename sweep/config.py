@@ -21,7 +21,8 @@ DEFAULT_EXPERIMENT = "cats-vs-dogs"
 CONFIG_FILE = "mlflow.yaml"
 DEFAULT_TUNER_DIR = "mlruns/keras_tuner"
 DEFAULT_CACHE_DIR = "mlruns/feature_cache"
-KNOWN_KEYS = {"tracking_uri", "artifact_root", "experiment", "tuner_dir", "cache_dir"}
+DEFAULT_REGISTERED_MODEL = "sweep-best"
+KNOWN_KEYS = {"tracking_uri", "artifact_root", "experiment", "tuner_dir", "cache_dir", "registered_model"}
 
 TUNERS = ("random", "bayesian", "hyperband")
 
@@ -35,6 +36,7 @@ class TrackingSettings:
     experiment: str
     tuner_dir: Path
     cache_dir: Path
+    registered_model: str = DEFAULT_REGISTERED_MODEL
     source: str = "defaults"
 
     @property
@@ -119,7 +121,8 @@ def load_tracking(config_path: Path | None = None, environ: dict[str, str] | Non
         loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ConfigError(
-                f"{config_path} must be a mapping of tracking_uri, artifact_root, experiment, tuner_dir and cache_dir, "
+                f"{config_path} must be a mapping of the keys "
+                f"{', '.join(sorted(KNOWN_KEYS))}, "
                 f"got a {type(loaded).__name__}."
             )
         unknown = sorted(set(map(str, loaded)) - KNOWN_KEYS)
@@ -143,6 +146,7 @@ def load_tracking(config_path: Path | None = None, environ: dict[str, str] | Non
         tracking_uri=_resolve_sqlite(tracking_uri, base),
         tuner_dir=tuner_dir,
         cache_dir=cache_dir,
+        registered_model=values.get("registered_model", DEFAULT_REGISTERED_MODEL),
         artifact_root=artifact_root,
         experiment=experiment,
         source=source,

@@ -10,6 +10,7 @@ the rest is validation: fixed, disjoint, and the same at every read.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class Splits:
     batch_size: int
     seed: int
     source: str
+    skipped: tuple[str, ...] = ()  # unreadable files, with the reason
 
     @property
     def majority_class(self) -> int:
@@ -77,6 +79,7 @@ class Splits:
             "counts": self.counts(),
             "majority_class": self.class_names[self.majority_class],
             "baseline_accuracy": self.baseline_accuracy,
+            "skipped_files": list(self.skipped),
         }
 
 
@@ -138,31 +141,49 @@ def check_layout(data_dir: Path) -> tuple[str, ...]:
     return classes["train"]
 
 
-def _decode_folder(folder: Path, class_names: tuple[str, ...], image_size: tuple[int, int]):
-    """Decode every image of ``folder`` once, exactly as ``image_dataset_from_directory`` does."""
-    import keras
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what image_dataset_from_directory reads
 
-    try:
-        dataset = keras.utils.image_dataset_from_directory(
-            folder,
-            labels="inferred",
-            label_mode="int",
-            class_names=list(class_names),
-            image_size=image_size,
-            batch_size=256,
-            shuffle=False,
-            verbose=False,
-        )
-    except ValueError as exc:
-        raise DataError(f"could not read images from {folder}: {exc}") from None
-    files = tuple(dataset.file_paths)
-    images, labels = [], []
-    for x, y in dataset:
-        images.append(x.numpy())
-        labels.append(y.numpy())
-    if not images:
-        raise DataError(f"no images found in {folder}; supported: jpeg, png, bmp, gif.")
-    return np.concatenate(images), np.concatenate(labels).astype("int32"), files
+
+def list_images(folder: Path, class_names: tuple[str, ...]) -> tuple[list[str], list[int]]:
+    """Image files under each class folder (recursively, sorted), with their labels, as Keras indexes them."""
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        for root, dirs, names in sorted(os.walk(folder / name)):
+            dirs.sort()
+            for file in sorted(names):
+                if file.lower().endswith(IMAGE_SUFFIXES):
+                    files.append(os.path.join(root, file))
+                    labels.append(label)
+    return files, labels
+
+
+def decode_image(path: str, image_size: tuple[int, int]) -> np.ndarray:
+    """One image as ``image_dataset_from_directory`` decodes it: 3 channels (grey and RGBA become RGB),
+    bilinear resize, float32 0-255. Raises on a file that is not a readable image."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return tf.image.resize(image, image_size, method="bilinear").numpy()
+
+
+def _decode_folder(folder: Path, class_names: tuple[str, ...], image_size: tuple[int, int]):
+    """Decode every image of ``folder`` once; unreadable files are skipped and returned with the reason."""
+    paths, labels = list_images(folder, class_names)
+    images = np.empty((len(paths), *image_size, 3), dtype="float32")
+    kept, kept_labels, skipped = [], [], []
+    for path, label in zip(paths, labels):
+        try:
+            images[len(kept)] = decode_image(path, image_size)
+        except Exception as exc:  # corrupt, truncated or not an image at all: skip it, say so
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            skipped.append(f"{path} ({reason[:100]})")
+            continue
+        kept.append(path)
+        kept_labels.append(label)
+    for label, name in enumerate(class_names):
+        if label not in kept_labels:
+            raise DataError(f"{folder / name} holds no readable image; add images or remove the folder.")
+    return images[: len(kept)], np.asarray(kept_labels, dtype="int32"), tuple(kept), skipped
 
 
 def load_splits(
@@ -189,8 +210,9 @@ def load_splits(
     data_dir = Path(data_dir)
     source = source or str(data_dir)
     class_names = check_layout(data_dir)
-    x_train, y_train, f_train = _decode_folder(data_dir / "train", class_names, image_size)
-    x_val, y_val, f_val = _decode_folder(data_dir / "validation", class_names, image_size)
+    x_train, y_train, f_train, skipped = _decode_folder(data_dir / "train", class_names, image_size)
+    x_val, y_val, f_val, skipped_val = _decode_folder(data_dir / "validation", class_names, image_size)
+    skipped += skipped_val
 
     n_batches = math.ceil(len(y_val) / batch_size)
     test_batches = n_batches // 5
@@ -217,4 +239,5 @@ def load_splits(
         batch_size=batch_size,
         seed=seed,
         source=source,
+        skipped=tuple(skipped),
     )

@@ -53,3 +53,57 @@ def plot_trials(records: list[TrialRecord], baseline: float, title: str) -> Figu
         ax.legend(loc="lower right", fontsize="small", ncol=2)
     fig.tight_layout()
     return fig
+
+
+def plot_report(rows: list[tuple[str, float, float]], baseline: float, title: str) -> Figure:
+    """Grouped bars of each family's best validation and test accuracy, with the baseline line."""
+    fig = Figure(figsize=(8, 4.8), dpi=100)
+    ax = fig.add_subplot()
+    names = [r[0] for r in rows]
+    xs = range(len(rows))
+    val = ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], width=0.4, label="validation")
+    test = ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], width=0.4, label="test")
+    for bars in (val, test):
+        ax.bar_label(bars, labels=[f"{b.get_height():.1%}" for b in bars], fontsize="small", padding=2)
+    ax.axhline(baseline, color="grey", linestyle="--", linewidth=1.2, label=f"baseline {baseline:.1%}")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("accuracy of the best trial")
+    ax.set_title(f"{title}: best trial per family against the baseline")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_samples(images, labels, class_names, per_class: int = 3) -> Figure:
+    """A row per class with its first ``per_class`` images (the study's two-row grid for two classes)."""
+    import numpy as np
+
+    fig = Figure(figsize=(2.4 * per_class, 2.5 * len(class_names)), dpi=100)
+    for row, name in enumerate(class_names):
+        picks = np.flatnonzero(labels == row)[:per_class]
+        for col, index in enumerate(picks):
+            ax = fig.add_subplot(len(class_names), per_class, row * per_class + col + 1)
+            ax.imshow(images[index].astype("uint8"))
+            ax.set_title(name)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_augmentations(image, flips, rotations, rotation_factor: float) -> Figure:
+    """The original image, then RandomFlip draws on one row and RandomRotation draws on the next."""
+    cols = 1 + max(len(flips), len(rotations))
+    fig = Figure(figsize=(2.3 * cols, 5), dpi=100)
+    for row, (title, views) in enumerate((("RandomFlip", flips), (f"RandomRotation({rotation_factor})", rotations))):
+        ax = fig.add_subplot(2, cols, row * cols + 1)
+        ax.imshow(image.astype("uint8"))
+        ax.set_title("original")
+        ax.axis("off")
+        for col, view in enumerate(views):
+            ax = fig.add_subplot(2, cols, row * cols + col + 2)
+            ax.imshow(view.clip(0, 255).astype("uint8"))
+            ax.set_title(title, fontsize="small")
+            ax.axis("off")
+    fig.tight_layout()
+    return fig

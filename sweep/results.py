@@ -57,3 +57,26 @@ def trials_csv(records: list[TrialRecord]) -> str:
              f"{r.accuracy:.4f}", f"{r.val_accuracy:.4f}", f"{r.test_accuracy:.4f}", f"{r.seconds:.1f}"]
         )
     return out.getvalue()
+
+
+FIXED_PARAMS = {"family", "tuner", "epochs", "batch_size", "image_size", "seed", "weights"}
+
+
+def record_from_run(run: Any, history: dict[str, list[float]] | None = None) -> TrialRecord:
+    """A finished trial's MLflow run as a ``TrialRecord`` (latest metric values; histories if given)."""
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    hyperparameters = {k: v for k, v in params.items() if k not in FIXED_PARAMS}
+    if history is None:
+        history = {name: [metrics[name]] for name in ("accuracy", "val_accuracy", "loss", "val_loss") if name in metrics}
+    return TrialRecord(
+        family=tags.get("family", params.get("family", "?")),
+        trial_id=tags.get("trial_id", ""),
+        number=int(tags.get("trial_number", 0)),
+        hyperparameters=hyperparameters,
+        history=history,
+        val_accuracy=float(metrics.get("val_accuracy", float("nan"))),
+        test_accuracy=float(metrics.get("test_accuracy", float("nan"))),
+        test_loss=float(metrics.get("test_loss", float("nan"))),
+        seconds=float(metrics.get("train_seconds", 0.0)),
+        run_id=run.info.run_id,
+    )

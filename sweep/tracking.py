@@ -8,8 +8,10 @@ given and never starts one.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import keras
@@ -22,6 +24,7 @@ from sweep.config import TrackingSettings
 from sweep.errors import ConfigError
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+MODEL_ARTIFACT = "model/model.keras"  # the trained end-to-end model, kept for trials that improved their sweep
 
 
 def use_experiment(settings: TrackingSettings) -> str:
@@ -83,6 +86,15 @@ def log_text(text: str, name: str) -> None:
     mlflow.log_text(text, name)
 
 
+def log_keras_model(model: keras.Model, artifact_path: str) -> None:
+    """Save ``model`` as a ``.keras`` file under ``artifact_path`` (folder/name.keras) of the active run."""
+    folder, name = artifact_path.rsplit("/", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        model.save(path)
+        mlflow.log_artifact(str(path), folder)
+
+
 def log_json(data: Any, name: str) -> None:
     mlflow.log_text(json.dumps(data, indent=2, default=str), name)
 
@@ -115,3 +127,68 @@ class EpochMetricsLogger(keras.callbacks.Callback):
                 self.history[name].append(value)
                 metrics.append(Metric(name, value, timestamp, epoch + 1))
         self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+
+
+# -- reading results back ----------------------------------------------------------------------------------
+def experiment_id_of(settings: TrackingSettings) -> str:
+    """The id of an existing experiment.
+
+    Raises:
+        ConfigError: the store cannot be reached, or holds no such experiment.
+    """
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(settings.experiment)
+    except MlflowException as exc:
+        raise ConfigError(f"cannot read MLflow store {settings.tracking_uri}: {exc.message.splitlines()[0]}") from None
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"experiment {settings.experiment!r} has no runs in {settings.tracking_uri}; run `sweep run` first "
+            "or pick another with --experiment."
+        )
+    return experiment.experiment_id
+
+
+def finished_trials(experiment_id: str, family: str | None = None) -> list:
+    """Every finished trial run (nested under a sweep) of an experiment, optionally of one family."""
+    query = "attributes.status = 'FINISHED'"
+    if family:
+        query += f" and tags.family = '{family}'"
+    runs = MlflowClient().search_runs([experiment_id], filter_string=query, max_results=50000)
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags and "trial_id" in r.data.tags
+            and "test_accuracy" in r.data.metrics]
+
+
+def get_run(run_id: str):
+    return MlflowClient().get_run(run_id)
+
+
+def download(run_id: str, artifact_path: str, destination: Path) -> Path:
+    """Download one artifact of a run into ``destination`` and return its local path."""
+    return Path(MlflowClient().download_artifacts(run_id, artifact_path, str(destination)))
+
+
+def has_artifact(run_id: str, artifact_path: str) -> bool:
+    folder = artifact_path.rsplit("/", 1)[0] if "/" in artifact_path else ""
+    return any(a.path == artifact_path for a in MlflowClient().list_artifacts(run_id, folder or None))
+
+
+def register_keras_model(run_id: str, model: keras.Model, name: str, signature: Any) -> int:
+    """Log ``model`` in MLflow's Keras flavour into ``run_id`` and register it as a new version of ``name``."""
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.keras.log_model(model, name="registered_model", signature=signature,
+                                      registered_model_name=name)
+    version = info.registered_model_version
+    return int(version) if version is not None else int(
+        MlflowClient().get_latest_versions(name)[0].version)
+
+
+def log_report_run(experiment_id: str, name: str, files: list[Path], metrics: dict[str, float],
+                   tags: dict[str, str]) -> str:
+    """A standalone run (not a sweep) that carries a report's files and headline numbers."""
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+        for path in files:
+            mlflow.log_artifact(str(path))
+        if metrics:
+            mlflow.log_metrics(metrics)
+        return run.info.run_id

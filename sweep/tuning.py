@@ -7,6 +7,7 @@ This module knows nothing of click.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,6 +71,13 @@ def build_oracle(tuner: str, trials: int, epochs: int, seed: int) -> kt.Oracle:
         oracle.max_trials = trials
         return oracle
     raise SweepError(f"unknown tuner {tuner!r}; choose random, bayesian or hyperband.")
+
+
+def _check_finite(logger: tracking.EpochMetricsLogger) -> None:
+    """A loss that turned NaN or infinite fails the trial (Keras stopped it with TerminateOnNaN)."""
+    for epoch, loss in enumerate(logger.history.get("loss", []), start=logger.first_epoch or 1):
+        if not math.isfinite(loss):
+            raise kt.errors.FailedTrialError(f"loss became {loss} at epoch {epoch}; the trial diverged")
 
 
 def _duration(seconds: float) -> str:
@@ -136,11 +144,14 @@ class SweepTuner(kt.Tuner):
                         splits.train.images, splits.train.labels,
                         batch_size=s.batch_size, epochs=epochs, initial_epoch=initial_epoch, shuffle=True,
                         validation_data=(splits.validation.images, splits.validation.labels),
-                        callbacks=[logger], verbose=s.verbose,
+                        callbacks=[logger, keras.callbacks.TerminateOnNaN()], verbose=s.verbose,
                     )
-                    val_accuracy = logger.history["val_accuracy"][-1]
                 else:
                     self._fit_head(hp, model, epochs, initial_epoch, logger, seed=s.seed + number - 1)
+                _check_finite(logger)
+                if self.features is None:
+                    val_accuracy = logger.history["val_accuracy"][-1]
+                else:
                     # The trained head now sits on the real base: score that end-to-end model on raw images.
                     _, val_accuracy = model.evaluate(splits.validation.images, splits.validation.labels,
                                                      batch_size=s.batch_size, verbose=0)
@@ -158,7 +169,7 @@ class SweepTuner(kt.Tuner):
                      "baseline_accuracy": splits.baseline_accuracy, "train_seconds": record.seconds}
                 )
                 tracking.log_figure(plots.plot_accuracy(record, splits.baseline_accuracy), "accuracy.png")
-                model.save_weights(self._get_checkpoint_fname(trial.trial_id))
+                self._keep_model(trial, record, model)
             except Exception as exc:
                 tracking.log_result({}, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
                 self.report(f"[{s.family}] trial {number} FAILED: {type(exc).__name__}: {exc}")
@@ -166,6 +177,20 @@ class SweepTuner(kt.Tuner):
         self.records.append(record)
         self.report(self.progress_line(record))
         return {"val_accuracy": record.val_accuracy}
+
+    def _keep_model(self, trial: kt.engine.trial.Trial, record: TrialRecord, model: keras.Model) -> None:
+        """Keep what later steps need, and no more.
+
+        The trained end-to-end model is logged (``model/model.keras``) only when the trial improves on the
+        sweep's best validation accuracy, so ``sweep best --export`` always finds the very model whose test
+        accuracy was logged. Hyperband also needs every trial's weights to continue it in a later round.
+        """
+        best = best_record(self.records)
+        if best is None or record.val_accuracy > best.val_accuracy:
+            tracking.log_keras_model(model, tracking.MODEL_ARTIFACT)
+            tracking.log_result({}, {"model_kept": "true"})
+        if self.settings.tuner == "hyperband":
+            model.save_weights(self._get_checkpoint_fname(trial.trial_id))
 
     def _fit_head(self, hp: kt.HyperParameters, model: keras.Model, epochs: int, initial_epoch: int,
                   logger: tracking.EpochMetricsLogger, seed: int) -> None:
@@ -176,7 +201,7 @@ class SweepTuner(kt.Tuner):
         sampler = ViewSampler(self.features.pool, self.splits.train.labels, values["pooling"],
                               values["flip_mode"], values["rotation_factor"], self.settings.batch_size, seed)
         fit_head(head, sampler, self.features.validation, self.splits.validation.labels, values["pooling"],
-                 epochs, initial_epoch, [logger], self.settings.verbose)
+                 epochs, initial_epoch, [logger, keras.callbacks.TerminateOnNaN()], self.settings.verbose)
         model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
 
     def progress_line(self, record: TrialRecord) -> str:

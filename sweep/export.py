@@ -1,0 +1,222 @@
+"""Take a result away: find the best trial, export and register its model, predict with it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sweep import tracking
+from sweep.config import TrackingSettings
+from sweep.errors import SweepError
+from sweep.results import TrialRecord, format_value, record_from_run
+
+MODEL_ARTIFACT = tracking.MODEL_ARTIFACT
+METRICS = ("val_accuracy", "test_accuracy")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+
+
+@dataclass
+class BestTrial:
+    """The best finished trial of an experiment, with what identifies and reproduces it."""
+
+    record: TrialRecord
+    sweep: str
+    sweep_run_id: str
+    baseline_accuracy: float
+    params: dict[str, str]
+    has_model: bool
+
+    def describe(self) -> str:
+        r = self.record
+        hps = ", ".join(f"{k}={format_value(v)}" for k, v in r.hyperparameters.items())
+        return (f"family {r.family}, sweep {self.sweep}, trial {r.number}\n"
+                f"  hyperparameters: {hps}\n"
+                f"  val accuracy {r.val_accuracy:.2%}, test accuracy {r.test_accuracy:.2%}, "
+                f"baseline {self.baseline_accuracy:.2%}\n"
+                f"  MLflow run {r.run_id} (sweep run {self.sweep_run_id})")
+
+
+def find_best(settings: TrackingSettings, family: str | None = None, metric: str = "val_accuracy") -> BestTrial:
+    """The finished trial with the highest ``metric`` (the earliest on a tie) across all sweeps.
+
+    Raises:
+        SweepError: unknown metric, or no finished trial in the experiment (or family).
+    """
+    if metric not in METRICS:
+        raise SweepError(f"unknown metric {metric!r}; choose {' or '.join(METRICS)}.")
+    experiment_id = tracking.experiment_id_of(settings)
+    runs = tracking.finished_trials(experiment_id, family)
+    if not runs:
+        where = f" of family {family}" if family else ""
+        raise SweepError(f"experiment {settings.experiment!r} has no finished trial{where}; run `sweep run` first.")
+    best = max(runs, key=lambda r: (r.data.metrics.get(metric, float("-inf")), -r.info.start_time))
+    parent = tracking.get_run(best.data.tags["mlflow.parentRunId"])
+    return BestTrial(
+        record=record_from_run(best),
+        sweep=parent.info.run_name,
+        sweep_run_id=parent.info.run_id,
+        baseline_accuracy=float(best.data.metrics.get("baseline_accuracy", float("nan"))),
+        params={**parent.data.params, **best.data.params},
+        has_model=tracking.has_artifact(best.info.run_id, MODEL_ARTIFACT),
+    )
+
+
+def _class_names(best: BestTrial, tmp: Path) -> list[str]:
+    data = json.loads(tracking.download(best.sweep_run_id, "data.json", tmp).read_text())
+    return list(data["class_names"])
+
+
+def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: bool = True,
+                report=print) -> dict[str, Any]:
+    """Write the best trial's model and its records to ``out_dir`` and register the model.
+
+    Written: ``model.keras`` (raw 0-255 RGB in, logits out; preprocessing and base included),
+    ``hyperparameters.json``, ``metrics.json``, ``classes.json``, ``accuracy.png`` and ``registered_model.json``.
+    The folder appears whole or not at all.
+
+    Raises:
+        SweepError: ``out_dir`` exists and is not empty, or the trial kept no model.
+    """
+    import keras
+    from mlflow.models import infer_signature
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise SweepError(f"export folder {out_dir} already exists and is not empty; pick a new folder.")
+    if not best.has_model:
+        raise SweepError(
+            f"trial {best.record.number} of sweep {best.sweep} kept no model: models are kept for the trials that "
+            "improved their sweep's validation accuracy. Use --metric val_accuracy, or re-run that sweep."
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        tmp = Path(tmp)
+        staging = tmp / "export"
+        staging.mkdir()
+        shutil.copy(tracking.download(best.record.run_id, MODEL_ARTIFACT, tmp), staging / "model.keras")
+        shutil.copy(tracking.download(best.record.run_id, "accuracy.png", tmp), staging / "accuracy.png")
+        classes = _class_names(best, tmp)
+        model = keras.models.load_model(staging / "model.keras")
+        metrics = {"val_accuracy": best.record.val_accuracy, "test_accuracy": best.record.test_accuracy,
+                   "test_loss": best.record.test_loss, "baseline_accuracy": best.baseline_accuracy}
+        if verify:
+            metrics.update(_reevaluate(model, best, report))
+        (staging / "hyperparameters.json").write_text(json.dumps(best.record.hyperparameters, indent=2) + "\n")
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (staging / "classes.json").write_text(json.dumps(classes) + "\n")
+        sample = np.zeros((1, *model.input_shape[1:]), dtype="float32")
+        signature = infer_signature(sample, model.predict(sample, verbose=0))
+        version = tracking.register_keras_model(best.record.run_id, model, registered_model, signature)
+        registry = {"name": registered_model, "version": version, "uri": f"models:/{registered_model}/{version}",
+                    "run_id": best.record.run_id}
+        (staging / "registered_model.json").write_text(json.dumps(registry, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    return {"metrics": metrics, "registry": registry}
+
+
+def _reevaluate(model, best: BestTrial, report) -> dict[str, float]:
+    """Rebuild the trial's test split from the sweep's data settings and score the exported model on it."""
+    from sweep.data import load_splits
+
+    source = Path(best.params.get("data", ""))
+    if not (source / "train").is_dir():
+        report(f"Not re-evaluated: the sweep's data folder {source} is not here.")
+        return {}
+    height, width = (int(v) for v in best.params["image_size"].split("x"))
+    splits = load_splits(source, (height, width), int(best.params["batch_size"]), int(best.params["seed"]))
+    loss, accuracy = model.evaluate(splits.test.images, splits.test.labels,
+                                    batch_size=int(best.params["batch_size"]), verbose=0)
+    report(f"Re-evaluated on the test split ({len(splits.test)} images): {accuracy:.4%} "
+           f"(logged {best.record.test_accuracy:.4%})")
+    return {"reevaluated_test_accuracy": float(accuracy), "reevaluated_test_loss": float(loss)}
+
+
+@dataclass
+class Prediction:
+    """One image's predicted class and probability, or why it could not be read."""
+
+    path: Path
+    label: str = ""
+    probability: float = float("nan")
+    error: str = ""
+
+
+def load_model_and_classes(model_path: Path):
+    """Load an export folder (``model.keras`` + ``classes.json``) or a ``.keras`` file.
+
+    Raises:
+        SweepError: nothing loadable at ``model_path``.
+    """
+    import keras
+
+    model_path = Path(model_path)
+    model_file = model_path / "model.keras" if model_path.is_dir() else model_path
+    if not model_file.is_file() or model_file.suffix != ".keras":
+        raise SweepError(f"{model_path} is neither an export folder (with model.keras) nor a .keras file.")
+    try:
+        model = keras.models.load_model(model_file)
+    except Exception as exc:  # a damaged or foreign file: say which, not a traceback
+        raise SweepError(f"cannot load model {model_file}: {type(exc).__name__}: {exc}") from None
+    classes_file = model_file.parent / "classes.json"
+    n_classes = int(model.output_shape[-1])
+    classes = json.loads(classes_file.read_text()) if classes_file.is_file() else [str(i) for i in range(n_classes)]
+    return model, classes
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files named, and every file under the folders named (sorted); missing paths are kept to be reported."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            files.append(path)
+    return files
+
+
+def _decode(path: Path, size: tuple[int, int]):
+    """Decode and resize as ``image_dataset_from_directory`` does; raises on anything that is not an image."""
+    import tensorflow as tf
+
+    if not path.is_file():
+        raise FileNotFoundError("no such file")
+    image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+    return tf.image.resize(image, size, method="bilinear").numpy()
+
+
+def predict(model_path: Path, paths: list[Path], batch_size: int = 32) -> list[Prediction]:
+    """Class and probability (softmax of the logits) for each image; unreadable files carry an error."""
+    model, classes = load_model_and_classes(model_path)
+    size = tuple(int(v) for v in model.input_shape[1:3])
+    results, batch = [], []
+
+    def flush() -> None:
+        if not batch:
+            return
+        logits = model.predict(np.stack([image for _, image in batch]), verbose=0)
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        for (prediction, _), p in zip(batch, probabilities):
+            prediction.label, prediction.probability = classes[int(np.argmax(p))], float(np.max(p))
+        batch.clear()
+
+    for path in image_files(paths):
+        prediction = Prediction(path)
+        results.append(prediction)
+        try:
+            batch.append((prediction, _decode(path, size)))
+        except Exception as exc:  # corrupt, truncated, or not an image at all
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            prediction.error = f"not a readable image ({reason[:120]})"
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return results

@@ -1,0 +1,118 @@
+"""The study's story for an experiment: the baseline, then each family's best trial against it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from search_spaces import FAMILIES
+from sweep import plots, tracking
+from sweep.config import TrackingSettings
+from sweep.errors import SweepError
+from sweep.results import TrialRecord, record_from_run
+
+
+@dataclass
+class FamilyRow:
+    """One family's best trial (by validation accuracy) and how it compares with the baseline."""
+
+    family: str
+    best: TrialRecord
+    baseline: float
+    trials: int
+    train_accuracy: float
+
+    @property
+    def gain_points(self) -> float:
+        """Test accuracy over the baseline, in percentage points."""
+        return (self.best.test_accuracy - self.baseline) * 100
+
+    @property
+    def gap_points(self) -> float:
+        """Overfitting gap: final training minus validation accuracy, in percentage points."""
+        return (self.train_accuracy - self.best.val_accuracy) * 100
+
+
+def build_report(settings: TrackingSettings) -> list[FamilyRow]:
+    """Each family's best finished trial in the experiment, in the study's order.
+
+    Raises:
+        SweepError: the experiment has no finished trial.
+    """
+    runs = tracking.finished_trials(tracking.experiment_id_of(settings))
+    if not runs:
+        raise SweepError(f"experiment {settings.experiment!r} has no finished trial; run `sweep run` first.")
+    rows = []
+    order = list(FAMILIES) + sorted({r.data.tags.get("family", "?") for r in runs} - set(FAMILIES))
+    for family in order:
+        mine = [r for r in runs if r.data.tags.get("family") == family]
+        if not mine:
+            continue
+        best = max(mine, key=lambda r: (r.data.metrics["val_accuracy"], -r.info.start_time))
+        rows.append(FamilyRow(family, record_from_run(best), float(best.data.metrics.get("baseline_accuracy", 0)),
+                              len(mine), float(best.data.metrics.get("accuracy", float("nan")))))
+    return rows
+
+
+def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
+    baselines = sorted({round(r.baseline, 6) for r in rows})
+    lines = [f"# Study report: {experiment}", ""]
+    lines.append("Baseline (always guess the training split's most frequent class), on the test split: "
+                 + ", ".join(f"{b:.1%}" for b in baselines))
+    lines += ["", "| family | trials | best trial | val accuracy | test accuracy | gain over baseline (pts) "
+              "| overfitting gap (pts) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    if len(baselines) == 1:
+        lines.append(f"| baseline | | | | {baselines[0]:.1%} | 0.0 | |")
+    for r in rows:
+        lines.append(f"| {r.family} | {r.trials} | {r.best.number} | {r.best.val_accuracy:.1%} | "
+                     f"{r.best.test_accuracy:.1%} | {r.gain_points:+.1f} | {r.gap_points:+.1f} |")
+    lines += ["", "Best trial per family by validation accuracy; overfitting gap = final training minus "
+              "validation accuracy of that trial. MLflow runs: "
+              + ", ".join(f"{r.family} `{r.best.run_id}`" for r in rows), ""]
+    return "\n".join(lines)
+
+
+def write_report(rows: list[FamilyRow], settings: TrackingSettings, out_dir: Path) -> tuple[list[Path], str]:
+    """Save ``report.md`` and ``report.png`` to ``out_dir`` and log both in a "report" MLflow run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = out_dir / "report.md"
+    markdown.write_text(to_markdown(rows, settings.experiment))
+    figure = out_dir / "report.png"
+    plots.plot_report([(r.family, r.best.val_accuracy, r.best.test_accuracy) for r in rows],
+                      rows[0].baseline, settings.experiment).savefig(figure)
+    metrics = {f"{r.family}_best_test_accuracy": r.best.test_accuracy for r in rows}
+    metrics["baseline_accuracy"] = rows[0].baseline
+    run_id = tracking.log_report_run(tracking.experiment_id_of(settings), "report", [markdown, figure], metrics,
+                                     {"kind": "report"})
+    return [markdown, figure], run_id
+
+
+def write_data_overview(splits, settings: TrackingSettings, out_dir: Path, seed: int = 0) -> tuple[list[Path], str]:
+    """Class counts, the baseline and the study's pictures, saved to ``out_dir`` and logged in a "data" run.
+
+    Pictures: ``samples.png`` (a row of three images per class) and ``augmentation.png`` (RandomFlip and
+    RandomRotation(0.2) draws on the first training image).
+    """
+    import json
+
+    import keras
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = out_dir / "data.json"
+    summary.write_text(json.dumps(splits.summary(), indent=2) + "\n")
+    samples = out_dir / "samples.png"
+    plots.plot_samples(splits.train.images, splits.train.labels, splits.class_names).savefig(samples)
+    image = splits.train.images[0]
+    keras.utils.set_random_seed(seed)
+    flip = keras.layers.RandomFlip("horizontal_and_vertical")
+    rotate = keras.layers.RandomRotation(0.2)
+    flips = [np.asarray(flip(image[None], training=True))[0] for _ in range(4)]
+    rotations = [np.asarray(rotate(image[None], training=True))[0] for _ in range(4)]
+    augmentation = out_dir / "augmentation.png"
+    plots.plot_augmentations(image, flips, rotations, 0.2).savefig(augmentation)
+    metrics = {f"{split}_{name}": float(n) for split, counts in splits.counts().items() for name, n in counts.items()}
+    metrics["baseline_accuracy"] = splits.baseline_accuracy
+    files = [summary, samples, augmentation]
+    run_id = tracking.log_report_run(tracking.use_experiment(settings), "data", files, metrics, {"kind": "data"})
+    return files, run_id

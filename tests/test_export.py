@@ -1,0 +1,262 @@
+"""Taking results away: best, export + registry, predict, report, data, and serving over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweep.cli import main
+from sweep.data import load_splits
+from tests.conftest import runs_in
+
+SWEEP = ["--data-dir", None, "--batch-size", "4", "--image-size", "32", "--epochs", "2", "--seed", "3", "-q"]
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def sweep_args(data_dir, family, trials=2):
+    args = list(SWEEP)
+    args[1] = str(data_dir)
+    return ["run", "--family", family, "--trials", str(trials), *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture()
+def swept(tiny_data, tracking_env, runner):
+    result = runner.invoke(main, sweep_args(tiny_data, "scratch"))
+    assert result.exit_code == 0, result.output
+    return tracking_env
+
+
+def test_best_prints_the_best_trial(swept, runner):
+    result = runner.invoke(main, ["best"])
+    assert result.exit_code == 0, result.output
+    children = [r for r in runs_in(swept) if "mlflow.parentRunId" in r.data.tags]
+    best = max(children, key=lambda r: (r.data.metrics["val_accuracy"], -r.info.start_time))
+    assert best.info.run_id in result.output
+    assert f"trial {best.data.tags['trial_number']}" in result.output
+    assert f"test accuracy {best.data.metrics['test_accuracy']:.2%}" in result.output
+    assert "baseline" in result.output and "family scratch" in result.output
+
+
+def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner, tiny_data):
+    out = swept / "export"
+    result = runner.invoke(main, ["best", "--export", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"model.keras", "hyperparameters.json", "metrics.json",
+                                               "classes.json", "accuracy.png", "registered_model.json"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reevaluated_test_accuracy"] == metrics["test_accuracy"]
+    assert json.loads((out / "classes.json").read_text()) == ["cats", "dogs"]
+    hps = json.loads((out / "hyperparameters.json").read_text())
+    assert {"dropout", "learning_rate", "pooling"} <= set(hps)
+
+    import keras
+
+    model = keras.models.load_model(out / "model.keras")
+    splits = load_splits(tiny_data, (32, 32), 4, 3)
+    _, accuracy = model.evaluate(splits.test.images, splits.test.labels, batch_size=4, verbose=0)
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-12)
+
+    registry = json.loads((out / "registered_model.json").read_text())
+    assert registry["name"] == "sweep-best" and registry["version"] == 1
+    second = runner.invoke(main, ["best", "--export", str(swept / "export2"), "--no-verify"])
+    assert second.exit_code == 0, second.output
+    versions = MlflowClient().search_model_versions("name='sweep-best'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+
+
+def test_export_refuses_a_non_empty_folder_and_writes_nothing(swept, runner):
+    out = swept / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = runner.invoke(main, ["best", "--export", str(out)])
+    assert result.exit_code == 1
+    assert f"export folder {out} already exists and is not empty" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not MlflowClient().search_registered_models()
+
+
+def test_best_without_runs(tracking_env, runner):
+    result = runner.invoke(main, ["best", "--experiment", "nothing-here"])
+    assert result.exit_code == 1
+    assert "experiment 'nothing-here' has no runs" in result.output and "Traceback" not in result.output
+
+
+def test_predict_good_corrupt_and_non_image_files(swept, runner, tiny_data):
+    out = swept / "export"
+    assert runner.invoke(main, ["best", "--export", str(out), "--no-verify"]).exit_code == 0
+    folder = swept / "images"
+    folder.mkdir()
+    shutil.copy(tiny_data / "validation/cats/cats.0.jpg", folder / "a_cat.jpg")
+    shutil.copy(tiny_data / "validation/dogs/dogs.0.jpg", folder / "b_dog.jpg")
+    good = (tiny_data / "validation/dogs/dogs.1.jpg").read_bytes()
+    (folder / "c_truncated.jpg").write_bytes(good[:40])
+    (folder / "d_notes.txt").write_text("not an image")
+    result = runner.invoke(main, ["predict", str(out), str(folder)])
+    assert result.exit_code == 1
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [Path(line[0]).name for line in lines] == ["a_cat.jpg", "b_dog.jpg"]
+    assert all(line[1] in ("cats", "dogs") and 0.5 <= float(line[2]) <= 1.0 for line in lines)
+    assert "c_truncated.jpg: skipped, not a readable image" in result.stderr
+    assert "d_notes.txt: skipped, not a readable image" in result.stderr
+    assert "2 predicted, 2 skipped" in result.stderr
+
+    only_good = runner.invoke(main, ["predict", str(out / "model.keras"), str(folder / "a_cat.jpg")])
+    assert only_good.exit_code == 0, only_good.output
+    # a bare .keras file has no classes.json beside it? it does here: the export folder
+    assert only_good.stdout.split("\t")[1] in ("cats", "dogs")
+
+
+def test_predict_rejects_a_non_model(tmp_path, runner):
+    bogus = tmp_path / "model.keras"
+    bogus.write_text("nope")
+    result = runner.invoke(main, ["predict", str(bogus), str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"cannot load model {bogus}" in result.output and "Traceback" not in result.output
+
+
+def test_report_compares_two_families_with_the_baseline(swept, runner, tiny_data):
+    assert runner.invoke(main, sweep_args(tiny_data, "preprocessed")).exit_code == 0
+    out = swept / "report"
+    result = runner.invoke(main, ["report", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    assert "| scratch | 2 |" in text and "| preprocessed | 2 |" in text and "| baseline |" in text
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    for family in ("scratch", "preprocessed"):
+        children = [r for r in runs_in(swept) if r.data.tags.get("family") == family and "trial_id" in r.data.tags]
+        best = max(children, key=lambda r: (r.data.metrics["val_accuracy"], -r.info.start_time))
+        gain = (best.data.metrics["test_accuracy"] - best.data.metrics["baseline_accuracy"]) * 100
+        gap = (best.data.metrics["accuracy"] - best.data.metrics["val_accuracy"]) * 100
+        assert f"{best.data.metrics['test_accuracy']:.1%} | {gain:+.1f} | {gap:+.1f} |" in text
+    report_runs = [r for r in runs_in(swept) if r.data.tags.get("kind") == "report"]
+    assert len(report_runs) == 1
+    artifacts = {a.path for a in MlflowClient().list_artifacts(report_runs[0].info.run_id)}
+    assert artifacts == {"report.md", "report.png"}
+
+
+def test_data_overview(tiny_data, tracking_env, runner):
+    out = tracking_env / "data"
+    result = runner.invoke(main, ["data", "--data-dir", str(tiny_data), "--batch-size", "4", "--image-size", "32",
+                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "train       cats 16  dogs 16" in result.output
+    assert "baseline: always 'cats'" in result.output
+    assert {p.name for p in out.iterdir()} == {"data.json", "samples.png", "augmentation.png"}
+    run = next(r for r in runs_in(tracking_env) if r.data.tags.get("kind") == "data")
+    assert run.data.metrics["train_cats"] == 16
+    assert {a.path for a in MlflowClient().list_artifacts(run.info.run_id)} == {"data.json", "samples.png",
+                                                                                  "augmentation.png"}
+
+
+@pytest.mark.slow
+def test_ui_serves_the_configured_store(swept):
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("sweep")), "ui", "--port", str(port)], cwd=swept,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=test-exp")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.load(response)["experiment"]["name"] == "test-exp"
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
+def test_mlflow_server_receives_a_sweep(tiny_data, tmp_path, runner, monkeypatch):
+    port = free_port()
+    server = subprocess.Popen(
+        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
+         str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=server)
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "remote-exp")
+        result = runner.invoke(main, sweep_args(tiny_data, "scratch"))
+        assert result.exit_code == 0, result.output
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=remote-exp") as response:
+            experiment_id = json.load(response)["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [experiment_id], "max_results": 100}).encode()
+        request = urllib.request.Request(f"{api}/runs/search", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            runs = json.load(response)["runs"]
+        assert len(runs) == 3
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        parents = [t for t in tags if "mlflow.parentRunId" not in t]
+        assert len(parents) == 1
+        assert sum(1 for t in tags if "mlflow.parentRunId" in t) == 2
+        assert all(r["info"]["status"] == "FINISHED" for r in runs)
+        assert list((tmp_path / "artifacts").rglob("accuracy.png"))
+    finally:
+        stop(server)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_predictions(swept, runner, tiny_data):
+    out = swept / "export"
+    assert runner.invoke(main, ["best", "--export", str(out), "--no-verify"]).exit_code == 0
+    registry = json.loads((out / "registered_model.json").read_text())
+    port = free_port()
+    # mlflow models serve starts `uvicorn` from PATH, as it would in an activated virtual environment
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{swept}/mlruns/mlflow.db",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen([MLFLOW, "models", "serve", "-m", registry["uri"], "--env-manager", "local",
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=swept, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=server)
+        splits = load_splits(tiny_data, (32, 32), 4, 3)
+        body = json.dumps({"inputs": splits.test.images[:2].tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = np.array(json.load(response)["predictions"])
+        import keras
+
+        expected = keras.models.load_model(out / "model.keras").predict(splits.test.images[:2], verbose=0)
+        np.testing.assert_allclose(predictions, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        stop(server)
