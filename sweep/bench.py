@@ -19,7 +19,8 @@ import keras_tuner as kt
 from search_spaces import make_hypermodel
 from sweep.config import SweepSettings, TrackingSettings
 from sweep.data import Splits
-from sweep.tuning import SweepResult, build_oracle, run_sweep
+from sweep.study import SweepResult, run_sweep
+from sweep.tuning import build_oracle
 
 
 class _EvaluatingHyperModel(kt.HyperModel):

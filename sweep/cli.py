@@ -75,9 +75,13 @@ def main() -> None:
 @click.option("--no-cache", is_flag=True,
               help="transfer only: train every trial on raw images through the full model (the study's way, "
                    "much slower) instead of on cached base features.")
+@click.option("--resume", is_flag=True,
+              help="Continue the newest unfinished sweep of --family with its own settings: finished trials are "
+                   "kept, the interrupted one runs again.")
+@click.option("--sweep", "sweep_name", default=None, help="With --resume: the sweep to continue, by name.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-epoch Keras progress; one line per trial only.")
 def run(family, trials, tuner, epochs, seed, data_dir, weights, experiment, config_path, batch_size, image_size,
-        no_cache, quiet) -> None:
+        no_cache, resume, sweep_name, quiet) -> None:
     """Run a sweep and log every trial to MLflow.
 
     Example: sweep run --family transfer --trials 20
@@ -96,7 +100,7 @@ def run(family, trials, tuner, epochs, seed, data_dir, weights, experiment, conf
         ]
         from sweep.study import run_study
 
-        results = run_study(settings, tracking_settings, report=click.echo)
+        results = run_study(settings, tracking_settings, report=click.echo, resume=resume, sweep_name=sweep_name)
     except SweepError as exc:
         _fail(exc)
     click.echo("")

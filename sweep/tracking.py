@@ -53,20 +53,27 @@ def use_experiment(settings: TrackingSettings) -> str:
 
 
 @contextmanager
-def sweep_run(experiment_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
-    """Start the parent run of a sweep; yields its run id."""
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
-        mlflow.log_params(params)
+def sweep_run(experiment_id: str, name: str, params: dict[str, Any], tags: dict[str, str],
+              resume_run_id: str | None = None) -> Iterator[str]:
+    """Start the parent run of a sweep (or re-open it to resume); yields its run id."""
+    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id,
+                          run_name=None if resume_run_id else name, tags=tags) as run:
+        if resume_run_id is None:
+            mlflow.log_params(params)
         yield run.info.run_id
 
 
 @contextmanager
-def trial_run(name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
-    """Start a trial's run nested under the active sweep run; yields its run id."""
-    parent = mlflow.active_run()
-    if parent is None:
-        raise RuntimeError("trial_run needs an active sweep run")
-    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=name, nested=True, tags=tags) as run:
+def trial_run(experiment_id: str, parent_run_id: str, name: str, params: dict[str, Any],
+              tags: dict[str, str]) -> Iterator[str]:
+    """Start a trial's run under the sweep's run; yields its run id.
+
+    The parent need not be active in this process, so worker processes log trials under the chief's sweep.
+    """
+    active = mlflow.active_run()
+    nested = active is not None and active.info.run_id == parent_run_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=nested,
+                          parent_run_id=None if nested else parent_run_id, tags=tags) as run:
         mlflow.log_params(params)
         yield run.info.run_id
 
@@ -192,3 +199,32 @@ def log_report_run(experiment_id: str, name: str, files: list[Path], metrics: di
         if metrics:
             mlflow.log_metrics(metrics)
         return run.info.run_id
+
+
+def find_sweep(experiment_id: str, family: str, name: str | None = None):
+    """The sweep run to resume: the one named, else the newest unfinished sweep of ``family``; or None."""
+    query = f"tags.kind = 'sweep' and tags.family = '{family}'"
+    if name:
+        query += f" and tags.sweep = '{name}'"
+    runs = MlflowClient().search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                                      max_results=100)
+    if name:
+        return runs[0] if runs else None
+    return next((r for r in runs if r.info.status != "FINISHED"), None)
+
+
+def child_runs(experiment_id: str, parent_run_id: str) -> list:
+    """Every run whose parent is ``parent_run_id``."""
+    return MlflowClient().search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                      max_results=50000)
+
+
+def metric_history(run_id: str, name: str) -> list[float]:
+    return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, name), key=lambda m: m.step)]
+
+
+def mark_killed(run_id: str, reason: str) -> None:
+    """Close a run that a dead process left RUNNING."""
+    client = MlflowClient()
+    client.set_tag(run_id, "error", reason)
+    client.set_terminated(run_id, status="KILLED")

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import keras
 import keras_tuner as kt
+from keras_tuner.src import config as _kt_config
 
-from search_spaces import FAMILIES, HyperFamily, default_values, describe, make_hypermodel
+from search_spaces import HyperFamily
 from sweep import plots, tracking
-from sweep.config import SweepSettings, TrackingSettings
+from sweep.config import SweepSettings
 from sweep.data import Splits
 from sweep.errors import SweepError
 from sweep.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
 from sweep.head import ViewSampler, fit_head
-from sweep.results import TrialRecord, best_record, format_value, trials_csv
+from sweep.results import TrialRecord, best_record, format_value
+
+# Keras Tuner prints every failed trial's traceback while DEBUG is on (its default); our one line per
+# failed trial names the error and the trial's MLflow run keeps it.
+_kt_config.DEBUG = False
 
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
 Reporter = Callable[[str], None]
@@ -104,7 +108,21 @@ class SweepTuner(kt.Tuner):
         self.records: list[TrialRecord] = []
         self.attempts = 0  # trials started, failed ones included
         self.started = time.monotonic()
+        self.experiment_id = ""
+        self.parent_run_id = ""  # set once the sweep's MLflow run exists
         super().__init__(**kwargs)
+
+    def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
+        # Keras Tuner stores the whole traceback as the message and prints it; our line already said what
+        # failed and the trial's MLflow run holds the error, so keep its last line only.
+        if trial.message:
+            trial.message = trial.message.strip().splitlines()[-1]
+        super().on_trial_end(trial)
+
+    def adopt(self, records: list[TrialRecord], attempts: int) -> None:
+        """Resume: take the trials MLflow already holds as finished, and continue the numbering."""
+        self.records[:] = sorted(records, key=lambda r: r.number)
+        self.attempts = attempts
 
     def _build_hypermodel(self, hp: kt.HyperParameters) -> keras.Model:
         model = super()._build_hypermodel(hp)
@@ -126,6 +144,10 @@ class SweepTuner(kt.Tuner):
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         hp = trial.hyperparameters
         values = dict(hp.values)
+        done = next((r for r in self.records if r.trial_id == trial.trial_id), None)
+        if done is not None:  # killed after MLflow finished the trial but before Keras Tuner saved it
+            self.report(f"[{self.settings.family}] trial {done.number} was already finished; not run again")
+            return {"val_accuracy": done.val_accuracy}
         epochs = int(values.get("tuner/epochs", self.settings.epochs))
         initial_epoch = int(values.get("tuner/initial_epoch", 0))
         self.attempts += 1
@@ -133,9 +155,11 @@ class SweepTuner(kt.Tuner):
         splits, s = self.splits, self.settings
         keras.utils.set_random_seed(s.seed + number - 1)
         tags = {"family": s.family, "trial_id": trial.trial_id, "trial_number": str(number),
+                "tuner_id": self.tuner_id,
                 "training": "cached_features" if self.features else "raw_images"}
         started = time.monotonic()
-        with tracking.trial_run(f"{s.family}-trial-{number}", self.trial_params(values, epochs), tags) as run_id:
+        with tracking.trial_run(self.experiment_id, self.parent_run_id, f"{s.family}-trial-{number}",
+                                self.trial_params(values, epochs), tags) as run_id:
             try:
                 logger = tracking.EpochMetricsLogger(run_id)
                 model = self._try_build(hp)
@@ -237,106 +261,3 @@ def prepare_features(hypermodel: HyperFamily, splits: Splits, weights_path: str 
     pool = cache.pool(splits.train.images, PoolSpec())
     validation = cache.clean(splits.validation.images, "validation")
     return TransferFeatures(pool, validation)
-
-
-@dataclass
-class SweepResult:
-    """What a finished sweep produced."""
-
-    family: str
-    run_id: str
-    records: list[TrialRecord] = field(default_factory=list)
-    baseline_accuracy: float = 0.0
-    setup_seconds: float = 0.0  # feature cache load or build, before the first trial
-
-    @property
-    def best(self) -> TrialRecord | None:
-        return best_record(self.records)
-
-
-def run_sweep(
-    settings: SweepSettings,
-    splits: Splits,
-    tracking_settings: TrackingSettings,
-    experiment_id: str,
-    weights_path: str | None = None,
-    report: Reporter = print,
-) -> SweepResult:
-    """Run one family's sweep under a parent MLflow run and log its summary there.
-
-    Args:
-        settings: the sweep as asked for (family, trials, tuner, epochs, seed, ...).
-        splits: the decoded data; shared by every trial (and every family of a study).
-        tracking_settings: where Keras Tuner keeps its project folder.
-        experiment_id: the MLflow experiment (see ``tracking.use_experiment``).
-        weights_path: a local MobileNetV2 weights file or None (transfer only; see ``resolve_weights``).
-        report: receives one progress line per finished trial.
-
-    Raises:
-        SweepError: bad settings, or too many trials failed in a row.
-    """
-    if settings.family not in FAMILIES:
-        raise SweepError(f"unknown family {settings.family!r}; choose one of {', '.join(FAMILIES)}.")
-    keras.utils.set_random_seed(settings.seed)
-    hypermodel: HyperFamily = make_hypermodel(
-        settings.family, num_classes=len(splits.class_names), image_size=splits.image_size, weights=weights_path
-    )
-    features, setup_started = None, time.monotonic()
-    if settings.family == "transfer" and settings.feature_cache:
-        features = prepare_features(hypermodel, splits, weights_path, tracking_settings.cache_dir, report)
-    setup_seconds = time.monotonic() - setup_started
-    name = f"{settings.family}-{settings.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
-    # Built before any MLflow run exists: a model that cannot be built (bad weights file) leaves no run behind.
-    tuner = SweepTuner(
-        splits=splits, settings=settings, report=report, features=features,
-        oracle=build_oracle(settings.tuner, settings.trials, settings.epochs, settings.seed),
-        hypermodel=hypermodel, directory=str(tracking_settings.tuner_dir), project_name=name, overwrite=True,
-    )
-    params = {
-        "family": settings.family, "tuner": settings.tuner, "trials": settings.trials, "epochs": settings.epochs,
-        "seed": settings.seed, "batch_size": settings.batch_size,
-        "image_size": f"{settings.image_size[0]}x{settings.image_size[1]}", "data": splits.source,
-        "num_classes": len(splits.class_names), "tuner_dir": tuner.project_dir,
-    }
-    if settings.family == "transfer":
-        params["weights"] = str(settings.weights)
-        params["feature_cache"] = features is not None
-        if features is not None:
-            params["pool_views_per_image"] = features.pool.spec.views_per_image
-    tags = {"family": settings.family, "sweep": name, "kind": "sweep", **settings.extra_tags}
-    report(
-        f"[{settings.family}] sweep {name}: {settings.trials} trial(s) x {settings.epochs} epoch(s), "
-        f"{settings.tuner} search; baseline {splits.baseline_accuracy:.1%} on {len(splits.test)} test images"
-    )
-    with tracking.sweep_run(experiment_id, name, params, tags) as run_id:
-        result = SweepResult(settings.family, run_id, tuner.records, splits.baseline_accuracy, setup_seconds)
-        tracking.log_json(splits.summary(), "data.json")
-        tracking.log_text("\n".join(splits.test.files) + "\n", "test_files.txt")
-        tracking.log_json({"family": settings.family, "hyperparameters": describe(settings.family),
-                           "defaults": default_values(tuner.oracle.hyperparameters)}, "search_space.json")
-        try:
-            tuner.search(verbose=0)
-        except RuntimeError as exc:
-            if "consecutive failures" not in str(exc):
-                raise
-            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-            raise SweepError(
-                f"{settings.family}: {tuner.oracle.max_consecutive_failed_trials} trials failed in a row, so the "
-                f"sweep stopped. Last error: {last}. Each failed trial's MLflow run holds its error."
-            ) from None
-        _log_summary(result, settings)
-    return result
-
-
-def _log_summary(result: SweepResult, settings: SweepSettings) -> None:
-    metrics = {"baseline_accuracy": result.baseline_accuracy, "trials_finished": float(len(result.records))}
-    tags = {}
-    best = result.best
-    if best is not None:
-        metrics.update(best_val_accuracy=best.val_accuracy, best_test_accuracy=best.test_accuracy)
-        tags = {"best_trial": str(best.number), "best_run_id": best.run_id}
-        tracking.log_json({k: v for k, v in best.hyperparameters.items()}, "best_hyperparameters.json")
-    tracking.log_result(metrics, tags)
-    tracking.log_text(trials_csv(result.records), "trials.csv")
-    title = f"{settings.family}: validation accuracy of {len(result.records)} trial(s)"
-    tracking.log_figure(plots.plot_trials(result.records, result.baseline_accuracy, title), "trials.png")

@@ -84,3 +84,44 @@ def test_missing_dir_and_too_few_validation_images(tmp_path):
     root = make_image_folders(tmp_path / "d", train=4, validation=4)
     with pytest.raises(DataError, match="at least 5 batches"):
         load_splits(root, image_size=(32, 32), batch_size=32)
+
+
+def test_decoding_matches_image_dataset_from_directory(tiny_data):
+    import keras
+
+    splits = load_splits(tiny_data, image_size=(32, 32), batch_size=4, seed=1)
+    reference = keras.utils.image_dataset_from_directory(tiny_data / "train", image_size=(32, 32), batch_size=None,
+                                                         shuffle=False)
+    expected = np.stack([x.numpy() for x, _ in reference])
+    assert list(reference.file_paths) == list(splits.train.files)
+    np.testing.assert_array_equal(splits.train.images, expected)
+
+
+def test_bad_files_are_skipped_and_named(tmp_path):
+    from PIL import Image
+
+    root = make_image_folders(tmp_path / "d", train=6, validation=12)
+    cats = root / "train" / "cats"
+    good = (cats / "cats.0.jpg").read_bytes()
+    (cats / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (cats / "notes.jpg").write_text("this is text, not a JPEG")
+    (cats / "readme.txt").write_text("ignored: not an image extension")
+    Image.new("L", (50, 30), 128).save(cats / "grey.png")  # greyscale, other size
+    Image.new("RGBA", (20, 70), (10, 200, 30, 128)).save(cats / "alpha.png")  # RGBA, other size
+    splits = load_splits(root, image_size=(32, 32), batch_size=4, seed=0)
+    skipped = " ".join(splits.skipped)
+    assert "notes.jpg" in skipped
+    names = {p.rsplit("/", 1)[-1] for p in splits.train.files}
+    assert {"grey.png", "alpha.png"} <= names and "notes.jpg" not in names and "readme.txt" not in names
+    grey = splits.train.images[splits.train.files.index(str(cats / "grey.png"))]
+    assert grey.shape == (32, 32, 3) and np.allclose(grey, 128)
+    assert len(splits.train) == 12 + 2 + ("truncated.jpg" in names)
+    assert splits.summary()["skipped_files"] == list(splits.skipped)
+
+
+def test_a_class_with_no_readable_image_is_refused(tmp_path):
+    root = make_image_folders(tmp_path / "d", train=2, validation=12)
+    for path in (root / "train" / "dogs").iterdir():
+        path.write_text("broken")
+    with pytest.raises(DataError, match="train/dogs holds no readable image"):
+        load_splits(root, image_size=(32, 32), batch_size=4)
