@@ -80,6 +80,8 @@ def run_sweep(
     weights_path: str | None = None,
     report: Reporter = print,
     resume_run=None,
+    name: str | None = None,
+    chief=None,
 ) -> SweepResult:
     """Run one family's sweep under a parent MLflow run and log its summary there.
 
@@ -91,34 +93,25 @@ def run_sweep(
         weights_path: a local MobileNetV2 weights file or None (transfer only; see ``resolve_weights``).
         report: receives one progress line per finished trial.
         resume_run: the MLflow run of an interrupted sweep to continue (see ``find_resumable``).
+        name: the sweep's name (default: family, tuner and the time).
+        chief: serve the oracle to worker processes instead of running trials here
+            (``sweep.distributed.Chief``).
 
     Raises:
         SweepError: bad settings, or too many trials failed in a row.
     """
-    if settings.family not in FAMILIES:
-        raise SweepError(f"unknown family {settings.family!r}; choose one of {', '.join(FAMILIES)}.")
-    keras.utils.set_random_seed(settings.seed)
-    hypermodel: HyperFamily = make_hypermodel(
-        settings.family, num_classes=len(splits.class_names), image_size=splits.image_size, weights=weights_path
-    )
-    features, setup_started = None, time.monotonic()
-    if settings.family == "transfer" and settings.feature_cache:
-        features = prepare_features(hypermodel, splits, weights_path, tracking_settings.cache_dir, report)
-    setup_seconds = time.monotonic() - setup_started
     if resume_run is not None:
         name = resume_run.data.tags["sweep"]
         if not (tracking_settings.tuner_dir / name / "oracle.json").is_file():
             raise SweepError(f"sweep {name} cannot be resumed: its Keras Tuner folder "
                              f"{tracking_settings.tuner_dir / name} is gone.")
     else:
-        name = f"{settings.family}-{settings.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
+        name = name or f"{settings.family}-{settings.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
+    if chief is not None:  # Keras Tuner's distributed mode: this process serves the oracle
+        chief.configure_environment()
     # Built before any MLflow run exists: a model that cannot be built (bad weights file) leaves no run behind.
-    tuner = SweepTuner(
-        splits=splits, settings=settings, report=report, features=features,
-        oracle=build_oracle(settings.tuner, settings.trials, settings.epochs, settings.seed),
-        hypermodel=hypermodel, directory=str(tracking_settings.tuner_dir), project_name=name,
-        overwrite=resume_run is None,
-    )
+    tuner, features, setup_seconds = build_tuner(settings, splits, tracking_settings, weights_path, name,
+                                                 overwrite=resume_run is None, report=report)
     tuner.experiment_id = experiment_id
     if resume_run is not None:
         _adopt_finished_trials(tuner, experiment_id, resume_run.info.run_id, report)
@@ -148,7 +141,12 @@ def run_sweep(
         tracking.log_json({"family": settings.family, "hyperparameters": describe(settings.family),
                            "defaults": default_values(tuner.oracle.hyperparameters)}, "search_space.json")
         try:
-            tuner.search(verbose=0)
+            if chief is None:
+                tuner.search(verbose=0)
+            else:
+                tuner.save()
+                chief.serve(tuner.oracle, report, name)
+                _adopt_finished_trials(tuner, experiment_id, run_id, report)
         except RuntimeError as exc:
             if "consecutive failures" not in str(exc):
                 raise
@@ -159,6 +157,31 @@ def run_sweep(
             ) from None
         _log_summary(result, settings)
     return result
+
+
+def build_tuner(settings: SweepSettings, splits: Splits, tracking_settings: TrackingSettings,
+                weights_path: str | None, name: str, overwrite: bool, report: Reporter):
+    """The family's hypermodel, its cached features (transfer) and the tuner around them.
+
+    Returns:
+        (tuner, features or None, seconds spent loading or computing features)
+    """
+    if settings.family not in FAMILIES:
+        raise SweepError(f"unknown family {settings.family!r}; choose one of {', '.join(FAMILIES)}.")
+    keras.utils.set_random_seed(settings.seed)
+    hypermodel: HyperFamily = make_hypermodel(
+        settings.family, num_classes=len(splits.class_names), image_size=splits.image_size, weights=weights_path
+    )
+    features, started = None, time.monotonic()
+    if settings.family == "transfer" and settings.feature_cache:
+        features = prepare_features(hypermodel, splits, weights_path, tracking_settings.cache_dir, report)
+    setup_seconds = time.monotonic() - started
+    tuner = SweepTuner(
+        splits=splits, settings=settings, report=report, features=features,
+        oracle=build_oracle(settings.tuner, settings.trials, settings.epochs, settings.seed),
+        hypermodel=hypermodel, directory=str(tracking_settings.tuner_dir), project_name=name, overwrite=overwrite,
+    )
+    return tuner, features, setup_seconds
 
 
 def _adopt_finished_trials(tuner, experiment_id: str, parent_run_id: str, report: Reporter) -> None:
@@ -174,8 +197,7 @@ def _adopt_finished_trials(tuner, experiment_id: str, parent_run_id: str, report
             history = {name: tracking.metric_history(run.info.run_id, name)
                        for name in ("accuracy", "val_accuracy", "loss", "val_loss")}
             finished.append(record_from_run(run, history))
-    attempts = max((int(r.data.tags.get("trial_number", 0)) for r in children), default=0)
-    tuner.adopt(finished, attempts)
+    tuner.adopt(finished)
     report(f"Kept {len(finished)} finished trial(s); {len(children) - len(finished)} other run(s) stay as they were.")
 
 
@@ -206,16 +228,20 @@ def find_resumable(settings: SweepSettings, tracking_settings: TrackingSettings,
         what = f"sweep {name!r} of family {settings.family}" if name else f"unfinished {settings.family} sweep"
         raise SweepError(f"no {what} in experiment {tracking_settings.experiment!r} to resume; "
                          "start one without --resume.")
+    return run, settings_from_run(run, settings)
+
+
+def settings_from_run(run, base: SweepSettings) -> SweepSettings:
+    """The settings a sweep was started with, read back from its MLflow run's params."""
     p = run.data.params
     height, width = (int(v) for v in p["image_size"].split("x"))
-    resumed = replace(
-        settings, trials=int(p["trials"]), tuner=p["tuner"], epochs=int(p["epochs"]), seed=int(p["seed"]),
-        batch_size=int(p["batch_size"]), image_size=(height, width),
+    return replace(
+        base, family=p["family"], trials=int(p["trials"]), tuner=p["tuner"], epochs=int(p["epochs"]),
+        seed=int(p["seed"]), batch_size=int(p["batch_size"]), image_size=(height, width),
         data_dir=None if p["data"] == DATASET_URL else Path(p["data"]),
-        weights=p.get("weights", settings.weights),
+        weights=p.get("weights", base.weights),
         feature_cache=p.get("feature_cache", "True") == "True",
     )
-    return run, resumed
 
 
 def run_study(settings: list[SweepSettings], tracking_settings: TrackingSettings, report: Reporter = print,

@@ -34,11 +34,39 @@ def use_experiment(settings: TrackingSettings) -> str:
         ConfigError: the tracking store cannot be reached or the experiment was deleted.
     """
     mlflow.set_tracking_uri(settings.tracking_uri)
+    with _store_lock(settings.tracking_uri):
+        return _use_experiment(settings)
+
+
+@contextmanager
+def _store_lock(tracking_uri: str) -> Iterator[None]:
+    """For a SQLite store, one process at a time creates tables and experiments: MLflow's schema migration
+    is not safe against another process doing the same on a new database."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        yield
+        return
+    import fcntl
+
+    with open(tracking_uri[len(prefix):] + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _use_experiment(settings: TrackingSettings) -> str:
     try:
-        experiment = mlflow.get_experiment_by_name(settings.experiment)
+        experiment = _retry_on_race(lambda: mlflow.get_experiment_by_name(settings.experiment))
         if experiment is None:
             location = settings.artifact_root.resolve().as_uri() if settings.is_local else None
-            return mlflow.create_experiment(settings.experiment, artifact_location=location)
+            try:
+                return mlflow.create_experiment(settings.experiment, artifact_location=location)
+            except MlflowException as exc:
+                if "already exists" not in exc.message:
+                    raise
+                experiment = mlflow.get_experiment_by_name(settings.experiment)  # another process made it first
     except MlflowException as exc:
         raise ConfigError(
             f"cannot use MLflow tracking store {settings.tracking_uri} ({exc.message.splitlines()[0]}); "
@@ -50,6 +78,21 @@ def use_experiment(settings: TrackingSettings) -> str:
             "or pick another name with --experiment."
         )
     return experiment.experiment_id
+
+
+def _retry_on_race(call, attempts: int = 8):
+    """Run ``call``; when several processes create a new SQLite store at once, all but one see its tables
+    half-made ("already exists", "locked"): wait a moment and try again."""
+    import sqlalchemy
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (sqlalchemy.exc.OperationalError, MlflowException) as exc:
+            text = str(exc)
+            if attempt == attempts - 1 or not ("already exists" in text or "locked" in text):
+                raise
+            time.sleep(0.5 + attempt * 0.5)
 
 
 @contextmanager
@@ -201,9 +244,9 @@ def log_report_run(experiment_id: str, name: str, files: list[Path], metrics: di
         return run.info.run_id
 
 
-def find_sweep(experiment_id: str, family: str, name: str | None = None):
-    """The sweep run to resume: the one named, else the newest unfinished sweep of ``family``; or None."""
-    query = f"tags.kind = 'sweep' and tags.family = '{family}'"
+def find_sweep(experiment_id: str, family: str | None, name: str | None = None):
+    """The sweep run named ``name``, else the newest unfinished sweep of ``family``; or None."""
+    query = "tags.kind = 'sweep'" + (f" and tags.family = '{family}'" if family else "")
     if name:
         query += f" and tags.sweep = '{name}'"
     runs = MlflowClient().search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],

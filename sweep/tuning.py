@@ -67,14 +67,16 @@ class DefaultsFirstHyperband(DefaultsFirst, kt.oracles.HyperbandOracle):
 def build_oracle(tuner: str, trials: int, epochs: int, seed: int) -> kt.Oracle:
     """The oracle for ``--tuner``; Hyperband's trial count is capped at ``trials`` as well."""
     if tuner == "random":
-        return DefaultsFirstRandomSearch(objective=OBJECTIVE, max_trials=trials, seed=seed)
-    if tuner == "bayesian":
-        return DefaultsFirstBayesian(objective=OBJECTIVE, max_trials=trials, seed=seed)
-    if tuner == "hyperband":
+        oracle = DefaultsFirstRandomSearch(objective=OBJECTIVE, max_trials=trials, seed=seed)
+    elif tuner == "bayesian":
+        oracle = DefaultsFirstBayesian(objective=OBJECTIVE, max_trials=trials, seed=seed)
+    elif tuner == "hyperband":
         oracle = DefaultsFirstHyperband(objective=OBJECTIVE, max_epochs=epochs, seed=seed)
         oracle.max_trials = trials
-        return oracle
-    raise SweepError(f"unknown tuner {tuner!r}; choose random, bayesian or hyperband.")
+    else:
+        raise SweepError(f"unknown tuner {tuner!r}; choose random, bayesian or hyperband.")
+    oracle.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
+    return oracle
 
 
 def _check_finite(logger: tracking.EpochMetricsLogger) -> None:
@@ -106,7 +108,6 @@ class SweepTuner(kt.Tuner):
         self.settings = settings
         self.report = report
         self.records: list[TrialRecord] = []
-        self.attempts = 0  # trials started, failed ones included
         self.started = time.monotonic()
         self.experiment_id = ""
         self.parent_run_id = ""  # set once the sweep's MLflow run exists
@@ -119,10 +120,9 @@ class SweepTuner(kt.Tuner):
             trial.message = trial.message.strip().splitlines()[-1]
         super().on_trial_end(trial)
 
-    def adopt(self, records: list[TrialRecord], attempts: int) -> None:
-        """Resume: take the trials MLflow already holds as finished, and continue the numbering."""
+    def adopt(self, records: list[TrialRecord]) -> None:
+        """Resume: take the trials MLflow already holds as finished."""
         self.records[:] = sorted(records, key=lambda r: r.number)
-        self.attempts = attempts
 
     def _build_hypermodel(self, hp: kt.HyperParameters) -> keras.Model:
         model = super()._build_hypermodel(hp)
@@ -150,8 +150,8 @@ class SweepTuner(kt.Tuner):
             return {"val_accuracy": done.val_accuracy}
         epochs = int(values.get("tuner/epochs", self.settings.epochs))
         initial_epoch = int(values.get("tuner/initial_epoch", 0))
-        self.attempts += 1
-        number = self.attempts
+        # Keras Tuner numbers trials from 0 in creation order, across workers and resumes alike.
+        number = int(trial.trial_id) + 1
         splits, s = self.splits, self.settings
         keras.utils.set_random_seed(s.seed + number - 1)
         tags = {"family": s.family, "trial_id": trial.trial_id, "trial_number": str(number),

@@ -77,7 +77,8 @@ def test_sigkill_mid_trial_then_resume(tiny_data, tracking_env, runner):
     # one finished run per Keras Tuner trial, none duplicated; the killed trial was run again
     assert len({c.data.tags["trial_id"] for c in finished}) == 4
     assert killed[0].data.tags["trial_id"] in {c.data.tags["trial_id"] for c in finished}
-    assert sorted(int(c.data.tags["trial_number"]) for c in finished) == [1, 2, 4, 5]
+    assert sorted(int(c.data.tags["trial_number"]) for c in finished) == [1, 2, 3, 4]
+    assert killed[0].data.tags["trial_number"] == "3"
     tuner_dir = Path(parents[0].data.params["tuner_dir"])
     trials = [json.loads(p.read_text()) for p in tuner_dir.glob("trial_*/trial.json")]
     assert sorted(t["status"] for t in trials) == ["COMPLETED"] * 4
