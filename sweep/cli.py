@@ -278,6 +278,10 @@ def best(experiment, config_path, family, metric, export_dir, no_verify) -> None
         found = find_best(settings, family, metric)
         click.echo(f"Best trial by {metric} in experiment {settings.experiment!r}:")
         click.echo(found.describe())
+        if export_dir is not None and not found.has_model:
+            found = find_best(settings, family, metric, with_model=True)
+            click.echo(f"That trial kept no model (only trials that improved their sweep do); exporting the best "
+                       f"trial that did:\n{found.describe()}")
         if export_dir is not None:
             result = export_best(found, export_dir, settings.registered_model, verify=not no_verify,
                                  report=click.echo)

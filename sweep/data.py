@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,8 +176,8 @@ def _decode_folder(folder: Path, class_names: tuple[str, ...], image_size: tuple
         try:
             images[len(kept)] = decode_image(path, image_size)
         except Exception as exc:  # corrupt, truncated or not an image at all: skip it, say so
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            skipped.append(f"{path} ({reason[:100]})")
+            reason = re.sub(r"\{\{.*?\}\}\s*", "", str(exc)).strip()
+            skipped.append(f"{path} ({(reason.splitlines() or [type(exc).__name__])[0][:100]})")
             continue
         kept.append(path)
         kept_labels.append(label)

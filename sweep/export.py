@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -42,8 +43,11 @@ class BestTrial:
                 f"  MLflow run {r.run_id} (sweep run {self.sweep_run_id})")
 
 
-def find_best(settings: TrackingSettings, family: str | None = None, metric: str = "val_accuracy") -> BestTrial:
+def find_best(settings: TrackingSettings, family: str | None = None, metric: str = "val_accuracy",
+              with_model: bool = False) -> BestTrial:
     """The finished trial with the highest ``metric`` (the earliest on a tie) across all sweeps.
+
+    With ``with_model``, only trials that kept their trained model count (what ``--export`` needs).
 
     Raises:
         SweepError: unknown metric, or no finished trial in the experiment (or family).
@@ -52,9 +56,14 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
         raise SweepError(f"unknown metric {metric!r}; choose {' or '.join(METRICS)}.")
     experiment_id = tracking.experiment_id_of(settings)
     runs = tracking.finished_trials(experiment_id, family)
+    where = f" of family {family}" if family else ""
     if not runs:
-        where = f" of family {family}" if family else ""
         raise SweepError(f"experiment {settings.experiment!r} has no finished trial{where}; run `sweep run` first.")
+    if with_model:
+        runs = [r for r in runs if r.data.tags.get("model_kept") == "true"]
+        if not runs:
+            raise SweepError(f"no finished trial{where} in experiment {settings.experiment!r} kept its model "
+                             "(sweeps from before models were kept); run a sweep, then export.")
     best = max(runs, key=lambda r: (r.data.metrics.get(metric, float("-inf")), -r.info.start_time))
     parent = tracking.get_run(best.data.tags["mlflow.parentRunId"])
     return BestTrial(
@@ -92,7 +101,7 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
     if not best.has_model:
         raise SweepError(
             f"trial {best.record.number} of sweep {best.sweep} kept no model: models are kept for the trials that "
-            "improved their sweep's validation accuracy. Use --metric val_accuracy, or re-run that sweep."
+            "improved their sweep's validation accuracy."
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
@@ -192,6 +201,12 @@ def _decode(path: Path, size: tuple[int, int]):
     return tf.image.resize(image, size, method="bilinear").numpy()
 
 
+def _reason(exc: Exception) -> str:
+    """The readable part of a decoding error (TensorFlow prefixes the op's internal name)."""
+    text = re.sub(r"\{\{.*?\}\}\s*", "", str(exc)).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:120]
+
+
 def predict(model_path: Path, paths: list[Path], batch_size: int = 32) -> list[Prediction]:
     """Class and probability (softmax of the logits) for each image; unreadable files carry an error."""
     model, classes = load_model_and_classes(model_path)
@@ -214,8 +229,7 @@ def predict(model_path: Path, paths: list[Path], batch_size: int = 32) -> list[P
         try:
             batch.append((prediction, _decode(path, size)))
         except Exception as exc:  # corrupt, truncated, or not an image at all
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            prediction.error = f"not a readable image ({reason[:120]})"
+            prediction.error = f"not a readable image ({_reason(exc)})"
         if len(batch) >= batch_size:
             flush()
     flush()
