@@ -19,6 +19,7 @@ from sweep import plots, tracking
 from sweep.config import SweepSettings, TrackingSettings
 from sweep.data import DATASET_URL, Splits, check_layout, download_dataset, load_splits
 from sweep.errors import SweepError
+from sweep.features import PoolSpec
 from sweep.results import TrialRecord, best_record, record_from_run, trials_csv
 from sweep.tuning import SweepTuner, build_oracle, prepare_features
 
@@ -111,7 +112,8 @@ def run_sweep(
         chief.configure_environment()
     # Built before any MLflow run exists: a model that cannot be built (bad weights file) leaves no run behind.
     tuner, features, setup_seconds = build_tuner(settings, splits, tracking_settings, weights_path, name,
-                                                 overwrite=resume_run is None, report=report)
+                                                 overwrite=resume_run is None, report=report,
+                                                 trains_here=chief is None)
     tuner.experiment_id = experiment_id
     if resume_run is not None:
         _adopt_finished_trials(tuner, experiment_id, resume_run.info.run_id, report)
@@ -123,9 +125,9 @@ def run_sweep(
     }
     if settings.family == "transfer":
         params["weights"] = str(settings.weights)
-        params["feature_cache"] = features is not None
-        if features is not None:
-            params["pool_views_per_image"] = features.pool.spec.views_per_image
+        params["feature_cache"] = settings.feature_cache
+        if settings.feature_cache:
+            params["pool_views_per_image"] = PoolSpec().views_per_image
     tags = {"family": settings.family, "sweep": name, "kind": "sweep", **settings.extra_tags}
     report(
         f"[{settings.family}] {'resuming ' if resume_run else ''}sweep {name}: {settings.trials} trial(s) x "
@@ -160,8 +162,8 @@ def run_sweep(
 
 
 def build_tuner(settings: SweepSettings, splits: Splits, tracking_settings: TrackingSettings,
-                weights_path: str | None, name: str, overwrite: bool, report: Reporter):
-    """The family's hypermodel, its cached features (transfer) and the tuner around them.
+                weights_path: str | None, name: str, overwrite: bool, report: Reporter, trains_here: bool = True):
+    """The family's hypermodel, its cached features (transfer, when this process trains) and the tuner.
 
     Returns:
         (tuner, features or None, seconds spent loading or computing features)
@@ -173,7 +175,7 @@ def build_tuner(settings: SweepSettings, splits: Splits, tracking_settings: Trac
         settings.family, num_classes=len(splits.class_names), image_size=splits.image_size, weights=weights_path
     )
     features, started = None, time.monotonic()
-    if settings.family == "transfer" and settings.feature_cache:
+    if settings.family == "transfer" and settings.feature_cache and trains_here:
         features = prepare_features(hypermodel, splits, weights_path, tracking_settings.cache_dir, report)
     setup_seconds = time.monotonic() - started
     tuner = SweepTuner(
