@@ -12,54 +12,25 @@ from pathlib import Path
 
 import click
 
+from sweep.cli_common import (
+    CONFIG,
+    EXPERIMENT,
+    FAMILY_NAMES,
+    fail,
+    keras_verbosity,
+    parse_image_size,
+    quiet_tensorflow,
+    tracking_settings_for,
+)
+from sweep.cli_results import COMMANDS
 from sweep.config import TUNERS, SweepSettings, load_tracking
 from sweep.errors import SweepError
-
-FAMILY_NAMES = ("scratch", "augmented", "preprocessed", "transfer")
-
-
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def _keras_verbosity(quiet: bool) -> int:
-    """0 when quiet, Keras' live progress bar on a terminal, one line per epoch in a log file."""
-    if quiet:
-        return 0
-    return 1 if sys.stdout.isatty() else 2
-
-
-def _fail(exc: SweepError) -> None:
-    click.echo(f"Error: {exc}", err=True)
-    sys.exit(1)
-
-
-def _parse_image_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
-    try:
-        parts = [int(p) for p in value.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 32:
-        raise click.BadParameter(f"{value!r} is not a size like 160 or 160x160 (at least 32).")
-    return parts[0], parts[1]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sweep")
 def main() -> None:
     """Hyperparameter sweeps of image classifiers with Keras Tuner, every trial tracked in MLflow."""
-
-
-def _tracking(config_path: Path | None, experiment: str | None):
-    settings = load_tracking(config_path)
-    return replace(settings, experiment=experiment) if experiment else settings
-
-
-EXPERIMENT = click.option("--experiment", default=None, help="MLflow experiment (default: from mlflow.yaml).")
-CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                      help="Tracking settings file (default: ./mlflow.yaml).")
 
 
 SWEEP_OPTIONS = [
@@ -78,7 +49,7 @@ SWEEP_OPTIONS = [
     click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Tracking settings file (default: ./mlflow.yaml)."),
     click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
-    click.option("--image-size", default="160", show_default=True, callback=_parse_image_size,
+    click.option("--image-size", default="160", show_default=True, callback=parse_image_size,
                  help="Input size, e.g. 160 or 160x160."),
     click.option("--no-cache", is_flag=True,
                  help="transfer only: train every trial on raw images through the full model (the study's way, "
@@ -100,7 +71,7 @@ def _sweep_settings(families, o: dict) -> tuple[list[SweepSettings], object]:
     settings = [
         SweepSettings(family=f, trials=o["trials"], tuner=o["tuner"], epochs=o["epochs"], seed=o["seed"],
                       batch_size=o["batch_size"], image_size=o["image_size"], data_dir=o["data_dir"],
-                      weights=o["weights"], verbose=_keras_verbosity(o["quiet"]), feature_cache=not o["no_cache"])
+                      weights=o["weights"], verbose=keras_verbosity(o["quiet"]), feature_cache=not o["no_cache"])
         for f in families
     ]
     return settings, tracking_settings
@@ -147,20 +118,19 @@ def run(family, resume, sweep_name, workers, **options) -> None:
 
     Example: sweep run --family transfer --trials 20
     """
-    _quiet_tensorflow()
+    quiet_tensorflow()
     if workers:
         if family == "all" or resume:
-            _fail(SweepError("--workers runs one family's new sweep; drop --resume and pick a family."))
+            fail(SweepError("--workers runs one family's new sweep; drop --resume and pick a family."))
         from datetime import datetime
 
-        from sweep.distributed import launch_local
-
         from sweep import tracking
+        from sweep.distributed import launch_local
 
         try:  # create the store once here, so the chief and the workers do not race to create its tables
             tracking.use_experiment(_sweep_settings([family], options)[1])
         except SweepError as exc:
-            _fail(exc)
+            fail(exc)
         name = sweep_name or f"{family}-{options['tuner']}-{datetime.now():%Y%m%d-%H%M%S}"
         sys.exit(launch_local(["--family", family, *_as_args(options)], workers, name, click.echo))
     try:
@@ -170,7 +140,7 @@ def run(family, resume, sweep_name, workers, **options) -> None:
 
         results = run_study(settings, tracking_settings, report=click.echo, resume=resume, sweep_name=sweep_name)
     except SweepError as exc:
-        _fail(exc)
+        fail(exc)
     _print_results(results, tracking_settings)
 
 
@@ -185,7 +155,7 @@ def run(family, resume, sweep_name, workers, **options) -> None:
               help="Seconds after which a trial whose worker went silent is marked FAILED.")
 def chief(family, sweep_name, host, port, trial_timeout, **options) -> None:
     """Serve a sweep's oracle to `sweep worker` processes (Keras Tuner's distributed mode)."""
-    _quiet_tensorflow()
+    quiet_tensorflow()
     try:
         settings, tracking_settings = _sweep_settings([family], options)
         from sweep.distributed import Chief
@@ -196,7 +166,7 @@ def chief(family, sweep_name, host, port, trial_timeout, **options) -> None:
                            prepared.weights_path, click.echo, name=sweep_name,
                            chief=Chief(host, port, trial_timeout))
     except SweepError as exc:
-        _fail(exc)
+        fail(exc)
     _print_results([result], tracking_settings)
 
 
@@ -209,16 +179,16 @@ def chief(family, sweep_name, host, port, trial_timeout, **options) -> None:
 @CONFIG
 def worker(chief_address, sweep_name, tuner_id, experiment, config_path) -> None:
     """Run trials for a chief until its search is over; each trial is logged under the chief's sweep run."""
-    _quiet_tensorflow()
+    quiet_tensorflow()
     import socket
 
     try:
         from sweep.distributed import run_worker
 
         tuner_id = tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}"
-        done = run_worker(_tracking(config_path, experiment), chief_address, sweep_name, tuner_id, click.echo)
+        done = run_worker(tracking_settings_for(config_path, experiment), chief_address, sweep_name, tuner_id, click.echo)
     except SweepError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(f"Worker {tuner_id} finished: {done} trial(s) run here.")
 
 
@@ -235,18 +205,18 @@ def worker(chief_address, sweep_name, tuner_id, experiment, config_path) -> None
 @click.option("--experiment", default="sweep-bench", show_default=True, help="MLflow experiment for our sweep.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-size", default="160", show_default=True, callback=_parse_image_size)
+@click.option("--image-size", default="160", show_default=True, callback=parse_image_size)
 @click.option("--warm", is_flag=True, help="Use the configured feature cache (default: a cold, temporary one).")
 @click.option("-q", "--quiet", is_flag=True)
 def bench(family, trials, plain_trials, epochs, seed, data_dir, weights, experiment, config_path, batch_size,
           image_size, warm, quiet) -> None:
     """Time the same trial the plain way and ours, and a whole sweep our way; print a table."""
-    _quiet_tensorflow()
+    quiet_tensorflow()
     try:
         tracking_settings = replace(load_tracking(config_path), experiment=experiment)
         settings = SweepSettings(family=family, trials=trials, epochs=epochs, seed=seed, batch_size=batch_size,
                                  image_size=image_size, data_dir=data_dir, weights=weights,
-                                 verbose=_keras_verbosity(quiet))
+                                 verbose=keras_verbosity(quiet))
         from sweep.bench import format_table, run_bench
         from sweep.study import prepare
 
@@ -254,155 +224,15 @@ def bench(family, trials, plain_trials, epochs, seed, data_dir, weights, experim
         result = run_bench(settings, prepared.splits, tracking_settings, prepared.experiment_id,
                            prepared.weights_path, plain_trials, cold=not warm, report=click.echo)
     except SweepError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo("")
     click.echo(format_table(result))
 
 
 @main.command()
-@EXPERIMENT
-@CONFIG
-@click.option("--family", default=None, type=click.Choice(FAMILY_NAMES), help="Only this family's trials.")
-@click.option("--metric", default="val_accuracy", show_default=True,
-              type=click.Choice(["val_accuracy", "test_accuracy"]), help="What 'best' means.")
-@click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
-              help="Write the best trial's model and records to this new folder and register the model.")
-@click.option("--no-verify", is_flag=True, help="With --export: skip re-evaluating the model on the test split.")
-def best(experiment, config_path, family, metric, export_dir, no_verify) -> None:
-    """Print the best finished trial across all sweeps; optionally export and register its model."""
-    _quiet_tensorflow()
-    try:
-        from sweep.export import export_best, find_best
-
-        settings = _tracking(config_path, experiment)
-        found = find_best(settings, family, metric)
-        click.echo(f"Best trial by {metric} in experiment {settings.experiment!r}:")
-        click.echo(found.describe())
-        if export_dir is not None and not found.has_model:
-            found = find_best(settings, family, metric, with_model=True)
-            click.echo(f"That trial kept no model (only trials that improved their sweep do); exporting the best "
-                       f"trial that did:\n{found.describe()}")
-        if export_dir is not None:
-            result = export_best(found, export_dir, settings.registered_model, verify=not no_verify,
-                                 report=click.echo)
-            registry = result["registry"]
-            click.echo(f"Exported to {export_dir} (model.keras takes raw {found.params.get('image_size', '')} RGB "
-                       f"images, 0-255); registered as {registry['uri']}")
-            click.echo(f"Serve it: mlflow models serve -m {registry['uri']} --env-manager local --port 5001")
-    except SweepError as exc:
-        _fail(exc)
-
-
-@main.command()
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-def predict(model, images) -> None:
-    """Predict the class of each image (folders are walked) with an export folder or a .keras file.
-
-    Unreadable or non-image files are reported by name and skipped; the exit code is 1 if any failed.
-    """
-    _quiet_tensorflow()
-    try:
-        from sweep.export import predict as run_predict
-
-        results = run_predict(model, list(images))
-    except SweepError as exc:
-        _fail(exc)
-    failed = 0
-    for r in results:
-        if r.error:
-            failed += 1
-            click.echo(f"{r.path}: skipped, {r.error}", err=True)
-        else:
-            click.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}")
-    if not results:
-        click.echo("Error: no files found in the paths given.", err=True)
-        sys.exit(1)
-    click.echo(f"{len(results) - failed} predicted, {failed} skipped", err=True)
-    sys.exit(1 if failed else 0)
-
-
-@main.command()
-@EXPERIMENT
-@CONFIG
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-output/report"),
-              show_default=True, help="Folder for report.md and report.png.")
-def report(experiment, config_path, out_dir) -> None:
-    """The study's table: baseline, then each family's best val and test accuracy, gain and overfitting gap."""
-    _quiet_tensorflow()
-    try:
-        from sweep.report import build_report, to_markdown, write_report
-
-        settings = _tracking(config_path, experiment)
-        rows = build_report(settings)
-        files, run_id = write_report(rows, settings, out_dir)
-    except SweepError as exc:
-        _fail(exc)
-    click.echo(to_markdown(rows, settings.experiment))
-    click.echo(f"Saved {', '.join(map(str, files))}; logged to MLflow run {run_id}.")
-
-
-@main.command()
-@EXPERIMENT
-@CONFIG
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder with train/ and validation/ (default: download the study's data).")
-@click.option("--seed", default=42, show_default=True, type=int, help="Orders validation before the test split.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-size", default="160", show_default=True, callback=_parse_image_size)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-output/data"),
-              show_default=True)
-def data(experiment, config_path, data_dir, seed, batch_size, image_size, out_dir) -> None:
-    """Class counts per split, the baseline, sample images and augmentation pictures."""
-    _quiet_tensorflow()
-    try:
-        from sweep.report import write_data_overview
-        from sweep.study import prepare
-
-        settings = _tracking(config_path, experiment)
-        sweep_settings = SweepSettings(family="scratch", data_dir=data_dir, seed=seed, batch_size=batch_size,
-                                       image_size=image_size)
-        prepared = prepare(sweep_settings, settings, need_weights=False, report=click.echo)
-        files, run_id = write_data_overview(prepared.splits, settings, out_dir, seed)
-    except SweepError as exc:
-        _fail(exc)
-    splits = prepared.splits
-    for split, counts in splits.counts().items():
-        click.echo(f"{split:<11} " + "  ".join(f"{name} {n}" for name, n in counts.items()))
-    click.echo(f"baseline: always '{splits.class_names[splits.majority_class]}' -> "
-               f"{splits.baseline_accuracy:.1%} on the test split")
-    click.echo(f"Saved {', '.join(map(str, files))}; logged to MLflow run {run_id}.")
-
-
-@main.command()
-@CONFIG
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 127.0.0.1 keeps it local.")
-@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
-def ui(config_path, host, port) -> None:
-    """Start the MLflow UI on the configured store and print its address."""
-    import shutil
-    import subprocess
-
-    try:
-        settings = load_tracking(config_path)
-    except SweepError as exc:
-        _fail(exc)
-    if not settings.is_local:
-        click.echo(f"Runs live on the tracking server {settings.tracking_uri}: open it in a browser.")
-        return
-    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    click.echo(f"MLflow UI for {settings.tracking_uri} at http://{host}:{port} (Ctrl-C stops it)", err=False)
-    command = [mlflow_bin, "ui", "--backend-store-uri", settings.tracking_uri, "--host", host, "--port", str(port)]
-    try:
-        sys.exit(subprocess.call(command))
-    except KeyboardInterrupt:
-        sys.exit(0)
-
-
-@main.command()
 def families() -> None:
     """List each model family and its hyperparameters (type, range or choices, default)."""
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from search_spaces import FAMILIES, describe
 
     for name, cls in FAMILIES.items():
@@ -410,6 +240,10 @@ def families() -> None:
         for row in describe(name):
             click.echo(f"  {row['name']:<16} {row['type']:<7} {row['domain']:<58} default {row['default']}")
         click.echo("")
+
+
+for _command in COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

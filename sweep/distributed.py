@@ -58,9 +58,9 @@ class Chief:
                           KERASTUNER_ORACLE_PORT=str(self.port))
 
     def serve(self, oracle, report: Reporter, sweep_name: str) -> None:
-        import grpc
         from concurrent import futures
 
+        import grpc
         from keras_tuner.src import protos
         from keras_tuner.src.distribute.oracle_chief import OracleServicer
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from sweep.cli import main
 from tests.conftest import runs_in

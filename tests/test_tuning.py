@@ -15,6 +15,7 @@ from sweep.cli import main
 from sweep.tuning import build_oracle
 from tests.conftest import runs_in
 
+
 def tiny_args(data_dir, image_size="32"):
     return ["--data-dir", str(data_dir), "--batch-size", "4", "--image-size", image_size, "--epochs", "2",
             "--seed", "3"]

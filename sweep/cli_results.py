@@ -1,0 +1,164 @@
+"""The commands that take results away: best (and export), predict, report, data, ui."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from sweep.cli_common import (
+    CONFIG,
+    EXPERIMENT,
+    FAMILY_NAMES,
+    fail,
+    parse_image_size,
+    quiet_tensorflow,
+    tracking_settings_for,
+)
+from sweep.config import SweepSettings, load_tracking
+from sweep.errors import SweepError
+
+
+@click.command()
+@EXPERIMENT
+@CONFIG
+@click.option("--family", default=None, type=click.Choice(FAMILY_NAMES), help="Only this family's trials.")
+@click.option("--metric", default="val_accuracy", show_default=True,
+              type=click.Choice(["val_accuracy", "test_accuracy"]), help="What 'best' means.")
+@click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
+              help="Write the best trial's model and records to this new folder and register the model.")
+@click.option("--no-verify", is_flag=True, help="With --export: skip re-evaluating the model on the test split.")
+def best(experiment, config_path, family, metric, export_dir, no_verify) -> None:
+    """Print the best finished trial across all sweeps; optionally export and register its model."""
+    quiet_tensorflow()
+    try:
+        from sweep.export import export_best, find_best
+
+        settings = tracking_settings_for(config_path, experiment)
+        found = find_best(settings, family, metric)
+        click.echo(f"Best trial by {metric} in experiment {settings.experiment!r}:")
+        click.echo(found.describe())
+        if export_dir is not None and not found.has_model:
+            found = find_best(settings, family, metric, with_model=True)
+            click.echo(f"That trial kept no model (only trials that improved their sweep do); exporting the best "
+                       f"trial that did:\n{found.describe()}")
+        if export_dir is not None:
+            result = export_best(found, export_dir, settings.registered_model, verify=not no_verify,
+                                 report=click.echo)
+            registry = result["registry"]
+            click.echo(f"Exported to {export_dir} (model.keras takes raw {found.params.get('image_size', '')} RGB "
+                       f"images, 0-255); registered as {registry['uri']}")
+            click.echo(f"Serve it: mlflow models serve -m {registry['uri']} --env-manager local --port 5001")
+    except SweepError as exc:
+        fail(exc)
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+def predict(model, images) -> None:
+    """Predict the class of each image (folders are walked) with an export folder or a .keras file.
+
+    Unreadable or non-image files are reported by name and skipped; the exit code is 1 if any failed.
+    """
+    quiet_tensorflow()
+    try:
+        from sweep.export import predict as run_predict
+
+        results = run_predict(model, list(images))
+    except SweepError as exc:
+        fail(exc)
+    failed = 0
+    for r in results:
+        if r.error:
+            failed += 1
+            click.echo(f"{r.path}: skipped, {r.error}", err=True)
+        else:
+            click.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}")
+    if not results:
+        click.echo("Error: no files found in the paths given.", err=True)
+        sys.exit(1)
+    click.echo(f"{len(results) - failed} predicted, {failed} skipped", err=True)
+    sys.exit(1 if failed else 0)
+
+
+@click.command()
+@EXPERIMENT
+@CONFIG
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-output/report"),
+              show_default=True, help="Folder for report.md and report.png.")
+def report(experiment, config_path, out_dir) -> None:
+    """The study's table: baseline, then each family's best val and test accuracy, gain and overfitting gap."""
+    quiet_tensorflow()
+    try:
+        from sweep.report import build_report, to_markdown, write_report
+
+        settings = tracking_settings_for(config_path, experiment)
+        rows = build_report(settings)
+        files, run_id = write_report(rows, settings, out_dir)
+    except SweepError as exc:
+        fail(exc)
+    click.echo(to_markdown(rows, settings.experiment))
+    click.echo(f"Saved {', '.join(map(str, files))}; logged to MLflow run {run_id}.")
+
+
+@click.command()
+@EXPERIMENT
+@CONFIG
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder with train/ and validation/ (default: download the study's data).")
+@click.option("--seed", default=42, show_default=True, type=int, help="Orders validation before the test split.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--image-size", default="160", show_default=True, callback=parse_image_size)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-output/data"),
+              show_default=True)
+def data(experiment, config_path, data_dir, seed, batch_size, image_size, out_dir) -> None:
+    """Class counts per split, the baseline, sample images and augmentation pictures."""
+    quiet_tensorflow()
+    try:
+        from sweep.report import write_data_overview
+        from sweep.study import prepare
+
+        settings = tracking_settings_for(config_path, experiment)
+        sweep_settings = SweepSettings(family="scratch", data_dir=data_dir, seed=seed, batch_size=batch_size,
+                                       image_size=image_size)
+        prepared = prepare(sweep_settings, settings, need_weights=False, report=click.echo)
+        files, run_id = write_data_overview(prepared.splits, settings, out_dir, seed)
+    except SweepError as exc:
+        fail(exc)
+    splits = prepared.splits
+    for split, counts in splits.counts().items():
+        click.echo(f"{split:<11} " + "  ".join(f"{name} {n}" for name, n in counts.items()))
+    click.echo(f"baseline: always '{splits.class_names[splits.majority_class]}' -> "
+               f"{splits.baseline_accuracy:.1%} on the test split")
+    click.echo(f"Saved {', '.join(map(str, files))}; logged to MLflow run {run_id}.")
+
+
+@click.command()
+@CONFIG
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 127.0.0.1 keeps it local.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+def ui(config_path, host, port) -> None:
+    """Start the MLflow UI on the configured store and print its address."""
+    import shutil
+    import subprocess
+
+    try:
+        settings = load_tracking(config_path)
+    except SweepError as exc:
+        fail(exc)
+    if not settings.is_local:
+        click.echo(f"Runs live on the tracking server {settings.tracking_uri}: open it in a browser.")
+        return
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    click.echo(f"MLflow UI for {settings.tracking_uri} at http://{host}:{port} (Ctrl-C stops it)", err=False)
+    command = [mlflow_bin, "ui", "--backend-store-uri", settings.tracking_uri, "--host", host, "--port", str(port)]
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+
+COMMANDS = [best, predict, report, data, ui]
