@@ -103,3 +103,30 @@ def test_two_sweeps_at_once_on_one_sqlite_store_lose_no_run(tiny_data, tracking_
     assert {r.info.status for r in runs} == {"FINISHED"}
     for parent in parents:
         assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 2
+
+
+def test_chief_fails_a_trial_whose_worker_went_silent(tmp_path):
+    """The guard against Keras Tuner #915/#990: a dead worker's ongoing trial does not stall the chief."""
+    import keras_tuner as kt
+
+    from search_spaces import make_hypermodel
+    from sweep.distributed import Chief
+    from sweep.tuning import build_oracle
+
+    oracle = build_oracle("random", trials=3, epochs=1, seed=0)
+    oracle._set_project_dir(str(tmp_path), "silent")
+    hp = kt.HyperParameters()
+    make_hypermodel("scratch").declare(hp)
+    oracle.update_space(hp)
+    trial = oracle.create_trial("worker0")
+    assert oracle.ongoing_trials == {"worker0": trial}
+    chief = Chief("127.0.0.1", 0, trial_timeout=0.2)
+    lines: list[str] = []
+    chief._expire(oracle, lines.append)  # first sight of the trial starts its clock
+    assert oracle.ongoing_trials
+    time.sleep(0.3)
+    chief._expire(oracle, lines.append)
+    assert not oracle.ongoing_trials
+    assert oracle.trials[trial.trial_id].status == "FAILED"
+    assert "worker worker0 gave no result" in oracle.trials[trial.trial_id].message
+    assert lines == [f"Trial {trial.trial_id} of worker worker0 timed out; marked FAILED."]
