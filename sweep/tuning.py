@@ -17,7 +17,7 @@ import keras
 import keras_tuner as kt
 from keras_tuner.src import config as _kt_config
 
-from search_spaces import HyperFamily
+from search_spaces import HyperFamily, default_values
 from sweep import plots, tracking
 from sweep.config import SweepSettings
 from sweep.data import Splits
@@ -43,10 +43,7 @@ class DefaultsFirst:
     """
 
     def _random_values(self):
-        defaults = kt.HyperParameters()
-        for item in self.hyperparameters.space:
-            defaults.merge([item])
-        values = dict(defaults.values)
+        values = default_values(self.hyperparameters)
         if values and not self._duplicate(values):
             return values
         return super()._random_values()
