@@ -16,6 +16,7 @@ are guarded here:
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,11 +65,28 @@ class Chief:
         from keras_tuner.src import protos
         from keras_tuner.src.distribute.oracle_chief import OracleServicer
 
+        class Servicer(OracleServicer):
+            """Keras Tuner's servicer, except that the oracle's "too many failures in a row" error, raised
+            inside ``end_trial`` in a gRPC thread, stops the chief instead of crashing each worker."""
+
+            failure: RuntimeError | None = None
+
+            def EndTrial(self, request, context):  # noqa: N802 (gRPC's name)
+                try:
+                    return super().EndTrial(request, context)
+                except RuntimeError as exc:
+                    self.failure = exc
+                    return protos.get_service().EndTrialResponse()
+
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        servicer = OracleServicer(oracle)
+        servicer = Servicer(oracle)
         protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-        if not server.add_insecure_port(f"{self.host}:{self.port}"):
-            raise SweepError(f"cannot listen on {self.host}:{self.port}; pick another --port.")
+        try:
+            bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError:  # grpcio raises where older releases returned 0
+            bound = 0
+        if not bound:
+            raise SweepError(f"cannot listen on {self.host}:{self.port}; pick another --port or --host.")
         server.start()
         report(f"Chief serving the oracle on {self.host}:{self.port}; start workers with "
                f"`sweep worker --chief {self.host}:{self.port} --sweep {sweep_name}`")
@@ -76,6 +94,8 @@ class Chief:
         try:
             while True:
                 time.sleep(1)
+                if servicer.failure is not None:
+                    raise servicer.failure  # run_sweep turns it into one clear error
                 self._expire(oracle, report)
                 with _oracle_lock(oracle):
                     ongoing = len(oracle.ongoing_trials)
@@ -160,7 +180,10 @@ def launch_local(run_args: list[str], workers: int, sweep_name: str, report: Rep
             time.sleep(poll)
             for tuner_id, proc in list(procs.items()):
                 code = proc.poll()
-                if code is None or code == 0:
+                if code is None:
+                    continue
+                if code == 0:  # the chief had no trial left for it
+                    procs.pop(tuner_id)
                     continue
                 if restarts[tuner_id] >= max_restarts:
                     report(f"Worker {tuner_id} died {restarts[tuner_id] + 1} times (exit {code}); not restarting.")
@@ -170,10 +193,12 @@ def launch_local(run_args: list[str], workers: int, sweep_name: str, report: Rep
                 report(f"Worker {tuner_id} died (exit {code}); restarting it to run its trial again.")
                 start(tuner_id)
             if not procs and chief.poll() is None:
-                report("No worker left; stopping the chief.")
-                chief.terminate()
+                time.sleep(5)  # the chief finishes on its own once the search is over
+                if chief.poll() is None:
+                    report("No worker left; stopping the chief (its sweep run ends as KILLED).")
+                    _stop(chief)
     except KeyboardInterrupt:
-        chief.terminate()
+        _stop(chief)
         raise
     finally:
         for proc in procs.values():
@@ -185,6 +210,15 @@ def launch_local(run_args: list[str], workers: int, sweep_name: str, report: Rep
             except subprocess.TimeoutExpired:
                 proc.kill()
     return chief.wait()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Interrupt like Ctrl-C, so the process closes its MLflow runs; kill it if it does not end."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _tracking_args(run_args: list[str]) -> list[str]:

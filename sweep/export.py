@@ -133,10 +133,11 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
 
 def _reevaluate(model, best: BestTrial, report) -> dict[str, float]:
     """Rebuild the trial's test split from the sweep's data settings and score the exported model on it."""
-    from sweep.data import load_splits
+    from sweep.data import DATASET_URL, load_splits
 
-    source = Path(best.params.get("data", ""))
-    if not (source / "train").is_dir():
+    data = best.params.get("data", "")
+    source = None if data == DATASET_URL else Path(data)  # None: the study's download, from Keras' cache
+    if source is not None and not (source / "train").is_dir():
         report(f"Not re-evaluated: the sweep's data folder {source} is not here.")
         return {}
     height, width = (int(v) for v in best.params["image_size"].split("x"))

@@ -47,7 +47,8 @@ def prepare(first: SweepSettings, tracking_settings: TrackingSettings, need_weig
     weights_path = resolve_weights(first.weights, first.image_size) if need_weights else None
     experiment_id = tracking.use_experiment(tracking_settings)
     report(f"Loading images from {data_dir} ...")
-    source = str(first.data_dir) if first.data_dir is not None else DATASET_URL
+    # absolute, so resume, workers and export find the folder from any working directory
+    source = str(Path(first.data_dir).resolve()) if first.data_dir is not None else DATASET_URL
     splits = load_splits(data_dir, first.image_size, first.batch_size, first.seed, source=source)
     if splits.skipped:
         shown = "\n  ".join(splits.skipped[:20]) + ("\n  ..." if len(splits.skipped) > 20 else "")
@@ -153,6 +154,7 @@ def run_sweep(
             if "consecutive failures" not in str(exc):
                 raise
             last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+            tracking.log_result({}, {"stopped": "consecutive_failures"})
             raise SweepError(
                 f"{settings.family}: {tuner.oracle.max_consecutive_failed_trials} trials failed in a row, so the "
                 f"sweep stopped. Last error: {last}. Each failed trial's MLflow run holds its error."
@@ -230,6 +232,11 @@ def find_resumable(settings: SweepSettings, tracking_settings: TrackingSettings,
         what = f"sweep {name!r} of family {settings.family}" if name else f"unfinished {settings.family} sweep"
         raise SweepError(f"no {what} in experiment {tracking_settings.experiment!r} to resume; "
                          "start one without --resume.")
+    if run.info.status == "FINISHED":
+        raise SweepError(f"sweep {name!r} already finished all its trials; start a new sweep instead.")
+    if run.data.tags.get("stopped") == "consecutive_failures":
+        raise SweepError(f"sweep {run.data.tags['sweep']!r} stopped because trials failed in a row (see their "
+                         "runs' error tags); resuming would repeat that. Fix the cause and start a new sweep.")
     return run, settings_from_run(run, settings)
 
 

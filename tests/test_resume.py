@@ -87,6 +87,10 @@ def test_sigkill_mid_trial_then_resume(tiny_data, tracking_env, runner):
     again = runner.invoke(main, ["run", "--family", "scratch", "--resume", "-q"])
     assert again.exit_code == 1
     assert "no unfinished scratch sweep in experiment 'test-exp' to resume" in again.output
+    name = parents[0].data.tags["sweep"]
+    named = runner.invoke(main, ["run", "--family", "scratch", "--resume", "--sweep", name, "-q"])
+    assert named.exit_code == 1
+    assert f"sweep '{name}' already finished all its trials" in named.output
 
 
 def test_diverging_trials_fail_and_the_sweep_stops_with_a_message(tiny_data, tracking_env, runner, monkeypatch):
@@ -112,3 +116,8 @@ def test_diverging_trials_fail_and_the_sweep_stops_with_a_message(tiny_data, tra
     assert {c.info.status for c in children} == {"FAILED"}
     assert all("diverged" in c.data.tags["error"] for c in children)
     assert kt is not None
+    parent = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED" and parent.data.tags["stopped"] == "consecutive_failures"
+    resumed = runner.invoke(main, ["run", "--family", "scratch", "--resume", "-q"])
+    assert resumed.exit_code == 1
+    assert "stopped because trials failed in a row" in resumed.output and "Traceback" not in resumed.output
