@@ -65,11 +65,20 @@ class Chief:
         from keras_tuner.src import protos
         from keras_tuner.src.distribute.oracle_chief import OracleServicer
 
+        clock = self._first_seen
+
         class Servicer(OracleServicer):
             """Keras Tuner's servicer, except that the oracle's "too many failures in a row" error, raised
             inside ``end_trial`` in a gRPC thread, stops the chief instead of crashing each worker."""
 
             failure: RuntimeError | None = None
+
+            def CreateTrial(self, request, context):  # noqa: N802 (gRPC's name)
+                response = super().CreateTrial(request, context)
+                # A trial's timeout clock starts when a worker takes it, again when a restarted worker
+                # takes it back.
+                clock[response.trial.trial_id] = time.monotonic()
+                return response
 
             def EndTrial(self, request, context):  # noqa: N802 (gRPC's name)
                 try:
