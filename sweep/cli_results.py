@@ -141,8 +141,8 @@ def data(experiment, config_path, data_dir, seed, batch_size, image_size, out_di
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 def ui(config_path, host, port) -> None:
     """Start the MLflow UI on the configured store and print its address."""
+    import os
     import shutil
-    import subprocess
 
     try:
         settings = load_tracking(config_path)
@@ -151,14 +151,16 @@ def ui(config_path, host, port) -> None:
     if not settings.is_local:
         click.echo(f"Runs live on the tracking server {settings.tracking_uri}: open it in a browser.")
         return
-    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    sibling = Path(sys.executable).with_name("mlflow")  # the mlflow of this environment first
+    mlflow_bin = str(sibling) if sibling.exists() else shutil.which("mlflow")
+    if mlflow_bin is None:
+        fail(SweepError("the mlflow command is not installed here; pip install mlflow."))
     click.echo(f"MLflow UI for {settings.tracking_uri} at http://{host}:{port} (Ctrl-C stops it)", err=False)
     command = [mlflow_bin, "ui", "--backend-store-uri", settings.tracking_uri, "--host", host, "--port", str(port)]
-    try:
-        sys.exit(subprocess.call(command))
-    except KeyboardInterrupt:
-        sys.exit(0)
-
+    # Become the MLflow UI (exec), so Ctrl-C and SIGTERM reach it and it stops its own worker processes;
+    # a child left behind a dead parent would keep its server and job runners alive.
+    sys.stdout.flush()
+    os.execv(mlflow_bin, command)
 
 
 COMMANDS = [best, predict, report, data, ui]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -51,11 +52,19 @@ def wait_http(url: str, timeout: float = 90, proc=None) -> None:
 
 
 def stop(proc) -> None:
-    proc.terminate()
+    """Stop a server started with start_new_session=True, and everything it started."""
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # uvicorn and MLflow's job runners, if any outlived it
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=15)
 
 
 @pytest.fixture()
@@ -191,7 +200,8 @@ def test_data_overview(tiny_data, tracking_env, runner):
 def test_ui_serves_the_configured_store(swept):
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("sweep")), "ui", "--port", str(port)], cwd=swept,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
         request = urllib.request.Request(
@@ -208,7 +218,8 @@ def test_mlflow_server_receives_a_sweep(tiny_data, tmp_path, runner, monkeypatch
     server = subprocess.Popen(
         [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
          str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc=server)
         monkeypatch.chdir(tmp_path)
@@ -245,7 +256,8 @@ def test_mlflow_models_serve_answers_predictions(swept, runner, tiny_data):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen([MLFLOW, "models", "serve", "-m", registry["uri"], "--env-manager", "local",
                                "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=swept, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=swept, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=server)
         splits = load_splits(tiny_data, (32, 32), 4, 3)
