@@ -167,6 +167,12 @@ def decode_image(path: str, image_size: tuple[int, int]) -> np.ndarray:
     return tf.image.resize(image, image_size, method="bilinear").numpy()
 
 
+def decode_error(exc: Exception, limit: int = 120) -> str:
+    """The readable part of a decoding error (TensorFlow prefixes the op's internal name)."""
+    text = re.sub(r"\{\{.*?\}\}\s*", "", str(exc)).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def _decode_folder(folder: Path, class_names: tuple[str, ...], image_size: tuple[int, int]):
     """Decode every image of ``folder`` once; unreadable files are skipped and returned with the reason."""
     paths, labels = list_images(folder, class_names)
@@ -176,8 +182,7 @@ def _decode_folder(folder: Path, class_names: tuple[str, ...], image_size: tuple
         try:
             images[len(kept)] = decode_image(path, image_size)
         except Exception as exc:  # corrupt, truncated or not an image at all: skip it, say so
-            reason = re.sub(r"\{\{.*?\}\}\s*", "", str(exc)).strip()
-            skipped.append(f"{path} ({(reason.splitlines() or [type(exc).__name__])[0][:100]})")
+            skipped.append(f"{path} ({decode_error(exc, 100)})")
             continue
         kept.append(path)
         kept_labels.append(label)

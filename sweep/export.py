@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -14,12 +13,12 @@ import numpy as np
 
 from sweep import tracking
 from sweep.config import TrackingSettings
+from sweep.data import decode_error, decode_image
 from sweep.errors import SweepError
 from sweep.results import TrialRecord, format_value, record_from_run
 
 MODEL_ARTIFACT = tracking.MODEL_ARTIFACT
 METRICS = ("val_accuracy", "test_accuracy")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 
 
 @dataclass
@@ -192,22 +191,6 @@ def image_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _decode(path: Path, size: tuple[int, int]):
-    """Decode and resize as ``image_dataset_from_directory`` does; raises on anything that is not an image."""
-    import tensorflow as tf
-
-    if not path.is_file():
-        raise FileNotFoundError("no such file")
-    image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
-    return tf.image.resize(image, size, method="bilinear").numpy()
-
-
-def _reason(exc: Exception) -> str:
-    """The readable part of a decoding error (TensorFlow prefixes the op's internal name)."""
-    text = re.sub(r"\{\{.*?\}\}\s*", "", str(exc)).strip()
-    return (text.splitlines() or [type(exc).__name__])[0][:120]
-
-
 def predict(model_path: Path, paths: list[Path], batch_size: int = 32) -> list[Prediction]:
     """Class and probability (softmax of the logits) for each image; unreadable files carry an error."""
     model, classes = load_model_and_classes(model_path)
@@ -228,9 +211,11 @@ def predict(model_path: Path, paths: list[Path], batch_size: int = 32) -> list[P
         prediction = Prediction(path)
         results.append(prediction)
         try:
-            batch.append((prediction, _decode(path, size)))
+            if not path.is_file():
+                raise FileNotFoundError("no such file")
+            batch.append((prediction, decode_image(str(path), size)))
         except Exception as exc:  # corrupt, truncated, or not an image at all
-            prediction.error = f"not a readable image ({_reason(exc)})"
+            prediction.error = f"not a readable image ({decode_error(exc)})"
         if len(batch) >= batch_size:
             flush()
     flush()
