@@ -42,6 +42,8 @@ def describe(family: str) -> list[dict[str, Any]]:
         config = item.get_config()
         if isinstance(item, kt.engine.hyperparameters.Choice):
             domain = "{" + ", ".join(map(str, config["values"])) + "}"
+        elif isinstance(item, kt.engine.hyperparameters.Boolean):
+            domain = "{False, True}"
         else:
             domain = f"[{config['min_value']}, {config['max_value']}]"
             if config.get("step"):

@@ -35,6 +35,7 @@ class HyperFamily(kt.HyperModel):
         return {
             "dropout": hp.Float("dropout", 0.0, 0.5, step=0.05, default=0.2),
             "learning_rate": hp.Float("learning_rate", 1e-4, 1e-2, sampling="log", default=1e-3),
+            "test_time_flip": hp.Boolean("test_time_flip", default=False),
         }
 
     @staticmethod
@@ -58,6 +59,23 @@ class HyperFamily(kt.HyperModel):
         self.compile(model, values)
         return model
 
+    def inference_model(self, model: keras.Model, values: dict[str, Any]) -> keras.Model:
+        """The model a trial is scored, logged and exported as: ``model`` itself, or with ``test_time_flip``
+        the mean of its logits on each image and on the image's mirror (horizontal flip).
+
+        Training never sees the mirror pass (it trains ``model``, augmentation and all); the wrapper shares
+        ``model``'s weights and is built from stock Keras layers and ops, so the saved file loads anywhere
+        without custom objects.
+        """
+        if not values.get("test_time_flip", False):
+            return model
+        inputs = keras.Input(shape=model.input_shape[1:], name="image")
+        mirrored = keras.ops.flip(inputs, axis=2)  # (batch, height, width, channels): width is axis 2
+        outputs = keras.layers.Average(name="test_time_flip")([model(inputs), model(mirrored)])
+        wrapped = keras.Model(inputs, outputs, name=f"{model.name}_test_time_flip")
+        self.compile(wrapped, values)
+        return wrapped
+
     @staticmethod
     def compile(model: keras.Model, values: dict[str, Any]) -> None:
         """The study's training setup: Adam, sparse categorical cross-entropy from logits, accuracy."""
@@ -66,6 +84,9 @@ class HyperFamily(kt.HyperModel):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
+        # Built now: a model saved before it trained (the transfer head's weights are copied in, never fitted
+        # end to end) would otherwise load with "Skipping variable loading for optimizer".
+        model.optimizer.build(model.trainable_variables)
 
     # -- shared blocks ---------------------------------------------------------------------------------
     @staticmethod

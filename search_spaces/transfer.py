@@ -104,12 +104,16 @@ class HyperTransfer(HyperFamily):
     def build_head(self, hp: kt.HyperParameters, feature_dim: int = 1280) -> keras.Model:
         """The trainable part alone, on pooled base features: Dropout then Dense, compiled like ``build``.
 
-        Its ``logits`` weights drop into the end-to-end model built by ``build`` with the same ``hp``.
+        It takes ``[images, views, feature_dim]`` and averages the logits over the views: training feeds one
+        drawn view per image, validation the clean view (and its mirror with ``test_time_flip``, which is
+        what ``inference_model`` computes on raw images). Its ``logits`` weights drop into the end-to-end
+        model built by ``build`` with the same ``hp``.
         """
         values = self.declare(hp)
-        inputs = keras.Input(shape=(feature_dim,), name=f"{values['pooling']}_features")
+        inputs = keras.Input(shape=(None, feature_dim), name=f"{values['pooling']}_features")
         x = keras.layers.Dropout(values["dropout"], name="dropout")(inputs)
-        outputs = keras.layers.Dense(self.num_classes, name="logits")(x)
+        x = keras.layers.Dense(self.num_classes, name="logits")(x)
+        outputs = keras.layers.GlobalAveragePooling1D(name="view_average")(x)
         model = keras.Model(inputs, outputs, name=f"{self.name}_head")
         self.compile(model, values)
         return model

@@ -40,6 +40,7 @@ class _EvaluatingHyperModel(kt.HyperModel):
         started = time.monotonic()
         history = model.fit(*args, **kwargs)
         s = self.splits
+        model = self.family.inference_model(model, hp.values)
         _, val = model.evaluate(s.validation.images, s.validation.labels, batch_size=self.batch_size, verbose=0)
         _, test = model.evaluate(s.test.images, s.test.labels, batch_size=self.batch_size, verbose=0)
         self.scores.append({"val_accuracy": float(val), "test_accuracy": float(test),

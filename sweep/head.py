@@ -34,7 +34,7 @@ class ViewSampler(keras.utils.PyDataset):
         views = self.candidates[self.rng.integers(len(self.candidates), size=n)]
         order = self.rng.permutation(n)
         self.drawn_views.append(views)
-        self.x = self.features[order, views[order]]
+        self.x = self.features[order, views[order]][:, None]  # one view per image: [images, 1, dim]
         self.y = self.labels[order]
 
     def __len__(self) -> int:
@@ -48,10 +48,16 @@ class ViewSampler(keras.utils.PyDataset):
         self._draw()
 
 
-def fit_head(head: keras.Model, sampler: ViewSampler, validation: PooledFeatures, validation_labels: np.ndarray,
+def fit_head(head: keras.Model, sampler: ViewSampler, validation: list[PooledFeatures], validation_labels: np.ndarray,
              pooling: str, epochs: int, initial_epoch: int, callbacks: list, verbose: int):
-    """Train ``head`` on the sampler, validating on clean validation features each epoch."""
+    """Train ``head`` on the sampler, validating each epoch on the mean logits over ``validation``'s views
+    (the clean images, and their mirrors for a ``test_time_flip`` trial)."""
     return head.fit(
         sampler, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
-        validation_data=(validation.pooled(pooling), validation_labels),
+        validation_data=(stack_views(validation, pooling), validation_labels),
     )
+
+
+def stack_views(views: list[PooledFeatures], pooling: str) -> np.ndarray:
+    """``[images, len(views), dim]``: the head's input for images seen through several views."""
+    return np.stack([v.pooled(pooling) for v in views], axis=1)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import keras
 import keras_tuner as kt
+import numpy as np
 from keras_tuner.src import config as _kt_config
 
 from search_spaces import HyperFamily, default_values
@@ -160,12 +161,14 @@ class SweepTuner(kt.Tuner):
             try:
                 logger = tracking.EpochMetricsLogger(run_id)
                 model = self._try_build(hp)
+                # What the trial is scored, logged and exported as (the same model, or its flip-averaged form).
+                final = self.hypermodel.inference_model(model, values)
                 if self.features is None:
                     model.fit(
                         splits.train.images, splits.train.labels,
                         batch_size=s.batch_size, epochs=epochs, initial_epoch=initial_epoch, shuffle=True,
-                        validation_data=(splits.validation.images, splits.validation.labels),
-                        callbacks=[logger, keras.callbacks.TerminateOnNaN()], verbose=s.verbose,
+                        callbacks=[Validation(final, splits, s.batch_size), logger,
+                                   keras.callbacks.TerminateOnNaN()], verbose=s.verbose,
                     )
                 else:
                     self._fit_head(hp, model, epochs, initial_epoch, logger, seed=s.seed + number - 1)
@@ -174,9 +177,9 @@ class SweepTuner(kt.Tuner):
                     val_accuracy = logger.history["val_accuracy"][-1]
                 else:
                     # The trained head now sits on the real base: score that end-to-end model on raw images.
-                    _, val_accuracy = model.evaluate(splits.validation.images, splits.validation.labels,
+                    _, val_accuracy = final.evaluate(splits.validation.images, splits.validation.labels,
                                                      batch_size=s.batch_size, verbose=0)
-                test_loss, test_accuracy = model.evaluate(
+                test_loss, test_accuracy = final.evaluate(
                     splits.test.images, splits.test.labels, batch_size=s.batch_size, verbose=0
                 )
                 record = TrialRecord(
@@ -190,7 +193,7 @@ class SweepTuner(kt.Tuner):
                      "baseline_accuracy": splits.baseline_accuracy, "train_seconds": record.seconds}
                 )
                 tracking.log_figure(plots.plot_accuracy(record, splits.baseline_accuracy), "accuracy.png")
-                self._keep_model(trial, record, model)
+                self._keep_model(trial, record, model, final)
             except Exception as exc:
                 tracking.log_result({}, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
                 self.report(f"[{s.family}] trial {number} FAILED: {type(exc).__name__}: {exc}")
@@ -199,16 +202,18 @@ class SweepTuner(kt.Tuner):
         self.report(self.progress_line(record))
         return {"val_accuracy": record.val_accuracy}
 
-    def _keep_model(self, trial: kt.engine.trial.Trial, record: TrialRecord, model: keras.Model) -> None:
+    def _keep_model(self, trial: kt.engine.trial.Trial, record: TrialRecord, model: keras.Model,
+                    final: keras.Model) -> None:
         """Keep what later steps need, and no more.
 
-        The trained end-to-end model is logged (``model/model.keras``) only when the trial improves on the
-        sweep's best validation accuracy, so ``sweep best --export`` always finds the very model whose test
-        accuracy was logged. Hyperband also needs every trial's weights to continue it in a later round.
+        The trained end-to-end model as scored (``final``) is logged (``model/model.keras``) only when the
+        trial improves on the sweep's best validation accuracy, so ``sweep best --export`` always finds the
+        very model whose test accuracy was logged. Hyperband also needs every trial's training weights
+        (``model``) to continue it in a later round.
         """
         best = best_record(self.records)
         if best is None or record.val_accuracy > best.val_accuracy:
-            tracking.log_keras_model(model, tracking.MODEL_ARTIFACT)
+            tracking.log_keras_model(final, tracking.MODEL_ARTIFACT)
             tracking.log_result({}, {"model_kept": "true"})
         if self.settings.tuner == "hyperband":
             model.save_weights(self._get_checkpoint_fname(trial.trial_id))
@@ -221,7 +226,10 @@ class SweepTuner(kt.Tuner):
         head.get_layer("logits").set_weights(model.get_layer("logits").get_weights())  # Hyperband: continue
         sampler = ViewSampler(self.features.pool, self.splits.train.labels, values["pooling"],
                               values["flip_mode"], values["rotation_factor"], self.settings.batch_size, seed)
-        fit_head(head, sampler, self.features.validation, self.splits.validation.labels, values["pooling"],
+        views = [self.features.validation]
+        if values.get("test_time_flip"):
+            views.append(self.features.mirrored_validation)
+        fit_head(head, sampler, views, self.splits.validation.labels, values["pooling"],
                  epochs, initial_epoch, [logger, keras.callbacks.TerminateOnNaN()], self.settings.verbose)
         model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
 
@@ -241,12 +249,33 @@ class SweepTuner(kt.Tuner):
         )
 
 
+class Validation(keras.callbacks.Callback):
+    """Scores ``model`` (a trial's model as it will be judged) on the validation split after every epoch.
+
+    It fills the epoch's ``val_loss`` and ``val_accuracy`` for the callbacks after it, so the logged curve
+    ends at the very value the tuner scores, flip-averaged for a ``test_time_flip`` trial.
+    """
+
+    def __init__(self, model: keras.Model, splits: Splits, batch_size: int) -> None:
+        super().__init__()
+        self.scored = model
+        self.x, self.y = splits.validation.images, splits.validation.labels
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        loss, accuracy = self.scored.evaluate(self.x, self.y, batch_size=self.batch_size, verbose=0)
+        if logs is not None:
+            logs.update(val_loss=loss, val_accuracy=accuracy)
+
+
 @dataclass
 class TransferFeatures:
-    """What a cached transfer trial trains on: the training view pool and clean validation features."""
+    """What a cached transfer trial trains on: the training view pool, and clean validation features of
+    the images and of their mirrors (for ``test_time_flip`` trials)."""
 
     pool: TrainPool
     validation: PooledFeatures
+    mirrored_validation: PooledFeatures
 
 
 def prepare_features(hypermodel: HyperFamily, splits: Splits, weights_path: str | None,
@@ -257,4 +286,5 @@ def prepare_features(hypermodel: HyperFamily, splits: Splits, weights_path: str 
                          weights_id or "random-init", report=report)
     pool = cache.pool(splits.train.images, PoolSpec())
     validation = cache.clean(splits.validation.images, "validation")
-    return TransferFeatures(pool, validation)
+    mirrored = cache.clean(np.ascontiguousarray(splits.validation.images[:, :, ::-1]), "mirrored validation")
+    return TransferFeatures(pool, validation, mirrored)

@@ -9,7 +9,7 @@ import pytest
 
 from search_spaces import make_hypermodel
 from sweep.features import FeatureCache, FeatureExtractor, PoolSpec, Rotator, flip
-from sweep.head import ViewSampler
+from sweep.head import ViewSampler, stack_views
 
 SPEC = PoolSpec()
 
@@ -139,21 +139,28 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path, small_base, damage):
     assert reread.hits == 1  # the rebuilt file is whole again
 
 
-def test_head_trained_on_cached_features_predicts_like_the_end_to_end_model(small_base):
+@pytest.mark.parametrize("test_time_flip", [False, True])
+def test_head_trained_on_cached_features_predicts_like_the_end_to_end_model(small_base, test_time_flip):
     hp = kt.HyperParameters()
     hp.Fixed("pooling", "global_avg")
+    hp.Fixed("test_time_flip", test_time_flip)
     rng = np.random.default_rng(2)
     images = rng.uniform(0, 255, (24, 32, 32, 3)).astype("float32")
     labels = rng.integers(0, 2, 24)
     cache = make_cache(None, small_base)
     pool = cache.pool(images, SPEC)
-    clean = cache.clean(images, "validation")
+    views = [cache.clean(images, "validation")]
+    if test_time_flip:
+        views.append(cache.clean(np.ascontiguousarray(images[:, :, ::-1]), "mirrored validation"))
     head = small_base.build_head(hp)
     sampler = ViewSampler(pool, labels, "global_avg", "horizontal_and_vertical", 0.2, batch_size=8, seed=0)
     head.fit(sampler, epochs=2, verbose=0)
     model = small_base.build(hp)
     model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
-    np.testing.assert_allclose(model.predict(images, verbose=0), head.predict(clean.avg, verbose=0), atol=1e-5)
+    final = small_base.inference_model(model, hp.values)
+    assert (final is model) != test_time_flip
+    expected = head.predict(stack_views(views, "global_avg"), verbose=0)
+    np.testing.assert_allclose(final.predict(images, verbose=0), expected, atol=1e-5)
     # every epoch drew new views, all among those the trial's settings allow
     assert len(sampler.drawn_views) >= 2
     allowed = set(SPEC.candidates("horizontal_and_vertical", 0.2))
@@ -173,5 +180,5 @@ def test_sampler_pairs_each_feature_with_its_label():
     x, y = np.concatenate(xs), np.concatenate(ys)
     assert sorted(y) == [0, 1, 2, 3, 4]
     for row, label in zip(x, y):
-        view = int(row[0] // 3) - label * 16
+        view = int(row[0, 0] // 3) - label * 16
         assert view in (SPEC.rotated_view(0, 1, 0),)

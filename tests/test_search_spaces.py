@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import keras_tuner as kt
 import numpy as np
@@ -132,6 +134,34 @@ def test_one_training_step_lowers_the_loss(family):
     assert np.isfinite(first)
     assert any(changed)
     assert len(model.trainable_weights) >= 2
+
+
+@pytest.mark.parametrize("family", ["scratch", "augmented"])
+def test_test_time_flip_averages_the_logits_of_each_image_and_its_mirror(family, tmp_path):
+    hypermodel = make_hypermodel(family, num_classes=2, image_size=(32, 32))
+    plain_hp = kt.HyperParameters()
+    plain = hypermodel.build(plain_hp)
+    assert plain_hp.get("test_time_flip") is False  # the study's model scores single images
+    assert hypermodel.inference_model(plain, plain_hp.values) is plain
+
+    hp = kt.HyperParameters()
+    hp.Fixed("test_time_flip", True)
+    model = hypermodel.build(hp)
+    final = hypermodel.inference_model(model, hp.values)
+    images = np.random.default_rng(4).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
+    mirrored = images[:, :, ::-1]
+    expected = (model.predict(images, verbose=0) + model.predict(mirrored, verbose=0)) / 2
+    np.testing.assert_allclose(final.predict(images, verbose=0), expected, atol=1e-5)
+    assert not np.allclose(model.predict(images, verbose=0), expected, atol=1e-3)  # the mirror pass matters
+    # the inference model shares the trained weights and is scored like the model itself
+    assert final.count_params() == model.count_params()
+    assert len(final.evaluate(images, np.array([0, 1] * 3), verbose=0)) == 2
+    # stock layers and ops only: the saved file loads with plain Keras, no custom objects
+    final.save(tmp_path / "model.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Skipping variable loading for optimizer"
+        reloaded = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -7,6 +7,7 @@ import io
 import json
 
 import keras_tuner as kt
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -130,7 +131,7 @@ def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
     assert "Computing MobileNetV2 features of 32 training images x 16 augmented views" in first.output
-    assert len(list((tracking_env / "mlruns" / "feature_cache").glob("*.npz"))) == 2  # pool + validation
+    assert len(list((tracking_env / "mlruns" / "feature_cache").glob("*.npz"))) == 3  # pool, validation, mirrored validation
     second = runner.invoke(main, args)
     assert second.exit_code == 0, second.output
     assert "Computing" not in second.output  # read from the disk cache
@@ -161,3 +162,28 @@ def test_no_cache_trains_transfer_on_raw_images(tiny_data, tracking_env, runner)
     child = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags)
     assert child.data.tags["training"] == "raw_images"
     assert not (tracking_env / "mlruns" / "feature_cache").exists()
+
+
+def test_validation_callback_logs_the_score_of_the_flip_averaged_model(tiny_data):
+    import keras
+
+    from sweep.data import load_splits
+    from sweep.tuning import Validation
+
+    splits = load_splits(tiny_data, (32, 32), 4, 3)
+    hypermodel = make_hypermodel("augmented", num_classes=2, image_size=(32, 32))
+    hp = kt.HyperParameters()
+    hp.Fixed("test_time_flip", True)
+    model = hypermodel.build(hp)
+    final = hypermodel.inference_model(model, hp.values)
+    seen = []
+    model.fit(splits.train.images, splits.train.labels, batch_size=4, epochs=2, verbose=0,
+              callbacks=[Validation(final, splits, 4),
+                         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(dict(logs)))])
+    assert len(seen) == 2 and all({"loss", "accuracy", "val_loss", "val_accuracy"} <= set(logs) for logs in seen)
+    loss, accuracy = final.evaluate(splits.validation.images, splits.validation.labels, batch_size=4, verbose=0)
+    assert seen[-1]["val_accuracy"] == pytest.approx(accuracy)
+    assert seen[-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
+    # what was scored is the flip-averaged model, not the single-view one
+    images = splits.validation.images
+    assert not np.allclose(final.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-3)
