@@ -25,6 +25,7 @@ from sweep.cli_common import (
 from sweep.cli_results import COMMANDS
 from sweep.config import TUNERS, SweepSettings, load_tracking
 from sweep.errors import SweepError
+from sweep.results import interval_text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,8 +97,8 @@ def _print_results(results, tracking_settings) -> None:
             click.echo(f"{result.family}: no trial finished (MLflow run {result.run_id})")
             continue
         click.echo(
-            f"{result.family}: best trial {best.number} val {best.val_accuracy:.1%} test {best.test_accuracy:.1%} "
-            f"vs baseline {result.baseline_accuracy:.1%} (MLflow run {result.run_id})"
+            f"{result.family}: best trial {best.number} val {best.val_accuracy:.1%} "
+            f"test {best.test_accuracy:.1%}{interval_text(best)} vs baseline {result.baseline_accuracy:.1%} (MLflow run {result.run_id})"
         )
     click.echo(f"Runs are in {tracking_settings.tracking_uri}, experiment {tracking_settings.experiment!r}. "
                "Compare them with: sweep ui")

@@ -15,7 +15,7 @@ from sweep import tracking
 from sweep.config import TrackingSettings
 from sweep.data import decode_error, decode_image
 from sweep.errors import SweepError
-from sweep.results import TrialRecord, format_value, record_from_run
+from sweep.results import TrialRecord, format_value, interval_text, record_from_run
 
 MODEL_ARTIFACT = tracking.MODEL_ARTIFACT
 METRICS = ("val_accuracy", "test_accuracy")
@@ -37,7 +37,7 @@ class BestTrial:
         hps = ", ".join(f"{k}={format_value(v)}" for k, v in r.hyperparameters.items())
         return (f"family {r.family}, sweep {self.sweep}, trial {r.number}\n"
                 f"  hyperparameters: {hps}\n"
-                f"  val accuracy {r.val_accuracy:.2%}, test accuracy {r.test_accuracy:.2%}, "
+                f"  val accuracy {r.val_accuracy:.2%}, test accuracy {r.test_accuracy:.2%}{interval_text(r)}, "
                 f"baseline {self.baseline_accuracy:.2%}\n"
                 f"  MLflow run {r.run_id} (sweep run {self.sweep_run_id})")
 

@@ -9,7 +9,7 @@ from search_spaces import FAMILIES
 from sweep import plots, tracking
 from sweep.config import TrackingSettings
 from sweep.errors import SweepError
-from sweep.results import TrialRecord, record_from_run
+from sweep.results import TrialRecord, interval_text, record_from_run
 
 
 @dataclass
@@ -65,9 +65,10 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
         lines.append(f"| baseline | | | | {baselines[0]:.1%} | 0.0 | |")
     for r in rows:
         lines.append(f"| {r.family} | {r.trials} | {r.best.number} | {r.best.val_accuracy:.1%} | "
-                     f"{r.best.test_accuracy:.1%} | {r.gain_points:+.1f} | {r.gap_points:+.1f} |")
+                     f"{r.best.test_accuracy:.1%}{interval_text(r.best)} | {r.gain_points:+.1f} | {r.gap_points:+.1f} |")
     lines += ["", "Best trial per family by validation accuracy; overfitting gap = final training minus "
-              "validation accuracy of that trial. MLflow runs: "
+              "validation accuracy of that trial; 95% CI: Wilson score interval over the test images (one image "
+              "of 192 is 0.52 points). MLflow runs: "
               + ", ".join(f"{r.family} `{r.best.run_id}`" for r in rows), ""]
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ from sweep.data import Splits
 from sweep.errors import SweepError
 from sweep.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
 from sweep.head import ViewSampler, fit_head
-from sweep.results import TrialRecord, best_record, format_value
+from sweep.results import TrialRecord, accuracy_interval, best_record, format_value
 
 # Keras Tuner prints every failed trial's traceback while DEBUG is on (its default); our one line per
 # failed trial names the error and the trial's MLflow run keeps it.
@@ -186,10 +186,12 @@ class SweepTuner(kt.Tuner):
                     family=s.family, trial_id=trial.trial_id, number=number, hyperparameters=values,
                     history=logger.history, first_epoch=logger.first_epoch or 1,
                     val_accuracy=float(val_accuracy), test_accuracy=float(test_accuracy), test_loss=float(test_loss),
-                    seconds=time.monotonic() - started, run_id=run_id,
+                    test_images=len(splits.test), seconds=time.monotonic() - started, run_id=run_id,
                 )
+                low, high = accuracy_interval(record.test_accuracy, record.test_images)
                 tracking.log_result(
                     {"test_accuracy": record.test_accuracy, "test_loss": record.test_loss,
+                     "test_accuracy_ci_low": low, "test_accuracy_ci_high": high, "test_images": record.test_images,
                      "baseline_accuracy": splits.baseline_accuracy, "train_seconds": record.seconds}
                 )
                 tracking.log_figure(plots.plot_accuracy(record, splits.baseline_accuracy), "accuracy.png")

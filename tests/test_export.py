@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep.cli import main
 from sweep.data import load_splits
+from sweep.results import accuracy_interval
 from tests.conftest import runs_in
 
 SWEEP = ["--data-dir", None, "--batch-size", "4", "--image-size", "32", "--epochs", "2", "--seed", "3", "-q"]
@@ -81,7 +82,9 @@ def test_best_prints_the_best_trial(swept, runner):
     best = max(children, key=lambda r: (r.data.metrics["val_accuracy"], -r.info.start_time))
     assert best.info.run_id in result.output
     assert f"trial {best.data.tags['trial_number']}" in result.output
-    assert f"test accuracy {best.data.metrics['test_accuracy']:.2%}" in result.output
+    low, high = accuracy_interval(best.data.metrics["test_accuracy"], 4)
+    assert f"test accuracy {best.data.metrics['test_accuracy']:.2%} (95% CI {low:.1%}-{high:.1%}, 4 images)" \
+        in result.output
     assert "baseline" in result.output and "family scratch" in result.output
 
 
@@ -175,7 +178,11 @@ def test_report_compares_two_families_with_the_baseline(swept, runner, tiny_data
         best = max(children, key=lambda r: (r.data.metrics["val_accuracy"], -r.info.start_time))
         gain = (best.data.metrics["test_accuracy"] - best.data.metrics["baseline_accuracy"]) * 100
         gap = (best.data.metrics["accuracy"] - best.data.metrics["val_accuracy"]) * 100
-        assert f"{best.data.metrics['test_accuracy']:.1%} | {gain:+.1f} | {gap:+.1f} |" in text
+        test, n = best.data.metrics["test_accuracy"], int(best.data.metrics["test_images"])
+        low, high = accuracy_interval(test, n)
+        assert 0.0 <= low <= test <= high <= 1.0 and n == 4
+        assert f"{test:.1%} (95% CI {low:.1%}-{high:.1%}, 4 images) | {gain:+.1f} | {gap:+.1f} |" in text
+    assert "Wilson score interval" in text
     report_runs = [r for r in runs_in(swept) if r.data.tags.get("kind") == "report"]
     assert len(report_runs) == 1
     artifacts = {a.path for a in MlflowClient().list_artifacts(report_runs[0].info.run_id)}

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from search_spaces import default_values, make_hypermodel
 from sweep.cli import main
+from sweep.results import accuracy_interval
 from sweep.tuning import build_oracle
 from tests.conftest import runs_in
 
@@ -66,6 +67,11 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
             history = client.get_metric_history(child.info.run_id, metric)
             assert [m.step for m in history] == [1, 2], metric
         assert 0.0 <= child.data.metrics["test_accuracy"] <= 1.0
+        # 24 validation images in batches of 4: the test split is the first of 6 batches
+        assert child.data.metrics["test_images"] == 4
+        low, high = child.data.metrics["test_accuracy_ci_low"], child.data.metrics["test_accuracy_ci_high"]
+        assert (low, high) == pytest.approx(accuracy_interval(child.data.metrics["test_accuracy"], 4))
+        assert 0.0 <= low <= child.data.metrics["test_accuracy"] <= high <= 1.0 and high - low > 0.3  # 4 images
         assert child.data.metrics["test_loss"] >= 0.0
         assert child.data.metrics["baseline_accuracy"] == parent.data.metrics["baseline_accuracy"]
         assert child.data.tags["family"] == "scratch"
@@ -131,7 +137,7 @@ def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
     assert "Computing MobileNetV2 features of 32 training images x 16 augmented views" in first.output
-    assert len(list((tracking_env / "mlruns" / "feature_cache").glob("*.npz"))) == 3  # pool, validation, mirrored validation
+    assert len(list((tracking_env / "mlruns" / "feature_cache").glob("*.npz"))) == 3  # pool, val, mirrored val
     second = runner.invoke(main, args)
     assert second.exit_code == 0, second.output
     assert "Computing" not in second.output  # read from the disk cache
