@@ -44,6 +44,8 @@ def describe(family: str) -> list[dict[str, Any]]:
             domain = "{" + ", ".join(map(str, config["values"])) + "}"
         elif isinstance(item, kt.engine.hyperparameters.Boolean):
             domain = "{False, True}"
+        elif isinstance(item, kt.engine.hyperparameters.Fixed):
+            domain = "{" + str(config["value"]) + "}"
         else:
             domain = f"[{config['min_value']}, {config['max_value']}]"
             if config.get("step"):

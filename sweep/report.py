@@ -66,9 +66,11 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
     for r in rows:
         lines.append(f"| {r.family} | {r.trials} | {r.best.number} | {r.best.val_accuracy:.1%} | "
                      f"{r.best.test_accuracy:.1%}{interval_text(r.best)} | {r.gain_points:+.1f} | {r.gap_points:+.1f} |")
+    sizes = sorted({r.best.test_images for r in rows if r.best.test_images})
+    one_image = "".join(f" (one image of {n} is {100 / n:.2f} points)" for n in sizes[:1] if len(sizes) == 1)
     lines += ["", "Best trial per family by validation accuracy; overfitting gap = final training minus "
-              "validation accuracy of that trial; 95% CI: Wilson score interval over the test images (one image "
-              "of 192 is 0.52 points). MLflow runs: "
+              "validation accuracy of that trial (flip-averaged validation for a test_time_flip trial); 95% CI: "
+              f"Wilson score interval over the test images{one_image}. MLflow runs: "
               + ", ".join(f"{r.family} `{r.best.run_id}`" for r in rows), ""]
     return "\n".join(lines)
 

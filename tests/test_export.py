@@ -182,7 +182,7 @@ def test_report_compares_two_families_with_the_baseline(swept, runner, tiny_data
         low, high = accuracy_interval(test, n)
         assert 0.0 <= low <= test <= high <= 1.0 and n == 4
         assert f"{test:.1%} (95% CI {low:.1%}-{high:.1%}, 4 images) | {gain:+.1f} | {gap:+.1f} |" in text
-    assert "Wilson score interval" in text
+    assert "Wilson score interval over the test images (one image of 4 is 25.00 points)" in text
     report_runs = [r for r in runs_in(swept) if r.data.tags.get("kind") == "report"]
     assert len(report_runs) == 1
     artifacts = {a.path for a in MlflowClient().list_artifacts(report_runs[0].info.run_id)}

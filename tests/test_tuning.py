@@ -193,3 +193,39 @@ def test_validation_callback_logs_the_score_of_the_flip_averaged_model(tiny_data
     # what was scored is the flip-averaged model, not the single-view one
     images = splits.validation.images
     assert not np.allclose(final.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-3)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_test_time_flip_trial_logs_keeps_and_exports_the_flip_averaged_model(tiny_data, tracking_env, runner,
+                                                                              keras_cache, monkeypatch, cached):
+    import keras
+
+    from search_spaces.transfer import HyperTransfer
+    from sweep.data import load_splits
+
+    declare = HyperTransfer.declare
+
+    def flip_first(self, hp):  # trial 1 (the defaults) with test_time_flip on
+        hp.Fixed("test_time_flip", True)
+        return declare(self, hp)
+
+    monkeypatch.setattr(HyperTransfer, "declare", flip_first)
+    extra = [] if cached else ["--no-cache"]
+    result = runner.invoke(main, ["run", "--family", "transfer", "--trials", "1", "-q", *extra,
+                                  *tiny_args(tiny_data, image_size="96")])
+    assert result.exit_code == 0, result.output
+    child = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags)
+    assert child.data.params["test_time_flip"] == "True"
+    assert child.data.tags["training"] == ("cached_features" if cached else "raw_images")
+    logged_val = MlflowClient().get_metric_history(child.info.run_id, "val_accuracy")[-1].value
+
+    exported = runner.invoke(main, ["best", "--export", str(tracking_env / "out")])
+    assert exported.exit_code == 0, exported.output
+    model = keras.models.load_model(tracking_env / "out" / "model.keras")
+    assert model.get_layer("test_time_flip") is not None  # the flip-averaged model was kept and exported
+    splits = load_splits(tiny_data, (96, 96), 4, 3)
+    _, val = model.evaluate(splits.validation.images, splits.validation.labels, batch_size=4, verbose=0)
+    _, test = model.evaluate(splits.test.images, splits.test.labels, batch_size=4, verbose=0)
+    # the last logged epoch, the tuner's score and the logged test accuracy are this model's
+    assert val == pytest.approx(logged_val, abs=1e-6)
+    assert test == pytest.approx(child.data.metrics["test_accuracy"], abs=1e-6)
