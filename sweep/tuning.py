@@ -45,9 +45,17 @@ class DefaultsFirst:
 
     def _random_values(self):
         values = default_values(self.hyperparameters)
-        if values and not self._duplicate(values):
+        if values and not self._defaults_tried(values):
             return values
         return super()._random_values()
+
+    def _defaults_tried(self, values: dict[str, Any]) -> bool:
+        """Whether a trial already ran the defaults. A trial from before a hyperparameter was added (a sweep
+        resumed under a newer search space) counts with that hyperparameter at its default."""
+        return self._duplicate(values) or any(
+            all(trial.hyperparameters.values.get(name, value) == value for name, value in values.items())
+            for trial in self.trials.values()
+        )
 
 
 class DefaultsFirstRandomSearch(DefaultsFirst, kt.oracles.RandomSearchOracle):

@@ -41,6 +41,25 @@ def test_first_trial_is_the_defaults_then_the_search_moves_on(tuner, tmp_path):
     assert drawn(second) != default_values(hp)
 
 
+def test_a_resumed_sweep_does_not_rerun_the_defaults_when_the_space_gained_a_hyperparameter(tmp_path):
+    oracle = build_oracle("random", trials=5, epochs=4, seed=0)
+    oracle._set_project_dir(str(tmp_path), "oracle-grown")
+    full = kt.HyperParameters()
+    make_hypermodel("augmented").declare(full)
+    old = kt.HyperParameters()  # the space a sweep logged before test_time_flip existed
+    for hp in full.space:
+        if hp.name != "test_time_flip":
+            old._register(hp)
+    oracle.update_space(old)
+    first = oracle.create_trial("tuner0")
+    assert "test_time_flip" not in first.hyperparameters.values
+    assert first.hyperparameters.values == default_values(old)
+    oracle.update_space(full)  # the resumed sweep's first trial declares the new hyperparameter
+    second = oracle.create_trial("tuner1")
+    drawn = {k: v for k, v in second.hyperparameters.values.items() if not k.startswith("tuner/")}
+    assert drawn != default_values(full)  # the defaults ran already, as trial 1
+
+
 def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, runner):
     result = runner.invoke(main, ["run", "--family", "scratch", "--trials", "2", "-q", *tiny_args(tiny_data)])
     assert result.exit_code == 0, result.output
