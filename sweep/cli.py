@@ -98,7 +98,8 @@ def _print_results(results, tracking_settings) -> None:
             continue
         click.echo(
             f"{result.family}: best trial {best.number} val {best.val_accuracy:.1%} "
-            f"test {best.test_accuracy:.1%}{interval_text(best)} vs baseline {result.baseline_accuracy:.1%} (MLflow run {result.run_id})"
+            f"test {best.test_accuracy:.1%}{interval_text(best)} vs baseline {result.baseline_accuracy:.1%} "
+            f"(MLflow run {result.run_id})"
         )
     click.echo(f"Runs are in {tracking_settings.tracking_uri}, experiment {tracking_settings.experiment!r}. "
                "Compare them with: sweep ui")

@@ -67,7 +67,7 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
         lines.append(f"| {r.family} | {r.trials} | {r.best.number} | {r.best.val_accuracy:.1%} | "
                      f"{r.best.test_accuracy:.1%}{interval_text(r.best)} | {r.gain_points:+.1f} | {r.gap_points:+.1f} |")
     sizes = sorted({r.best.test_images for r in rows if r.best.test_images})
-    one_image = "".join(f" (one image of {n} is {100 / n:.2f} points)" for n in sizes[:1] if len(sizes) == 1)
+    one_image = f" (one image of {sizes[0]} is {100 / sizes[0]:.2f} points)" if len(sizes) == 1 else ""
     lines += ["", "Best trial per family by validation accuracy; overfitting gap = final training minus "
               "validation accuracy of that trial (flip-averaged validation for a test_time_flip trial); 95% CI: "
               f"Wilson score interval over the test images{one_image}. MLflow runs: "
