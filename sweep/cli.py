@@ -25,7 +25,7 @@ from sweep.cli_common import (
 from sweep.cli_results import COMMANDS
 from sweep.config import TUNERS, SweepSettings, load_tracking
 from sweep.errors import SweepError
-from sweep.results import interval_text
+from sweep.results import DEFAULT_OBJECTIVE, OBJECTIVES, interval_text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,6 +38,9 @@ SWEEP_OPTIONS = [
     click.option("--trials", default=10, show_default=True, type=click.IntRange(min=1),
                  help="Trials per family; trial 1 is always the study's model (the family's defaults)."),
     click.option("--tuner", default="random", show_default=True, type=click.Choice(TUNERS), help="Search strategy."),
+    click.option("--objective", default=DEFAULT_OBJECTIVE, show_default=True, type=click.Choice(list(OBJECTIVES)),
+                 help="What the tuner optimises and 'best' means: the final model's validation loss (lowest) or "
+                      "accuracy (highest)."),
     click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1),
                  help="Epochs per trial (Hyperband's maximum)."),
     click.option("--seed", default=42, show_default=True, type=int,
@@ -70,7 +73,8 @@ def _sweep_settings(families, o: dict) -> tuple[list[SweepSettings], object]:
     if o["experiment"]:
         tracking_settings = replace(tracking_settings, experiment=o["experiment"])
     settings = [
-        SweepSettings(family=f, trials=o["trials"], tuner=o["tuner"], epochs=o["epochs"], seed=o["seed"],
+        SweepSettings(family=f, trials=o["trials"], tuner=o["tuner"], objective=o["objective"], epochs=o["epochs"],
+                      seed=o["seed"],
                       batch_size=o["batch_size"], image_size=o["image_size"], data_dir=o["data_dir"],
                       weights=o["weights"], verbose=keras_verbosity(o["quiet"]), feature_cache=not o["no_cache"])
         for f in families
@@ -80,7 +84,8 @@ def _sweep_settings(families, o: dict) -> tuple[list[SweepSettings], object]:
 
 def _as_args(o: dict) -> list[str]:
     """The sweep options back as command-line arguments, for the chief process of --workers."""
-    args = ["--trials", str(o["trials"]), "--tuner", o["tuner"], "--epochs", str(o["epochs"]), "--seed", str(o["seed"]),
+    args = ["--trials", str(o["trials"]), "--tuner", o["tuner"], "--objective", o["objective"],
+            "--epochs", str(o["epochs"]), "--seed", str(o["seed"]),
             "--weights", o["weights"], "--batch-size", str(o["batch_size"]),
             "--image-size", f"{o['image_size'][0]}x{o['image_size'][1]}"]
     for key, flag in (("data_dir", "--data-dir"), ("experiment", "--experiment"), ("config_path", "--config")):
@@ -97,7 +102,8 @@ def _print_results(results, tracking_settings) -> None:
             click.echo(f"{result.family}: no trial finished (MLflow run {result.run_id})")
             continue
         click.echo(
-            f"{result.family}: best trial {best.number} val {best.val_accuracy:.1%} "
+            f"{result.family}: best trial {best.number} (by {result.objective}) val {best.val_accuracy:.1%} "
+            f"(loss {best.val_loss:.3f}) "
             f"test {best.test_accuracy:.1%}{interval_text(best)} vs baseline {result.baseline_accuracy:.1%} "
             f"(MLflow run {result.run_id})"
         )

@@ -24,8 +24,9 @@ from sweep.errors import SweepError
 @EXPERIMENT
 @CONFIG
 @click.option("--family", default=None, type=click.Choice(FAMILY_NAMES), help="Only this family's trials.")
-@click.option("--metric", default="val_accuracy", show_default=True,
-              type=click.Choice(["val_accuracy", "test_accuracy"]), help="What 'best' means.")
+@click.option("--metric", default="val_loss", show_default=True,
+              type=click.Choice(["val_loss", "val_accuracy", "test_accuracy"]),
+              help="What 'best' means: the lowest final validation loss, or the highest accuracy.")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
               help="Write the best trial's model and records to this new folder and register the model.")
 @click.option("--no-verify", is_flag=True, help="With --export: skip re-evaluating the model on the test split.")

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from sweep.errors import ConfigError
+from sweep.results import DEFAULT_OBJECTIVE, OBJECTIVES
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
@@ -52,6 +53,7 @@ class SweepSettings:
     family: str
     trials: int = 10
     tuner: str = "random"
+    objective: str = DEFAULT_OBJECTIVE
     epochs: int = 20
     seed: int = 42
     batch_size: int = 32
@@ -71,6 +73,8 @@ class SweepSettings:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}.")
         if self.tuner not in TUNERS:
             raise ConfigError(f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}.")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
         if min(self.image_size) < 32:
             raise ConfigError(f"image size must be at least 32x32, got {self.image_size}.")
 

@@ -15,10 +15,9 @@ from sweep import tracking
 from sweep.config import TrackingSettings
 from sweep.data import decode_error, decode_image
 from sweep.errors import SweepError
-from sweep.results import TrialRecord, format_value, interval_text, record_from_run
+from sweep.results import RANKINGS, TrialRecord, best_run, format_value, interval_text, record_from_run
 
 MODEL_ARTIFACT = tracking.MODEL_ARTIFACT
-METRICS = ("val_accuracy", "test_accuracy")
 
 
 @dataclass
@@ -37,22 +36,23 @@ class BestTrial:
         hps = ", ".join(f"{k}={format_value(v)}" for k, v in r.hyperparameters.items())
         return (f"family {r.family}, sweep {self.sweep}, trial {r.number}\n"
                 f"  hyperparameters: {hps}\n"
-                f"  val accuracy {r.val_accuracy:.2%}, test accuracy {r.test_accuracy:.2%}{interval_text(r)}, "
+                f"  val accuracy {r.val_accuracy:.2%} (loss {r.val_loss:.4f}), test accuracy {r.test_accuracy:.2%}{interval_text(r)}, "
                 f"baseline {self.baseline_accuracy:.2%}\n"
                 f"  MLflow run {r.run_id} (sweep run {self.sweep_run_id})")
 
 
-def find_best(settings: TrackingSettings, family: str | None = None, metric: str = "val_accuracy",
+def find_best(settings: TrackingSettings, family: str | None = None, metric: str = "val_loss",
               with_model: bool = False) -> BestTrial:
-    """The finished trial with the highest ``metric`` (the earliest on a tie) across all sweeps.
+    """The finished trial with the best ``metric`` (lowest loss, highest accuracy; the earliest on a tie) across
+    all sweeps.
 
     With ``with_model``, only trials that kept their trained model count (what ``--export`` needs).
 
     Raises:
         SweepError: unknown metric, or no finished trial in the experiment (or family).
     """
-    if metric not in METRICS:
-        raise SweepError(f"unknown metric {metric!r}; choose {' or '.join(METRICS)}.")
+    if metric not in RANKINGS:
+        raise SweepError(f"unknown metric {metric!r}; choose one of {', '.join(RANKINGS)}.")
     experiment_id = tracking.experiment_id_of(settings)
     runs = tracking.finished_trials(experiment_id, family)
     where = f" of family {family}" if family else ""
@@ -63,7 +63,7 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
         if not runs:
             raise SweepError(f"no finished trial{where} in experiment {settings.experiment!r} kept its model "
                              "(sweeps from before models were kept); run a sweep, then export.")
-    best = max(runs, key=lambda r: (r.data.metrics.get(metric, float("-inf")), -r.info.start_time))
+    best = best_run(runs, metric)
     parent = tracking.get_run(best.data.tags["mlflow.parentRunId"])
     return BestTrial(
         record=record_from_run(best),
@@ -111,7 +111,8 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
         shutil.copy(tracking.download(best.record.run_id, "accuracy.png", tmp), staging / "accuracy.png")
         classes = _class_names(best, tmp)
         model = keras.models.load_model(staging / "model.keras")
-        metrics = {"val_accuracy": best.record.val_accuracy, "test_accuracy": best.record.test_accuracy,
+        metrics = {"val_accuracy": best.record.val_accuracy, "val_loss": best.record.val_loss,
+                   "test_accuracy": best.record.test_accuracy,
                    "test_loss": best.record.test_loss, "baseline_accuracy": best.baseline_accuracy}
         if verify:
             metrics.update(_reevaluate(model, best, report))

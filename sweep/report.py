@@ -9,12 +9,12 @@ from search_spaces import FAMILIES
 from sweep import plots, tracking
 from sweep.config import TrackingSettings
 from sweep.errors import SweepError
-from sweep.results import TrialRecord, interval_text, record_from_run
+from sweep.results import DEFAULT_OBJECTIVE, TrialRecord, best_run, interval_text, record_from_run
 
 
 @dataclass
 class FamilyRow:
-    """One family's best trial (by validation accuracy) and how it compares with the baseline."""
+    """One family's best trial (by final validation loss) and how it compares with the baseline."""
 
     family: str
     best: TrialRecord
@@ -48,7 +48,7 @@ def build_report(settings: TrackingSettings) -> list[FamilyRow]:
         mine = [r for r in runs if r.data.tags.get("family") == family]
         if not mine:
             continue
-        best = max(mine, key=lambda r: (r.data.metrics["val_accuracy"], -r.info.start_time))
+        best = best_run(mine, DEFAULT_OBJECTIVE)
         rows.append(FamilyRow(family, record_from_run(best), float(best.data.metrics.get("baseline_accuracy", 0)),
                               len(mine), float(best.data.metrics.get("accuracy", float("nan")))))
     return rows
@@ -68,7 +68,7 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
                      f"{r.best.test_accuracy:.1%}{interval_text(r.best)} | {r.gain_points:+.1f} | {r.gap_points:+.1f} |")
     sizes = sorted({r.best.test_images for r in rows if r.best.test_images})
     one_image = f" (one image of {sizes[0]} is {100 / sizes[0]:.2f} points)" if len(sizes) == 1 else ""
-    lines += ["", "Best trial per family by validation accuracy; overfitting gap = final training minus "
+    lines += ["", "Best trial per family by final validation loss; overfitting gap = final training minus "
               "validation accuracy of that trial (flip-averaged validation for a test_time_flip trial); 95% CI: "
               f"Wilson score interval over the test images{one_image}. MLflow runs: "
               + ", ".join(f"{r.family} `{r.best.run_id}`" for r in rows), ""]

@@ -20,7 +20,7 @@ from sweep.config import SweepSettings, TrackingSettings
 from sweep.data import DATASET_URL, Splits, check_layout, download_dataset, load_splits
 from sweep.errors import SweepError
 from sweep.features import PoolSpec
-from sweep.results import TrialRecord, best_record, record_from_run, trials_csv
+from sweep.results import DEFAULT_OBJECTIVE, OBJECTIVES, TrialRecord, best_record, record_from_run, trials_csv
 from sweep.tuning import SweepTuner, build_oracle, prepare_features
 
 Reporter = Callable[[str], None]
@@ -68,10 +68,11 @@ class SweepResult:
     records: list[TrialRecord] = field(default_factory=list)
     baseline_accuracy: float = 0.0
     setup_seconds: float = 0.0  # feature cache load or build, before the first trial
+    objective: str = DEFAULT_OBJECTIVE
 
     @property
     def best(self) -> TrialRecord | None:
-        return best_record(self.records)
+        return best_record(self.records, self.objective)
 
 
 def run_sweep(
@@ -119,7 +120,8 @@ def run_sweep(
     if resume_run is not None:
         _adopt_finished_trials(tuner, experiment_id, resume_run.info.run_id, report)
     params = {
-        "family": settings.family, "tuner": settings.tuner, "trials": settings.trials, "epochs": settings.epochs,
+        "family": settings.family, "tuner": settings.tuner, "objective": settings.objective,
+        "trials": settings.trials, "epochs": settings.epochs,
         "seed": settings.seed, "batch_size": settings.batch_size,
         "image_size": f"{settings.image_size[0]}x{settings.image_size[1]}", "data": splits.source,
         "num_classes": len(splits.class_names), "tuner_dir": tuner.project_dir,
@@ -130,15 +132,17 @@ def run_sweep(
         if settings.feature_cache:
             params["pool_views_per_image"] = PoolSpec().views_per_image
     tags = {"family": settings.family, "sweep": name, "kind": "sweep", **settings.extra_tags}
+    goal = "lowest" if OBJECTIVES[settings.objective] == "min" else "highest"
     report(
         f"[{settings.family}] {'resuming ' if resume_run else ''}sweep {name}: {settings.trials} trial(s) x "
-        f"{settings.epochs} epoch(s), {settings.tuner} search; baseline {splits.baseline_accuracy:.1%} on "
-        f"{len(splits.test)} test images"
+        f"{settings.epochs} epoch(s), {settings.tuner} search for the {goal} {settings.objective}; baseline "
+        f"{splits.baseline_accuracy:.1%} on {len(splits.test)} test images"
     )
     resume_id = resume_run.info.run_id if resume_run is not None else None
     with tracking.sweep_run(experiment_id, name, params, tags, resume_run_id=resume_id) as run_id:
         tuner.parent_run_id = run_id
-        result = SweepResult(settings.family, run_id, tuner.records, splits.baseline_accuracy, setup_seconds)
+        result = SweepResult(settings.family, run_id, tuner.records, splits.baseline_accuracy, setup_seconds,
+                             settings.objective)
         tracking.log_json(splits.summary(), "data.json")
         tracking.log_text("\n".join(splits.test.files) + "\n", "test_files.txt")
         tracking.log_json({"family": settings.family, "hyperparameters": describe(settings.family),
@@ -182,7 +186,7 @@ def build_tuner(settings: SweepSettings, splits: Splits, tracking_settings: Trac
     setup_seconds = time.monotonic() - started
     tuner = SweepTuner(
         splits=splits, settings=settings, report=report, features=features,
-        oracle=build_oracle(settings.tuner, settings.trials, settings.epochs, settings.seed),
+        oracle=build_oracle(settings.tuner, settings.trials, settings.epochs, settings.seed, settings.objective),
         hypermodel=hypermodel, directory=str(tracking_settings.tuner_dir), project_name=name, overwrite=overwrite,
     )
     return tuner, features, setup_seconds
@@ -211,7 +215,8 @@ def _log_summary(result: SweepResult, settings: SweepSettings) -> None:
     tags = {}
     best = result.best
     if best is not None:
-        metrics.update(best_val_accuracy=best.val_accuracy, best_test_accuracy=best.test_accuracy)
+        metrics.update(best_val_accuracy=best.val_accuracy, best_val_loss=best.val_loss,
+                       best_test_accuracy=best.test_accuracy)
         tags = {"best_trial": str(best.number), "best_run_id": best.run_id}
         tracking.log_json({k: v for k, v in best.hyperparameters.items()}, "best_hyperparameters.json")
     tracking.log_result(metrics, tags)
@@ -246,6 +251,7 @@ def settings_from_run(run, base: SweepSettings) -> SweepSettings:
     height, width = (int(v) for v in p["image_size"].split("x"))
     return replace(
         base, family=p["family"], trials=int(p["trials"]), tuner=p["tuner"], epochs=int(p["epochs"]),
+        objective=p.get("objective", "val_accuracy"),  # sweeps from before the option scored val_accuracy
         seed=int(p["seed"]), batch_size=int(p["batch_size"]), image_size=(height, width),
         data_dir=None if p["data"] == DATASET_URL else Path(p["data"]),
         weights=p.get("weights", base.weights),

@@ -25,13 +25,12 @@ from sweep.data import Splits
 from sweep.errors import SweepError
 from sweep.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
 from sweep.head import ViewSampler, fit_head
-from sweep.results import TrialRecord, accuracy_interval, best_record, format_value
+from sweep.results import DEFAULT_OBJECTIVE, OBJECTIVES, TrialRecord, accuracy_interval, best_record, format_value
 
 # Keras Tuner prints every failed trial's traceback while DEBUG is on (its default); our one line per
 # failed trial names the error and the trial's MLflow run keeps it.
 _kt_config.DEBUG = False
 
-OBJECTIVE = kt.Objective("val_accuracy", direction="max")
 Reporter = Callable[[str], None]
 
 
@@ -70,14 +69,16 @@ class DefaultsFirstHyperband(DefaultsFirst, kt.oracles.HyperbandOracle):
     pass
 
 
-def build_oracle(tuner: str, trials: int, epochs: int, seed: int) -> kt.Oracle:
-    """The oracle for ``--tuner``; Hyperband's trial count is capped at ``trials`` as well."""
+def build_oracle(tuner: str, trials: int, epochs: int, seed: int, objective: str = DEFAULT_OBJECTIVE) -> kt.Oracle:
+    """The oracle for ``--tuner``, scoring trials by ``objective``; Hyperband's trial count is capped at
+    ``trials`` as well."""
+    score = kt.Objective(objective, direction=OBJECTIVES[objective])
     if tuner == "random":
-        oracle = DefaultsFirstRandomSearch(objective=OBJECTIVE, max_trials=trials, seed=seed)
+        oracle = DefaultsFirstRandomSearch(objective=score, max_trials=trials, seed=seed)
     elif tuner == "bayesian":
-        oracle = DefaultsFirstBayesian(objective=OBJECTIVE, max_trials=trials, seed=seed)
+        oracle = DefaultsFirstBayesian(objective=score, max_trials=trials, seed=seed)
     elif tuner == "hyperband":
-        oracle = DefaultsFirstHyperband(objective=OBJECTIVE, max_epochs=epochs, seed=seed)
+        oracle = DefaultsFirstHyperband(objective=score, max_epochs=epochs, seed=seed)
         oracle.max_trials = trials
     else:
         raise SweepError(f"unknown tuner {tuner!r}; choose random, bayesian or hyperband.")
@@ -102,9 +103,9 @@ def _duration(seconds: float) -> str:
 class SweepTuner(kt.Tuner):
     """A Keras Tuner whose trials train on in-memory splits and log to MLflow.
 
-    Each trial returns its final-epoch ``val_accuracy``, so the model the oracle scores is the model whose
-    test accuracy is logged (Keras Tuner's default would score the best epoch while the logged model is the
-    last one).
+    Each trial returns its final model's ``val_loss`` and ``val_accuracy`` and the oracle reads the sweep's
+    objective among them, so the model the oracle scores is the model whose test accuracy is logged (Keras
+    Tuner's default would score the best epoch while the logged model is the last one).
     """
 
     def __init__(self, *, splits: Splits, settings: SweepSettings, report: Reporter,
@@ -153,7 +154,7 @@ class SweepTuner(kt.Tuner):
         done = next((r for r in self.records if r.trial_id == trial.trial_id), None)
         if done is not None:  # killed after MLflow finished the trial but before Keras Tuner saved it
             self.report(f"[{self.settings.family}] trial {done.number} was already finished; not run again")
-            return {"val_accuracy": done.val_accuracy}
+            return done.scores
         epochs = int(values.get("tuner/epochs", self.settings.epochs))
         initial_epoch = int(values.get("tuner/initial_epoch", 0))
         # Keras Tuner numbers trials from 0 in creation order, across workers and resumes alike.
@@ -182,18 +183,19 @@ class SweepTuner(kt.Tuner):
                     self._fit_head(hp, model, epochs, initial_epoch, logger, seed=s.seed + number - 1)
                 _check_finite(logger)
                 if self.features is None:
-                    val_accuracy = logger.history["val_accuracy"][-1]
+                    val_loss, val_accuracy = logger.history["val_loss"][-1], logger.history["val_accuracy"][-1]
                 else:
                     # The trained head now sits on the real base: score that end-to-end model on raw images.
-                    _, val_accuracy = final.evaluate(splits.validation.images, splits.validation.labels,
-                                                     batch_size=s.batch_size, verbose=0)
+                    val_loss, val_accuracy = final.evaluate(splits.validation.images, splits.validation.labels,
+                                                            batch_size=s.batch_size, verbose=0)
                 test_loss, test_accuracy = final.evaluate(
                     splits.test.images, splits.test.labels, batch_size=s.batch_size, verbose=0
                 )
                 record = TrialRecord(
                     family=s.family, trial_id=trial.trial_id, number=number, hyperparameters=values,
                     history=logger.history, first_epoch=logger.first_epoch or 1,
-                    val_accuracy=float(val_accuracy), test_accuracy=float(test_accuracy), test_loss=float(test_loss),
+                    val_accuracy=float(val_accuracy), val_loss=float(val_loss),
+                    test_accuracy=float(test_accuracy), test_loss=float(test_loss),
                     test_images=len(splits.test), seconds=time.monotonic() - started, run_id=run_id,
                 )
                 low, high = accuracy_interval(record.test_accuracy, record.test_images)
@@ -210,19 +212,18 @@ class SweepTuner(kt.Tuner):
                 raise
         self.records.append(record)
         self.report(self.progress_line(record))
-        return {"val_accuracy": record.val_accuracy}
+        return record.scores
 
     def _keep_model(self, trial: kt.engine.trial.Trial, record: TrialRecord, model: keras.Model,
                     final: keras.Model) -> None:
         """Keep what later steps need, and no more.
 
         The trained end-to-end model as scored (``final``) is logged (``model/model.keras``) only when the
-        trial improves on the sweep's best validation accuracy, so ``sweep best --export`` always finds the
-        very model whose test accuracy was logged. Hyperband also needs every trial's training weights
-        (``model``) to continue it in a later round.
+        trial improves on the sweep's best objective, so ``sweep best --export`` always finds the very model
+        whose test accuracy was logged. Hyperband also needs every trial's training weights (``model``) to
+        continue it in a later round.
         """
-        best = best_record(self.records)
-        if best is None or record.val_accuracy > best.val_accuracy:
+        if best_record([*self.records, record], self.settings.objective) is record:
             tracking.log_keras_model(final, tracking.MODEL_ARTIFACT)
             tracking.log_result({}, {"model_kept": "true"})
         if self.settings.tuner == "hyperband":
@@ -245,7 +246,7 @@ class SweepTuner(kt.Tuner):
 
     def progress_line(self, record: TrialRecord) -> str:
         s = self.settings
-        best = best_record(self.records)
+        best = best_record(self.records, s.objective)
         elapsed = time.monotonic() - self.started
         done = len(self.records)
         left = max(s.trials - done, 0)
@@ -253,8 +254,8 @@ class SweepTuner(kt.Tuner):
         hps = " ".join(f"{k}={format_value(v)}" for k, v in record.hyperparameters.items())
         return (
             f"[{s.family}] trial {record.number}/{s.trials} ({_duration(record.seconds)}): {hps} | "
-            f"val {record.val_accuracy:.1%} test {record.test_accuracy:.1%} | "
-            f"best val {best.val_accuracy:.1%} (trial {best.number}) | "
+            f"val {record.val_accuracy:.1%} (loss {record.val_loss:.3f}) test {record.test_accuracy:.1%} | "
+            f"best trial {best.number} (val {best.val_accuracy:.1%}, loss {best.val_loss:.3f}) | "
             f"elapsed {_duration(elapsed)}, {eta}"
         )
 

@@ -69,7 +69,8 @@ def test_named_missing_file(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"trials": 0}, "trials must be at least 1"), ({"epochs": 0}, "epochs"), ({"tuner": "grid"}, "unknown tuner"),
-     ({"image_size": (16, 16)}, "at least 32x32")],
+     ({"image_size": (16, 16)}, "at least 32x32"),
+     ({"objective": "accuracy"}, "unknown objective .accuracy.; choose one of val_loss, val_accuracy")],
 )
 def test_sweep_settings_validate(kwargs, message):
     with pytest.raises(ConfigError, match=message):

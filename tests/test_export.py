@@ -79,13 +79,20 @@ def test_best_prints_the_best_trial(swept, runner):
     result = runner.invoke(main, ["best"])
     assert result.exit_code == 0, result.output
     children = [r for r in runs_in(swept) if "mlflow.parentRunId" in r.data.tags]
-    best = max(children, key=lambda r: (r.data.metrics["val_accuracy"], -r.info.start_time))
+    best = min(children, key=lambda r: (r.data.metrics["val_loss"], r.info.start_time))  # the default: val_loss
+    assert "Best trial by val_loss" in result.output
     assert best.info.run_id in result.output
+    assert f"(loss {best.data.metrics['val_loss']:.4f})" in result.output
     assert f"trial {best.data.tags['trial_number']}" in result.output
     low, high = accuracy_interval(best.data.metrics["test_accuracy"], 4)
     assert f"test accuracy {best.data.metrics['test_accuracy']:.2%} (95% CI {low:.1%}-{high:.1%}, 4 images)" \
         in result.output
     assert "baseline" in result.output and "family scratch" in result.output
+    for metric, pick in (("val_accuracy", max), ("test_accuracy", max)):
+        ranked = runner.invoke(main, ["best", "--metric", metric])
+        assert ranked.exit_code == 0, ranked.output
+        chosen = pick(children, key=lambda r: (r.data.metrics[metric], -r.info.start_time))
+        assert f"Best trial by {metric}" in ranked.output and chosen.info.run_id in ranked.output
 
 
 def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner, tiny_data):
@@ -175,7 +182,7 @@ def test_report_compares_two_families_with_the_baseline(swept, runner, tiny_data
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     for family in ("scratch", "preprocessed"):
         children = [r for r in runs_in(swept) if r.data.tags.get("family") == family and "trial_id" in r.data.tags]
-        best = max(children, key=lambda r: (r.data.metrics["val_accuracy"], -r.info.start_time))
+        best = min(children, key=lambda r: (r.data.metrics["val_loss"], r.info.start_time))
         gain = (best.data.metrics["test_accuracy"] - best.data.metrics["baseline_accuracy"]) * 100
         gap = (best.data.metrics["accuracy"] - best.data.metrics["val_accuracy"]) * 100
         test, n = best.data.metrics["test_accuracy"], int(best.data.metrics["test_images"])

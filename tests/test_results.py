@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sweep.results import TrialRecord, accuracy_interval, best_record, interval_text
+from sweep.results import TrialRecord, accuracy_interval, best_record, best_run, interval_text
 
 
 def test_accuracy_interval_is_the_wilson_score_interval():
@@ -29,8 +29,35 @@ def test_interval_text_names_the_interval_and_the_image_count():
     assert interval_text(TrialRecord("transfer", "0", 1, {}, test_accuracy=0.5)) == ""  # no image count logged
 
 
-def test_best_record_takes_the_highest_validation_accuracy_and_the_earliest_on_a_tie():
-    records = [TrialRecord("scratch", str(i), i + 1, {}, val_accuracy=v) for i, v in enumerate([0.6, 0.7, 0.7])]
-    records.append(TrialRecord("scratch", "3", 4, {}))  # failed: NaN
-    assert best_record(records).number == 2
+def test_best_record_takes_the_lowest_validation_loss_by_default_and_the_earliest_on_a_tie():
+    # trial 2 is the lucky, overconfident one: the most accurate on validation, with the worst loss
+    losses, accuracies = [0.09, 0.30, 0.07, 0.07], [0.970, 0.975, 0.972, 0.972]
+    records = [TrialRecord("transfer", str(i), i + 1, {}, val_loss=loss, val_accuracy=acc)
+               for i, (loss, acc) in enumerate(zip(losses, accuracies))]
+    records.append(TrialRecord("transfer", "4", 5, {}))  # failed: NaN
+    assert best_record(records).number == 3
+    assert best_record(records, "val_loss").number == 3
+    assert best_record(records, "val_accuracy").number == 2
     assert best_record([]) is None
+    assert best_record(records[-1:]) is None  # only a failed trial
+
+
+def test_best_record_by_validation_accuracy_takes_the_earliest_on_a_tie():
+    records = [TrialRecord("scratch", str(i), i + 1, {}, val_accuracy=v) for i, v in enumerate([0.6, 0.7, 0.7])]
+    assert best_record(records, "val_accuracy").number == 2
+    with pytest.raises(ValueError, match="unknown objective 'accuracy'"):
+        best_record(records, "accuracy")
+
+
+def test_best_run_ranks_logged_runs_by_the_metric_and_puts_runs_without_it_last():
+    from types import SimpleNamespace
+
+    def run(start, **metrics):
+        return SimpleNamespace(data=SimpleNamespace(metrics=metrics), info=SimpleNamespace(start_time=start))
+
+    runs = [run(1, val_loss=0.2, val_accuracy=0.9, test_accuracy=0.95), run(2, val_loss=0.1, val_accuracy=0.8),
+            run(3), run(4, val_loss=0.1, val_accuracy=0.9, test_accuracy=0.96)]
+    assert best_run(runs).info.start_time == 2  # lowest loss; the earlier of the tie
+    assert best_run(runs, "val_accuracy").info.start_time == 1
+    assert best_run(runs, "test_accuracy").info.start_time == 4
+    assert best_run([run(1), run(2)], "val_loss").info.start_time == 1

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,20 @@ def test_diverging_trials_fail_and_the_sweep_stops_with_a_message(tiny_data, tra
     resumed = runner.invoke(main, ["run", "--family", "scratch", "--resume", "-q"])
     assert resumed.exit_code == 1
     assert "stopped because trials failed in a row" in resumed.output and "Traceback" not in resumed.output
+
+
+def test_resume_keeps_the_objective_a_sweep_was_started_with():
+    from types import SimpleNamespace
+
+    from sweep.config import SweepSettings
+    from sweep.study import settings_from_run
+
+    params = {"family": "scratch", "trials": "5", "tuner": "random", "epochs": "2", "seed": "3", "batch_size": "4",
+              "image_size": "32x32", "data": "/data/cats"}
+    base = SweepSettings(family="scratch")  # what `--resume` was typed with: the default objective, val_loss
+    assert base.objective == "val_loss"
+    older = settings_from_run(SimpleNamespace(data=SimpleNamespace(params=params)), base)
+    assert older.objective == "val_accuracy"  # sweeps from before --objective scored validation accuracy
+    newer = settings_from_run(SimpleNamespace(data=SimpleNamespace(params={**params, "objective": "val_loss"})),
+                              replace(base, objective="val_accuracy"))
+    assert newer.objective == "val_loss" and (newer.trials, newer.epochs, newer.seed) == (5, 2, 3)

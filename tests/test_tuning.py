@@ -64,7 +64,9 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
     result = runner.invoke(main, ["run", "--family", "scratch", "--trials", "2", "-q", *tiny_args(tiny_data)])
     assert result.exit_code == 0, result.output
     assert "[scratch] trial 1/2" in result.output and "[scratch] trial 2/2" in result.output
-    assert "best val" in result.output and "left" in result.output
+    assert "search for the lowest val_loss" in result.output
+    assert "| best trial " in result.output and "left" in result.output
+    assert "scratch: best trial " in result.output and " (by val_loss) " in result.output
 
     runs = runs_in(tracking_env)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -106,9 +108,12 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
     assert {k: by_number[2].data.params[k] for k in defaults} != defaults
 
     metrics = parent.data.metrics
-    best = max(children, key=lambda c: (client.get_metric_history(c.info.run_id, "val_accuracy")[-1].value,
-                                        -int(c.data.tags["trial_number"])))
+    # the best trial has the lowest final validation loss (the default objective)
+    assert parent.data.params["objective"] == "val_loss"
+    best = min(children, key=lambda c: (client.get_metric_history(c.info.run_id, "val_loss")[-1].value,
+                                        int(c.data.tags["trial_number"])))
     assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert metrics["best_val_loss"] == pytest.approx(best.data.metrics["val_loss"])
     assert metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
     assert metrics["trials_finished"] == 2
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -123,6 +128,45 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
     assert data["counts"]["train"] == {"cats": 16, "dogs": 16}
     test_files = open(client.download_artifacts(parent.info.run_id, "test_files.txt", str(tracking_env))).read().split()
     assert len(test_files) == 4 and all(f.endswith(".jpg") for f in test_files)
+
+
+def _improvers(children, metric: str, better) -> set[str]:
+    """Run ids of the trials that improved on every earlier trial's ``metric``, in trial order."""
+    kept, best = set(), None
+    for child in sorted(children, key=lambda c: int(c.data.tags["trial_number"])):
+        value = child.data.metrics[metric]
+        if best is None or better(value, best):
+            kept.add(child.info.run_id)
+            best = value
+    return kept
+
+
+@pytest.mark.parametrize("objective", ["val_loss", "val_accuracy"])
+def test_the_objective_drives_the_tuner_the_best_trial_and_the_kept_models(tiny_data, tracking_env, runner, objective):
+    result = runner.invoke(main, ["run", "--family", "scratch", "--trials", "4", "-q", "--objective", objective,
+                                  *tiny_args(tiny_data)])
+    assert result.exit_code == 0, result.output
+    runs = runs_in(tracking_env)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parent.data.params["objective"] == objective and len(children) == 4
+    lower = objective == "val_loss"
+    number = lambda c: int(c.data.tags["trial_number"])  # noqa: E731
+    if lower:
+        best = min(children, key=lambda c: (c.data.metrics[objective], number(c)))
+    else:
+        best = max(children, key=lambda c: (c.data.metrics[objective], -number(c)))
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert f"scratch: best trial {best.data.tags['trial_number']} (by {objective})" in result.output
+    # Keras Tuner's oracle scored each trial by the same figure
+    project = tracking_env / "mlruns" / "keras_tuner" / parent.data.tags["sweep"]
+    for child in children:
+        trial = json.loads((project / f"trial_{child.data.tags['trial_id']}" / "trial.json").read_text())
+        assert trial["score"] == pytest.approx(child.data.metrics[objective], rel=1e-6)
+    # a trial keeps its model exactly when it improves on the sweep's best objective so far
+    better = (lambda a, b: a < b) if lower else (lambda a, b: a > b)
+    kept = {c.info.run_id for c in children if c.data.tags.get("model_kept") == "true"}
+    assert kept == _improvers(children, objective, better) and best.info.run_id in kept
 
 
 def test_transfer_hyperband_sweep_with_cached_imagenet_weights(tiny_data, tracking_env, runner, keras_cache):
