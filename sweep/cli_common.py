@@ -43,6 +43,22 @@ def parse_image_size(ctx: click.Context, param: click.Parameter, value: str) -> 
     return parts[0], parts[1]
 
 
+def check_out_folder(folder: Path, option: str) -> None:
+    """Refuse an output path that cannot become a folder (a file in the way, no write permission) before any
+    work is done; nothing is created here.
+
+    Raises:
+        SweepError: naming the option, the path and what is in the way.
+    """
+    probe = Path(folder).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SweepError(f"{option} {folder}: {probe} is a file, not a folder; pick another path.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SweepError(f"{option} {folder}: cannot write in {probe}; pick another path.")
+
+
 def tracking_settings_for(config_path: Path | None, experiment: str | None):
     """``mlflow.yaml`` (or ``--config``) with ``--experiment`` applied."""
     settings = load_tracking(config_path)

@@ -11,12 +11,13 @@ from sweep.cli_common import (
     CONFIG,
     EXPERIMENT,
     FAMILY_NAMES,
+    check_out_folder,
     fail,
     parse_image_size,
     quiet_tensorflow,
     tracking_settings_for,
 )
-from sweep.config import SweepSettings, load_tracking
+from sweep.config import SweepSettings, load_tracking, require_store
 from sweep.errors import SweepError
 
 
@@ -36,6 +37,8 @@ def best(experiment, config_path, family, metric, export_dir, no_verify) -> None
     try:
         from sweep.export import export_best, find_best
 
+        if export_dir is not None:
+            check_out_folder(export_dir, "--export")
         settings = tracking_settings_for(config_path, experiment)
         found = find_best(settings, family, metric)
         click.echo(f"Best trial by {metric} in experiment {settings.experiment!r}:")
@@ -50,7 +53,8 @@ def best(experiment, config_path, family, metric, export_dir, no_verify) -> None
             registry = result["registry"]
             click.echo(f"Exported to {export_dir} (model.keras takes raw {found.params.get('image_size', '')} RGB "
                        f"images, 0-255); registered as {registry['uri']}")
-            click.echo(f"Serve it: mlflow models serve -m {registry['uri']} --env-manager local --port 5001")
+            click.echo(f"Serve it: MLFLOW_TRACKING_URI={settings.tracking_uri} mlflow models serve "
+                       f"-m {registry['uri']} --env-manager local --host 127.0.0.1 --port 5001")
     except SweepError as exc:
         fail(exc)
 
@@ -95,6 +99,7 @@ def report(experiment, config_path, out_dir) -> None:
     try:
         from sweep.report import build_report, to_markdown, write_report
 
+        check_out_folder(out_dir, "--out")
         settings = tracking_settings_for(config_path, experiment)
         rows = build_report(settings)
         files, run_id = write_report(rows, settings, out_dir)
@@ -121,6 +126,7 @@ def data(experiment, config_path, data_dir, seed, batch_size, image_size, out_di
         from sweep.report import write_data_overview
         from sweep.study import prepare
 
+        check_out_folder(out_dir, "--out")
         settings = tracking_settings_for(config_path, experiment)
         sweep_settings = SweepSettings(family="scratch", data_dir=data_dir, seed=seed, batch_size=batch_size,
                                        image_size=image_size)
@@ -147,6 +153,9 @@ def ui(config_path, host, port) -> None:
 
     try:
         settings = load_tracking(config_path)
+        if settings.is_local:
+            require_store(settings)
+            _check_port_free(host, port)
     except SweepError as exc:
         fail(exc)
     if not settings.is_local:
@@ -162,6 +171,18 @@ def ui(config_path, host, port) -> None:
     # a child left behind a dead parent would keep its server and job runners alive.
     sys.stdout.flush()
     os.execv(mlflow_bin, command)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server holds, before the MLflow UI starts and fails on it."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SweepError(f"cannot serve on {host}:{port} ({exc.strerror}); pick another with --port.") from None
 
 
 COMMANDS = [best, predict, report, data, ui]

@@ -84,16 +84,37 @@ def keras_cache_dir() -> str | None:
     return os.environ.get("KERAS_HOME") or None
 
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for any other store."""
+    return Path(uri[len(SQLITE_PREFIX):]) if uri.startswith(SQLITE_PREFIX) else None
+
+
+def require_store(settings: TrackingSettings) -> None:
+    """Refuse a local SQLite store that does not exist (a typo in the path), rather than create an empty one.
+
+    Raises:
+        ConfigError: the database file is not there.
+    """
+    database = sqlite_path(settings.tracking_uri)
+    if database is not None and not database.is_file():
+        raise ConfigError(
+            f"no MLflow store at {database}; run `sweep run` first, or point tracking_uri in mlflow.yaml (or "
+            "MLFLOW_TRACKING_URI) at your store."
+        )
+
+
 def _resolve_sqlite(uri: str, base: Path) -> str:
-    """Make a relative ``sqlite:///path`` absolute against ``base`` and create its folder."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
+    """Make a relative ``sqlite:///path`` absolute against ``base``. Nothing is created here: a sweep creates
+    the store when it first logs, and the commands that only read refuse a store that is not there."""
+    path = sqlite_path(uri)
+    if path is None:
         return uri
-    path = Path(uri[len(prefix):])
     if not path.is_absolute():
         path = base / path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return prefix + str(path)
+    return SQLITE_PREFIX + str(path)
 
 
 def load_tracking(config_path: Path | None = None, environ: dict[str, str] | None = None) -> TrackingSettings:

@@ -75,6 +75,18 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
     )
 
 
+def make_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` (and its parents) or say in one line why it cannot be.
+
+    Raises:
+        SweepError: a file stands in the way, or no permission.
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SweepError(f"cannot create the {what} {folder}: {exc.strerror}; pick another path.") from None
+
+
 def _class_names(best: BestTrial, tmp: Path) -> list[str]:
     data = json.loads(tracking.download(best.sweep_run_id, "data.json", tmp).read_text())
     return list(data["class_names"])
@@ -95,14 +107,16 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
     from mlflow.models import infer_signature
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SweepError(f"export folder {out_dir} is a file; pick a new folder.")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise SweepError(f"export folder {out_dir} already exists and is not empty; pick a new folder.")
     if not best.has_model:
         raise SweepError(
             f"trial {best.record.number} of sweep {best.sweep} kept no model: models are kept for the trials that "
-            "improved their sweep's validation accuracy."
+            "improved their sweep's objective."
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir.parent, "export folder's parent")
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         tmp = Path(tmp)
         staging = tmp / "export"
@@ -174,7 +188,9 @@ def load_model_and_classes(model_path: Path):
     try:
         model = keras.models.load_model(model_file)
     except Exception as exc:  # a damaged or foreign file: say which, not a traceback
-        raise SweepError(f"cannot load model {model_file}: {type(exc).__name__}: {exc}") from None
+        raise SweepError(f"cannot load model {model_file}: it is not a readable .keras file (damaged, or not a "
+                         f"Keras model; Keras said {type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass an "
+                         "export folder from `sweep best --export` or its model.keras.") from None
     classes_file = model_file.parent / "classes.json"
     n_classes = int(model.output_shape[-1])
     classes = json.loads(classes_file.read_text()) if classes_file.is_file() else [str(i) for i in range(n_classes)]

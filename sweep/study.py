@@ -52,7 +52,7 @@ def prepare(first: SweepSettings, tracking_settings: TrackingSettings, need_weig
     splits = load_splits(data_dir, first.image_size, first.batch_size, first.seed, source=source)
     if splits.skipped:
         shown = "\n  ".join(splits.skipped[:20]) + ("\n  ..." if len(splits.skipped) > 20 else "")
-        report(f"Warning: skipped {len(splits.skipped)} unreadable file(s) (listed in the sweep's data.json):\n  {shown}")
+        report(f"Warning: skipped {len(splits.skipped)} unreadable file(s) (also listed in data.json):\n  {shown}")
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in splits.counts().items())
     report(f"Classes {', '.join(splits.class_names)}; images: {counts}; "
            f"baseline (always '{splits.class_names[splits.majority_class]}') {splits.baseline_accuracy:.1%}")

@@ -20,7 +20,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweep.config import TrackingSettings
+from sweep.config import TrackingSettings, require_store, sqlite_path
 from sweep.errors import ConfigError
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -33,6 +33,13 @@ def use_experiment(settings: TrackingSettings) -> str:
     Raises:
         ConfigError: the tracking store cannot be reached or the experiment was deleted.
     """
+    database = sqlite_path(settings.tracking_uri)
+    if database is not None:
+        try:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the MLflow store's folder {database.parent}: {exc.strerror}; "
+                              "fix tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI.") from None
     mlflow.set_tracking_uri(settings.tracking_uri)
     with _store_lock(settings.tracking_uri):
         return _use_experiment(settings)
@@ -186,6 +193,7 @@ def experiment_id_of(settings: TrackingSettings) -> str:
     Raises:
         ConfigError: the store cannot be reached, or holds no such experiment.
     """
+    require_store(settings)
     mlflow.set_tracking_uri(settings.tracking_uri)
     try:
         experiment = mlflow.get_experiment_by_name(settings.experiment)

@@ -169,7 +169,49 @@ def test_predict_rejects_a_non_model(tmp_path, runner):
     bogus.write_text("nope")
     result = runner.invoke(main, ["predict", str(bogus), str(tmp_path)])
     assert result.exit_code == 1
-    assert f"cannot load model {bogus}" in result.output and "Traceback" not in result.output
+    assert f"cannot load model {bogus}: it is not a readable .keras file" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_read_only_commands_refuse_a_store_that_is_not_there_and_create_nothing(tmp_path, runner, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "typo" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    for command in (["best"], ["report", "--out", str(tmp_path / "r")], ["ui"]):
+        result = runner.invoke(main, command)
+        assert result.exit_code == 1, command
+        assert f"Error: no MLflow store at {missing}; run `sweep run` first" in result.output, command
+        assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no folder, no report
+
+
+def test_output_paths_that_cannot_be_folders_get_one_line_and_nothing_is_written(swept, runner):
+    a_file = swept / "a_file.txt"
+    a_file.write_text("mine")
+    cases = [(["best", "--export", str(a_file)], f"--export {a_file}: {a_file} is a file, not a folder"),
+             (["best", "--export", str(a_file / "sub")], f"--export {a_file / 'sub'}: {a_file} is a file"),
+             (["report", "--out", str(a_file / "sub")], f"--out {a_file / 'sub'}: {a_file} is a file"),
+             (["data", "--out", str(a_file / "sub")], f"--out {a_file / 'sub'}: {a_file} is a file")]
+    before = len(runs_in(swept))
+    for command, message in cases:
+        result = runner.invoke(main, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert f"Error: {message}, not a folder; pick another path." in result.output or \
+            f"Error: {message}; pick another path." in result.output, result.output
+        assert "Traceback" not in result.output
+    assert a_file.read_text() == "mine" and len(runs_in(swept)) == before
+    assert not MlflowClient().search_registered_models()
+
+
+def test_ui_refuses_a_port_in_use(swept, runner):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = runner.invoke(main, ["ui", "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"Error: cannot serve on 127.0.0.1:{port} (Address already in use); pick another with --port." \
+        in result.output
 
 
 def test_report_compares_two_families_with_the_baseline(swept, runner, tiny_data):
