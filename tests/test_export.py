@@ -134,9 +134,15 @@ def test_export_refuses_a_non_empty_folder_and_writes_nothing(swept, runner):
 
 
 def test_best_without_runs(tracking_env, runner):
+    from sweep import tracking
+    from sweep.config import load_tracking
+
+    tracking.use_experiment(load_tracking())  # a store with an empty experiment, as a sweep's first step leaves
     result = runner.invoke(main, ["best", "--experiment", "nothing-here"])
     assert result.exit_code == 1
     assert "experiment 'nothing-here' has no runs" in result.output and "Traceback" not in result.output
+    empty = runner.invoke(main, ["best"])
+    assert empty.exit_code == 1 and "experiment 'test-exp' has no finished trial" in empty.output
 
 
 def test_predict_good_corrupt_and_non_image_files(swept, runner, tiny_data):
