@@ -74,8 +74,7 @@ def _sweep_settings(families, o: dict) -> tuple[list[SweepSettings], object]:
         tracking_settings = replace(tracking_settings, experiment=o["experiment"])
     settings = [
         SweepSettings(family=f, trials=o["trials"], tuner=o["tuner"], objective=o["objective"], epochs=o["epochs"],
-                      seed=o["seed"],
-                      batch_size=o["batch_size"], image_size=o["image_size"], data_dir=o["data_dir"],
+                      seed=o["seed"], batch_size=o["batch_size"], image_size=o["image_size"], data_dir=o["data_dir"],
                       weights=o["weights"], verbose=keras_verbosity(o["quiet"]), feature_cache=not o["no_cache"])
         for f in families
     ]
@@ -85,8 +84,8 @@ def _sweep_settings(families, o: dict) -> tuple[list[SweepSettings], object]:
 def _as_args(o: dict) -> list[str]:
     """The sweep options back as command-line arguments, for the chief process of --workers."""
     args = ["--trials", str(o["trials"]), "--tuner", o["tuner"], "--objective", o["objective"],
-            "--epochs", str(o["epochs"]), "--seed", str(o["seed"]),
-            "--weights", o["weights"], "--batch-size", str(o["batch_size"]),
+            "--epochs", str(o["epochs"]), "--seed", str(o["seed"]), "--weights", o["weights"],
+            "--batch-size", str(o["batch_size"]),
             "--image-size", f"{o['image_size'][0]}x{o['image_size'][1]}"]
     for key, flag in (("data_dir", "--data-dir"), ("experiment", "--experiment"), ("config_path", "--config")):
         if o[key] is not None:

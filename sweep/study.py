@@ -121,8 +121,7 @@ def run_sweep(
         _adopt_finished_trials(tuner, experiment_id, resume_run.info.run_id, report)
     params = {
         "family": settings.family, "tuner": settings.tuner, "objective": settings.objective,
-        "trials": settings.trials, "epochs": settings.epochs,
-        "seed": settings.seed, "batch_size": settings.batch_size,
+        "trials": settings.trials, "epochs": settings.epochs, "seed": settings.seed, "batch_size": settings.batch_size,
         "image_size": f"{settings.image_size[0]}x{settings.image_size[1]}", "data": splits.source,
         "num_classes": len(splits.class_names), "tuner_dir": tuner.project_dir,
     }
