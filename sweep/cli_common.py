@@ -15,8 +15,35 @@ from sweep.errors import SweepError
 FAMILY_NAMES = ("scratch", "augmented", "preprocessed", "transfer")
 
 
+# What TensorFlow's C++ side writes to stderr while it loads, before its log level applies: no news to a user.
+_IMPORT_NOISE = ("WARNING: All log messages before absl::InitializeLog() is called",
+                 "oneDNN custom operations are on", "cudart_stub.cc", "Could not find cuda drivers")
+
+
 def quiet_tensorflow() -> None:
+    """Import TensorFlow now, without its start-up lines on stderr; anything else it writes is passed on.
+
+    TF_CPP_MIN_LOG_LEVEL silences its later logging, but the lines written while its libraries load come
+    before that setting applies, so stderr (the file descriptor, as C++ writes there) is caught for the import.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip() and not any(noise in line for noise in _IMPORT_NOISE):
+                    print(line, file=sys.stderr)
 
 
 def keras_verbosity(quiet: bool) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +18,16 @@ def test_help_lists_commands(runner):
     result = runner.invoke(main, ["--help"])
     assert result.exit_code == 0
     assert "run" in result.output and "families" in result.output
+
+
+def test_commands_print_no_tensorflow_start_up_lines():
+    """The lines TensorFlow's C++ side writes while it loads (oneDNN, CUDA, absl) do not reach the user."""
+    sweep = str(Path(sys.executable).with_name("sweep"))
+    result = subprocess.run([sweep, "families"], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("scratch: ") and "transfer: " in result.stdout
+    assert result.stderr == ""
 
 
 def test_families_prints_hyperparameters_and_defaults(runner):
