@@ -34,6 +34,8 @@ from sweep.errors import SweepError
 def best(experiment, config_path, family, metric, export_dir, no_verify) -> None:
     """Print the best finished trial across all sweeps; optionally export and register its model."""
     quiet_tensorflow()
+    if no_verify and export_dir is None:
+        raise click.UsageError("--no-verify only applies with --export DIR.")
     try:
         from sweep.export import export_best, find_best
 
@@ -155,6 +157,7 @@ def ui(config_path, host, port) -> None:
         settings = load_tracking(config_path)
         if settings.is_local:
             require_store(settings)
+            _check_store_readable(settings.tracking_uri)
             _check_port_free(host, port)
     except SweepError as exc:
         fail(exc)
@@ -171,6 +174,18 @@ def ui(config_path, host, port) -> None:
     # a child left behind a dead parent would keep its server and job runners alive.
     sys.stdout.flush()
     os.execv(mlflow_bin, command)
+
+
+def _check_store_readable(tracking_uri: str) -> None:
+    """Refuse a store MLflow cannot open (an unknown scheme, a broken database) before the UI starts on it."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises several kinds for a URI it cannot use
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SweepError(f"cannot read MLflow store {tracking_uri}: {first[:300]}; fix tracking_uri in mlflow.yaml "
+                         "or MLFLOW_TRACKING_URI.") from None
 
 
 def _check_port_free(host: str, port: int) -> None:

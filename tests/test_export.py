@@ -209,6 +209,17 @@ def test_output_paths_that_cannot_be_folders_get_one_line_and_nothing_is_written
     assert not MlflowClient().search_registered_models()
 
 
+def test_ui_refuses_a_store_mlflow_cannot_open_and_best_refuses_a_lone_no_verify(tracking_env, runner, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
+    result = runner.invoke(main, ["ui"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cannot read MLflow store bogus://x: ")
+    assert "fix tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI." in result.output
+    assert "MLflow UI for" not in result.output and "Traceback" not in result.output
+    lone = runner.invoke(main, ["best", "--no-verify"])
+    assert lone.exit_code == 2 and "--no-verify only applies with --export DIR." in lone.output
+
+
 def test_ui_refuses_a_port_in_use(swept, runner):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
