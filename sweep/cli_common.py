@@ -25,6 +25,7 @@ def quiet_tensorflow() -> None:
 
     TF_CPP_MIN_LOG_LEVEL silences its later logging, but the lines written while its libraries load come
     before that setting applies, so stderr (the file descriptor, as C++ writes there) is caught for the import.
+    A process that TensorFlow aborts during the import loses those lines; an import that raises shows them.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules:
@@ -33,16 +34,20 @@ def quiet_tensorflow() -> None:
 
     sys.stderr.flush()
     saved = os.dup(2)
+    imported = False
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
             import tensorflow  # noqa: F401
+
+            imported = True
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
             for line in sink.read().decode(errors="replace").splitlines():
-                if line.strip() and not any(noise in line for noise in _IMPORT_NOISE):
+                # a failed import shows all it wrote, the start-up lines included
+                if line.strip() and (not imported or not any(noise in line for noise in _IMPORT_NOISE)):
                     print(line, file=sys.stderr)
 
 
@@ -78,8 +83,11 @@ def check_out_folder(folder: Path, option: str) -> None:
         SweepError: naming the option, the path and what is in the way.
     """
     probe = Path(folder).absolute()
-    while not probe.exists():
-        probe = probe.parent
+    try:
+        while not probe.exists():
+            probe = probe.parent
+    except OSError as exc:  # a parent folder that cannot be searched
+        raise SweepError(f"{option} {folder}: cannot reach {probe} ({exc.strerror}); pick another path.") from None
     if not probe.is_dir():
         raise SweepError(f"{option} {folder}: {probe} is a file, not a folder; pick another path.")
     if not os.access(probe, os.W_OK | os.X_OK):

@@ -25,9 +25,9 @@ from sweep.errors import SweepError
 @EXPERIMENT
 @CONFIG
 @click.option("--family", default=None, type=click.Choice(FAMILY_NAMES), help="Only this family's trials.")
-@click.option("--metric", default="val_loss", show_default=True,
-              type=click.Choice(["val_loss", "val_accuracy", "test_accuracy"]),
-              help="What 'best' means: the lowest final validation loss, or the highest accuracy.")
+@click.option("--metric", default=None, type=click.Choice(["val_loss", "val_accuracy", "test_accuracy"]),
+              help="What 'best' means: the lowest final validation loss, or the highest accuracy. Default: the "
+                   "objective the sweeps ran with (val_loss unless --objective said otherwise).")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
               help="Write the best trial's model and records to this new folder and register the model.")
 @click.option("--no-verify", is_flag=True, help="With --export: skip re-evaluating the model on the test split.")
@@ -43,10 +43,10 @@ def best(experiment, config_path, family, metric, export_dir, no_verify) -> None
             check_out_folder(export_dir, "--export")
         settings = tracking_settings_for(config_path, experiment)
         found = find_best(settings, family, metric)
-        click.echo(f"Best trial by {metric} in experiment {settings.experiment!r}:")
+        click.echo(f"Best trial by {found.metric} in experiment {settings.experiment!r}:")
         click.echo(found.describe())
         if export_dir is not None and not found.has_model:
-            found = find_best(settings, family, metric, with_model=True)
+            found = find_best(settings, family, found.metric, with_model=True)
             click.echo(f"That trial kept no model (only trials that improved their sweep do); exporting the best "
                        f"trial that did:\n{found.describe()}")
         if export_dir is not None:
@@ -95,7 +95,9 @@ def predict(model, images) -> None:
 @CONFIG
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-output/report"),
               show_default=True, help="Folder for report.md and report.png.")
-def report(experiment, config_path, out_dir) -> None:
+@click.option("--metric", default=None, type=click.Choice(["val_loss", "val_accuracy"]),
+              help="What picks each family's best trial. Default: the objective the sweeps ran with.")
+def report(experiment, config_path, out_dir, metric) -> None:
     """The study's table: baseline, then each family's best val and test accuracy, gain and overfitting gap."""
     quiet_tensorflow()
     try:
@@ -103,7 +105,7 @@ def report(experiment, config_path, out_dir) -> None:
 
         check_out_folder(out_dir, "--out")
         settings = tracking_settings_for(config_path, experiment)
-        rows = build_report(settings)
+        rows = build_report(settings, metric)
         files, run_id = write_report(rows, settings, out_dir)
     except SweepError as exc:
         fail(exc)

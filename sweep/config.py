@@ -89,7 +89,7 @@ SQLITE_PREFIX = "sqlite:///"
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` tracking URI; None for any other store."""
-    return Path(uri[len(SQLITE_PREFIX):]) if uri.startswith(SQLITE_PREFIX) else None
+    return Path(uri[len(SQLITE_PREFIX):].split("?", 1)[0]) if uri.startswith(SQLITE_PREFIX) else None
 
 
 def require_store(settings: TrackingSettings) -> None:
@@ -110,11 +110,9 @@ def _resolve_sqlite(uri: str, base: Path) -> str:
     """Make a relative ``sqlite:///path`` absolute against ``base``. Nothing is created here: a sweep creates
     the store when it first logs, and the commands that only read refuse a store that is not there."""
     path = sqlite_path(uri)
-    if path is None:
+    if path is None or path.is_absolute():
         return uri
-    if not path.is_absolute():
-        path = base / path
-    return SQLITE_PREFIX + str(path)
+    return SQLITE_PREFIX + str(base / uri[len(SQLITE_PREFIX):])  # any ?options stay
 
 
 def load_tracking(config_path: Path | None = None, environ: dict[str, str] | None = None) -> TrackingSettings:

@@ -15,7 +15,15 @@ from sweep import tracking
 from sweep.config import TrackingSettings
 from sweep.data import decode_error, decode_image
 from sweep.errors import SweepError
-from sweep.results import RANKINGS, TrialRecord, best_run, format_value, interval_text, record_from_run
+from sweep.results import (
+    RANKINGS,
+    TrialRecord,
+    best_run,
+    format_value,
+    interval_text,
+    objective_of,
+    record_from_run,
+)
 
 MODEL_ARTIFACT = tracking.MODEL_ARTIFACT
 
@@ -30,34 +38,37 @@ class BestTrial:
     baseline_accuracy: float
     params: dict[str, str]
     has_model: bool
+    metric: str = "val_loss"  # what it is best by
 
     def describe(self) -> str:
         r = self.record
         hps = ", ".join(f"{k}={format_value(v)}" for k, v in r.hyperparameters.items())
         return (f"family {r.family}, sweep {self.sweep}, trial {r.number}\n"
                 f"  hyperparameters: {hps}\n"
-                f"  val accuracy {r.val_accuracy:.2%} (loss {r.val_loss:.4f}), test accuracy {r.test_accuracy:.2%}{interval_text(r)}, "
-                f"baseline {self.baseline_accuracy:.2%}\n"
+                f"  val accuracy {r.val_accuracy:.2%} (loss {r.val_loss:.4f}), "
+                f"test accuracy {r.test_accuracy:.2%}{interval_text(r)}, baseline {self.baseline_accuracy:.2%}\n"
                 f"  MLflow run {r.run_id} (sweep run {self.sweep_run_id})")
 
 
-def find_best(settings: TrackingSettings, family: str | None = None, metric: str = "val_loss",
+def find_best(settings: TrackingSettings, family: str | None = None, metric: str | None = None,
               with_model: bool = False) -> BestTrial:
     """The finished trial with the best ``metric`` (lowest loss, highest accuracy; the earliest on a tie) across
     all sweeps.
 
-    With ``with_model``, only trials that kept their trained model count (what ``--export`` needs).
+    ``metric`` None means the objective the sweeps were run with (``objective_of``). With ``with_model``, only
+    trials that kept their trained model count (what ``--export`` needs).
 
     Raises:
         SweepError: unknown metric, or no finished trial in the experiment (or family).
     """
-    if metric not in RANKINGS:
+    if metric is not None and metric not in RANKINGS:
         raise SweepError(f"unknown metric {metric!r}; choose one of {', '.join(RANKINGS)}.")
     experiment_id = tracking.experiment_id_of(settings)
     runs = tracking.finished_trials(experiment_id, family)
     where = f" of family {family}" if family else ""
     if not runs:
         raise SweepError(f"experiment {settings.experiment!r} has no finished trial{where}; run `sweep run` first.")
+    metric = metric or objective_of(runs)
     if with_model:
         runs = [r for r in runs if r.data.tags.get("model_kept") == "true"]
         if not runs:
@@ -72,6 +83,7 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
         baseline_accuracy=float(best.data.metrics.get("baseline_accuracy", float("nan"))),
         params={**parent.data.params, **best.data.params},
         has_model=tracking.has_artifact(best.info.run_id, MODEL_ARTIFACT),
+        metric=metric,
     )
 
 

@@ -9,18 +9,19 @@ from search_spaces import FAMILIES
 from sweep import plots, tracking
 from sweep.config import TrackingSettings
 from sweep.errors import SweepError
-from sweep.results import DEFAULT_OBJECTIVE, TrialRecord, best_run, interval_text, record_from_run
+from sweep.results import DEFAULT_OBJECTIVE, TrialRecord, best_run, interval_text, objective_of, record_from_run
 
 
 @dataclass
 class FamilyRow:
-    """One family's best trial (by final validation loss) and how it compares with the baseline."""
+    """One family's best trial (by ``metric``, final validation loss by default) against the baseline."""
 
     family: str
     best: TrialRecord
     baseline: float
     trials: int
     train_accuracy: float
+    metric: str = DEFAULT_OBJECTIVE
 
     @property
     def gain_points(self) -> float:
@@ -33,8 +34,9 @@ class FamilyRow:
         return (self.train_accuracy - self.best.val_accuracy) * 100
 
 
-def build_report(settings: TrackingSettings) -> list[FamilyRow]:
-    """Each family's best finished trial in the experiment, in the study's order.
+def build_report(settings: TrackingSettings, metric: str | None = None) -> list[FamilyRow]:
+    """Each family's best finished trial in the experiment, in the study's order, by ``metric`` (None: the
+    objective the sweeps ran with, see ``objective_of``).
 
     Raises:
         SweepError: the experiment has no finished trial.
@@ -42,15 +44,16 @@ def build_report(settings: TrackingSettings) -> list[FamilyRow]:
     runs = tracking.finished_trials(tracking.experiment_id_of(settings))
     if not runs:
         raise SweepError(f"experiment {settings.experiment!r} has no finished trial; run `sweep run` first.")
+    metric = metric or objective_of(runs)
     rows = []
     order = list(FAMILIES) + sorted({r.data.tags.get("family", "?") for r in runs} - set(FAMILIES))
     for family in order:
         mine = [r for r in runs if r.data.tags.get("family") == family]
         if not mine:
             continue
-        best = best_run(mine, DEFAULT_OBJECTIVE)
+        best = best_run(mine, metric)
         rows.append(FamilyRow(family, record_from_run(best), float(best.data.metrics.get("baseline_accuracy", 0)),
-                              len(mine), float(best.data.metrics.get("accuracy", float("nan")))))
+                              len(mine), float(best.data.metrics.get("accuracy", float("nan"))), metric))
     return rows
 
 
@@ -59,16 +62,17 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
     lines = [f"# Study report: {experiment}", ""]
     lines.append("Baseline (always guess the training split's most frequent class), on the test split: "
                  + ", ".join(f"{b:.1%}" for b in baselines))
-    lines += ["", "| family | trials | best trial | val accuracy | test accuracy | gain over baseline (pts) "
-              "| overfitting gap (pts) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| family | trials | best trial | val accuracy | val loss | test accuracy | gain over baseline "
+              "(pts) | overfitting gap (pts) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     if len(baselines) == 1:
-        lines.append(f"| baseline | | | | {baselines[0]:.1%} | 0.0 | |")
+        lines.append(f"| baseline | | | | | {baselines[0]:.1%} | 0.0 | |")
     for r in rows:
-        lines.append(f"| {r.family} | {r.trials} | {r.best.number} | {r.best.val_accuracy:.1%} | "
+        lines.append(f"| {r.family} | {r.trials} | {r.best.number} | {r.best.val_accuracy:.1%} | {r.best.val_loss:.3f} | "
                      f"{r.best.test_accuracy:.1%}{interval_text(r.best)} | {r.gain_points:+.1f} | {r.gap_points:+.1f} |")
     sizes = sorted({r.best.test_images for r in rows if r.best.test_images})
     one_image = f" (one image of {sizes[0]} is {100 / sizes[0]:.2f} points)" if len(sizes) == 1 else ""
-    lines += ["", "Best trial per family by final validation loss; overfitting gap = final training minus "
+    chosen_by = ", ".join(sorted({r.metric for r in rows}))
+    lines += ["", f"Best trial per family by final {chosen_by}; overfitting gap = final training minus "
               "validation accuracy of that trial (flip-averaged validation for a test_time_flip trial); 95% CI: "
               f"Wilson score interval over the test images{one_image}. MLflow runs: "
               + ", ".join(f"{r.family} `{r.best.run_id}`" for r in rows), ""]

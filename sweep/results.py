@@ -91,10 +91,14 @@ RANKINGS = {**OBJECTIVES, "test_accuracy": "max"}
 
 def best_run(runs: list[Any], metric: str = DEFAULT_OBJECTIVE) -> Any:
     """The MLflow run with the best final ``metric`` (see ``RANKINGS``); the earliest wins a tie, and runs
-    without the metric come last."""
+    without the metric (or with NaN) come last."""
     sign = 1.0 if RANKINGS[metric] == "min" else -1.0
-    return min(runs, key=lambda r: (sign * r.data.metrics[metric] if metric in r.data.metrics else float("inf"),
-                                    r.info.start_time))
+
+    def key(run):
+        value = run.data.metrics.get(metric, float("nan"))
+        return (sign * value if value == value else float("inf"), run.info.start_time)  # NaN or missing: last
+
+    return min(runs, key=key)
 
 
 def format_value(value: Any) -> str:
@@ -122,7 +126,14 @@ def trials_csv(records: list[TrialRecord]) -> str:
     return out.getvalue()
 
 
-FIXED_PARAMS = {"family", "tuner", "epochs", "batch_size", "image_size", "seed", "weights"}
+FIXED_PARAMS = {"family", "tuner", "objective", "epochs", "batch_size", "image_size", "seed", "weights"}
+
+
+def objective_of(runs: list[Any]) -> str:
+    """The objective the trials were chosen by: their sweeps' own when they all share one (trials from before
+    ``--objective`` count as ``val_accuracy``), else the default."""
+    used = {r.data.params.get("objective", "val_accuracy") for r in runs}
+    return used.pop() if len(used) == 1 else DEFAULT_OBJECTIVE
 
 
 def record_from_run(run: Any, history: dict[str, list[float]] | None = None) -> TrialRecord:

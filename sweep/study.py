@@ -282,7 +282,8 @@ def run_study(settings: list[SweepSettings], tracking_settings: TrackingSettings
         resume_run, resumed = find_resumable(settings[0], tracking_settings, sweep_name)
         settings = [resumed]
         report(f"Resuming sweep {resume_run.data.tags['sweep']} (MLflow run {resume_run.info.run_id}) with its "
-               f"own settings: {resumed.trials} trials x {resumed.epochs} epochs, {resumed.tuner}, seed {resumed.seed}")
+               f"own settings: {resumed.trials} trials x {resumed.epochs} epochs, {resumed.tuner}, objective "
+               f"{resumed.objective}, seed {resumed.seed}")
     prepared = prepare(settings[0], tracking_settings, any(s.family == "transfer" for s in settings), report)
     return [run_sweep(s, prepared.splits, tracking_settings, prepared.experiment_id, prepared.weights_path, report,
                       resume_run) for s in settings]

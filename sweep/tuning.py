@@ -141,7 +141,7 @@ class SweepTuner(kt.Tuner):
         s = self.settings
         params = {name: format_value(value) for name, value in values.items()}
         params.update(
-            family=s.family, tuner=s.tuner, epochs=epochs, batch_size=s.batch_size,
+            family=s.family, tuner=s.tuner, objective=s.objective, epochs=epochs, batch_size=s.batch_size,
             image_size=f"{s.image_size[0]}x{s.image_size[1]}", seed=s.seed,
         )
         if s.family == "transfer":

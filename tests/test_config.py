@@ -75,3 +75,13 @@ def test_named_missing_file(tmp_path):
 def test_sweep_settings_validate(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SweepSettings(family="scratch", **kwargs)
+
+
+def test_sqlite_uri_options_are_kept_and_not_taken_for_the_file(tmp_path):
+    from sweep.config import sqlite_path
+
+    config = write(tmp_path, "tracking_uri: sqlite:///store/db.sqlite?timeout=30\n")
+    settings = load_tracking(config, environ={})
+    assert settings.tracking_uri == f"sqlite:///{tmp_path}/store/db.sqlite?timeout=30"
+    assert sqlite_path(settings.tracking_uri) == tmp_path / "store" / "db.sqlite"
+    assert sqlite_path("http://host:5000") is None

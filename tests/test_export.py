@@ -69,6 +69,15 @@ def stop(proc) -> None:
 
 
 @pytest.fixture()
+def no_exec(monkeypatch):
+    """`sweep ui` replaces its process with MLflow's UI; inside pytest that must fail loudly instead."""
+    def refuse(*args):
+        raise AssertionError(f"sweep ui went on to start the UI: {args}")
+
+    monkeypatch.setattr(os, "execv", refuse)
+
+
+@pytest.fixture()
 def swept(tiny_data, tracking_env, runner):
     result = runner.invoke(main, sweep_args(tiny_data, "scratch"))
     assert result.exit_code == 0, result.output
@@ -179,7 +188,8 @@ def test_predict_rejects_a_non_model(tmp_path, runner):
     assert "Traceback" not in result.output
 
 
-def test_read_only_commands_refuse_a_store_that_is_not_there_and_create_nothing(tmp_path, runner, monkeypatch):
+def test_read_only_commands_refuse_a_store_that_is_not_there_and_create_nothing(tmp_path, runner, monkeypatch,
+                                                                                no_exec):
     monkeypatch.chdir(tmp_path)
     missing = tmp_path / "typo" / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
@@ -209,7 +219,8 @@ def test_output_paths_that_cannot_be_folders_get_one_line_and_nothing_is_written
     assert not MlflowClient().search_registered_models()
 
 
-def test_ui_refuses_a_store_mlflow_cannot_open_and_best_refuses_a_lone_no_verify(tracking_env, runner, monkeypatch):
+def test_ui_refuses_a_store_mlflow_cannot_open_and_best_refuses_a_lone_no_verify(tracking_env, runner, monkeypatch,
+                                                                                  no_exec):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
     result = runner.invoke(main, ["ui"])
     assert result.exit_code == 1
@@ -220,7 +231,7 @@ def test_ui_refuses_a_store_mlflow_cannot_open_and_best_refuses_a_lone_no_verify
     assert lone.exit_code == 2 and "--no-verify only applies with --export DIR." in lone.output
 
 
-def test_ui_refuses_a_port_in_use(swept, runner):
+def test_ui_refuses_a_port_in_use(swept, runner, no_exec):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()

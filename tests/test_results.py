@@ -61,3 +61,20 @@ def test_best_run_ranks_logged_runs_by_the_metric_and_puts_runs_without_it_last(
     assert best_run(runs, "val_accuracy").info.start_time == 1
     assert best_run(runs, "test_accuracy").info.start_time == 4
     assert best_run([run(1), run(2)], "val_loss").info.start_time == 1
+    nan = float("nan")
+    assert best_run([run(1, val_loss=nan, val_accuracy=nan), run(2, val_loss=0.3, val_accuracy=0.5)]).info.start_time == 2
+    assert best_run([run(1, val_accuracy=nan), run(2, val_accuracy=0.5)], "val_accuracy").info.start_time == 2
+
+
+def test_objective_of_is_the_sweeps_own_when_they_agree():
+    from types import SimpleNamespace
+
+    from sweep.results import objective_of
+
+    def run(**params):
+        return SimpleNamespace(data=SimpleNamespace(params=params))
+
+    assert objective_of([run(objective="val_accuracy"), run(objective="val_accuracy")]) == "val_accuracy"
+    assert objective_of([run(objective="val_loss")]) == "val_loss"
+    assert objective_of([run()]) == "val_accuracy"  # trials from before --objective
+    assert objective_of([run(objective="val_accuracy"), run(objective="val_loss")]) == "val_loss"  # mixed: default

@@ -167,6 +167,16 @@ def test_the_objective_drives_the_tuner_the_best_trial_and_the_kept_models(tiny_
     better = (lambda a, b: a < b) if lower else (lambda a, b: a > b)
     kept = {c.info.run_id for c in children if c.data.tags.get("model_kept") == "true"}
     assert kept == _improvers(children, objective, better) and best.info.run_id in kept
+    assert {c.data.params["objective"] for c in children} == {objective}
+    # `sweep best` and `sweep report` rank by the objective the sweep ran with, unless told otherwise
+    picked = runner.invoke(main, ["best"])
+    assert picked.exit_code == 0, picked.output
+    assert f"Best trial by {objective}" in picked.output and best.info.run_id in picked.output
+    other = "val_accuracy" if lower else "val_loss"
+    assert f"Best trial by {other}" in runner.invoke(main, ["best", "--metric", other]).output
+    report = runner.invoke(main, ["report", "--out", str(tracking_env / "report")])
+    assert report.exit_code == 0, report.output
+    assert f"Best trial per family by final {objective};" in report.output and best.info.run_id in report.output
 
 
 def test_transfer_hyperband_sweep_with_cached_imagenet_weights(tiny_data, tracking_env, runner, keras_cache):
