@@ -33,9 +33,9 @@ from sweep.errors import SweepError
 @click.option("--no-verify", is_flag=True, help="With --export: skip re-evaluating the model on the test split.")
 def best(experiment, config_path, family, metric, export_dir, no_verify) -> None:
     """Print the best finished trial across all sweeps; optionally export and register its model."""
-    quiet_tensorflow()
     if no_verify and export_dir is None:
         raise click.UsageError("--no-verify only applies with --export DIR.")
+    quiet_tensorflow()
     try:
         from sweep.export import export_best, find_best
 

@@ -87,18 +87,6 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
     )
 
 
-def make_folder(folder: Path, what: str) -> None:
-    """Create ``folder`` (and its parents) or say in one line why it cannot be.
-
-    Raises:
-        SweepError: a file stands in the way, or no permission.
-    """
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SweepError(f"cannot create the {what} {folder}: {exc.strerror}; pick another path.") from None
-
-
 def _class_names(best: BestTrial, tmp: Path) -> list[str]:
     data = json.loads(tracking.download(best.sweep_run_id, "data.json", tmp).read_text())
     return list(data["class_names"])
@@ -128,7 +116,11 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
             f"trial {best.record.number} of sweep {best.sweep} kept no model: models are kept for the trials that "
             "improved their sweep's objective."
         )
-    make_folder(out_dir.parent, "export folder's parent")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SweepError(f"cannot create the export folder's parent {out_dir.parent}: {exc.strerror}; "
+                         "pick another path.") from None
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         tmp = Path(tmp)
         staging = tmp / "export"

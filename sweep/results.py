@@ -63,14 +63,14 @@ def interval_text(record: TrialRecord) -> str:
 # What a sweep can optimise (the final model's figure on the validation split) and which way is better.
 OBJECTIVES = {"val_loss": "min", "val_accuracy": "max"}
 DEFAULT_OBJECTIVE = "val_loss"
+LEGACY_OBJECTIVE = "val_accuracy"  # what sweeps from before ``--objective`` optimised
+# What `sweep best` and `sweep report` can rank logged trials by, and which way is better.
+RANKINGS = {**OBJECTIVES, "test_accuracy": "max"}
 
 
-def objective_key(objective: str):
-    """A sort key for records (or anything with the objective as an attribute): smaller is better."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    sign = 1.0 if OBJECTIVES[objective] == "min" else -1.0
-    return lambda record: sign * getattr(record, objective)
+def _sign(metric: str) -> float:
+    """1 when lower ``metric`` is better, -1 when higher is: ``sign * value`` then sorts best first."""
+    return 1.0 if RANKINGS[metric] == "min" else -1.0
 
 
 def best_record(records: list[TrialRecord], objective: str = DEFAULT_OBJECTIVE) -> TrialRecord | None:
@@ -80,19 +80,17 @@ def best_record(records: list[TrialRecord], objective: str = DEFAULT_OBJECTIVE) 
     images, so the most accurate trial on validation is often a lucky, overconfident one; the cross-entropy
     of the predicted probabilities tells such trials apart (see the README's "Choosing the best trial").
     """
-    key = objective_key(objective)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    sign = _sign(objective)
     finished = [r for r in records if getattr(r, objective) == getattr(r, objective)]  # drop NaN
-    return min(finished, key=lambda r: (key(r), r.number), default=None)
-
-
-# What `sweep best` and `sweep report` can rank logged trials by, and which way is better.
-RANKINGS = {**OBJECTIVES, "test_accuracy": "max"}
+    return min(finished, key=lambda r: (sign * getattr(r, objective), r.number), default=None)
 
 
 def best_run(runs: list[Any], metric: str = DEFAULT_OBJECTIVE) -> Any:
     """The MLflow run with the best final ``metric`` (see ``RANKINGS``); the earliest wins a tie, and runs
     without the metric (or with NaN) come last."""
-    sign = 1.0 if RANKINGS[metric] == "min" else -1.0
+    sign = _sign(metric)
 
     def key(run):
         value = run.data.metrics.get(metric, float("nan"))
@@ -132,7 +130,7 @@ FIXED_PARAMS = {"family", "tuner", "objective", "epochs", "batch_size", "image_s
 def objective_of(runs: list[Any]) -> str:
     """The objective the trials were chosen by: their sweeps' own when they all share one (trials from before
     ``--objective`` count as ``val_accuracy``), else the default."""
-    used = {r.data.params.get("objective", "val_accuracy") for r in runs}
+    used = {r.data.params.get("objective", LEGACY_OBJECTIVE) for r in runs}
     return used.pop() if len(used) == 1 else DEFAULT_OBJECTIVE
 
 

@@ -20,7 +20,15 @@ from sweep.config import SweepSettings, TrackingSettings
 from sweep.data import DATASET_URL, Splits, check_layout, download_dataset, load_splits
 from sweep.errors import SweepError
 from sweep.features import PoolSpec
-from sweep.results import DEFAULT_OBJECTIVE, OBJECTIVES, TrialRecord, best_record, record_from_run, trials_csv
+from sweep.results import (
+    DEFAULT_OBJECTIVE,
+    LEGACY_OBJECTIVE,
+    OBJECTIVES,
+    TrialRecord,
+    best_record,
+    record_from_run,
+    trials_csv,
+)
 from sweep.tuning import SweepTuner, build_oracle, prepare_features
 
 Reporter = Callable[[str], None]
@@ -250,7 +258,7 @@ def settings_from_run(run, base: SweepSettings) -> SweepSettings:
     height, width = (int(v) for v in p["image_size"].split("x"))
     return replace(
         base, family=p["family"], trials=int(p["trials"]), tuner=p["tuner"], epochs=int(p["epochs"]),
-        objective=p.get("objective", "val_accuracy"),  # sweeps from before the option scored val_accuracy
+        objective=p.get("objective", LEGACY_OBJECTIVE),
         seed=int(p["seed"]), batch_size=int(p["batch_size"]), image_size=(height, width),
         data_dir=None if p["data"] == DATASET_URL else Path(p["data"]),
         weights=p.get("weights", base.weights),
