@@ -8,7 +8,7 @@ import keras_tuner as kt
 
 from search_spaces.base import HyperFamily
 from search_spaces.conv import HyperAugmented, HyperPreprocessed, HyperScratch
-from search_spaces.transfer import HyperTransfer, resolve_weights
+from search_spaces.transfer import HyperTransfer, checkpoint_size_warning, resolve_weights
 
 FAMILIES: dict[str, type[HyperFamily]] = {
     cls.name: cls for cls in (HyperScratch, HyperAugmented, HyperPreprocessed, HyperTransfer)
@@ -56,4 +56,5 @@ def describe(family: str) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["FAMILIES", "HyperFamily", "default_values", "describe", "make_hypermodel", "resolve_weights"]
+__all__ = ["FAMILIES", "HyperFamily", "checkpoint_size_warning", "default_values", "describe", "make_hypermodel",
+           "resolve_weights"]

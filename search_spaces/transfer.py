@@ -6,6 +6,7 @@ with ``training=False``), GlobalMaxPooling2D, Dropout 0.2, Dense(classes) on log
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,28 @@ def resolve_weights(weights: str | None, image_size: tuple[int, int]) -> str | N
             f"weights file {weights} does not exist; pass --weights imagenet, none, or a path to a MobileNetV2 .h5."
         )
     return str(path)
+
+
+def checkpoint_size_warning(weights_path: str | None, image_size: tuple[int, int]) -> str | None:
+    """A warning when a weights file's name says it is the checkpoint for another input size, else None.
+
+    Keras trains one MobileNetV2 checkpoint per input size and names the file after it (``..._1.0_224_no_top.h5``).
+    A checkpoint runs at any size, but is most accurate at its own: the 224 one at 160x160 scored 1-2 points
+    lower on cats_and_dogs_filtered validation than at 224 (README, "Image size and the checkpoint").
+    """
+    if not weights_path:
+        return None
+    match = re.search(r"_(96|128|160|192|224)_no_top", Path(weights_path).name)
+    if match is None:
+        return None
+    size = int(match.group(1))
+    if tuple(image_size) == (size, size):
+        return None
+    return (
+        f"Warning: {Path(weights_path).name} is MobileNetV2's {size}x{size} checkpoint, but images are "
+        f"{image_size[0]}x{image_size[1]}; a checkpoint is most accurate at the size it was trained at "
+        f"(pass --image-size {size})."
+    )
 
 
 class HyperTransfer(HyperFamily):

@@ -14,7 +14,15 @@ from typing import Callable
 
 import keras
 
-from search_spaces import FAMILIES, HyperFamily, default_values, describe, make_hypermodel, resolve_weights
+from search_spaces import (
+    FAMILIES,
+    HyperFamily,
+    checkpoint_size_warning,
+    default_values,
+    describe,
+    make_hypermodel,
+    resolve_weights,
+)
 from sweep import plots, tracking
 from sweep.config import SweepSettings, TrackingSettings
 from sweep.data import DATASET_URL, Splits, check_layout, download_dataset, load_splits
@@ -54,6 +62,9 @@ def prepare(first: SweepSettings, tracking_settings: TrackingSettings, need_weig
     check_layout(data_dir)  # fail in a second, before decoding thousands of images
     weights_path = resolve_weights(first.weights, first.image_size) if need_weights else None
     experiment_id = tracking.use_experiment(tracking_settings)
+    warning = checkpoint_size_warning(weights_path, first.image_size)
+    if warning:
+        report(warning)
     report(f"Loading images from {data_dir} ...")
     # absolute, so resume, workers and export find the folder from any working directory
     source = str(Path(first.data_dir).resolve()) if first.data_dir is not None else DATASET_URL

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from search_spaces import FAMILIES, default_values, describe, make_hypermodel, resolve_weights
-from search_spaces.transfer import imagenet_weights_name
+from search_spaces.transfer import checkpoint_size_warning, imagenet_weights_name
 from sweep.errors import WeightsError
 
 
@@ -199,3 +199,27 @@ def test_resolve_weights_missing_path_and_none(tmp_path):
         resolve_weights(str(tmp_path / "nope.h5"), (160, 160))
     assert resolve_weights("none", (160, 160)) is None
     assert resolve_weights(None, (160, 160)) is None
+
+
+SHARED_NAME = "mobilenet_v2_1.0_224_no_top.coral-ptq-dequant.h5"
+
+
+def test_checkpoint_size_warning_names_the_files_size_and_the_fix():
+    warning = checkpoint_size_warning(f"/some/where/{SHARED_NAME}", (160, 160))
+    assert warning == (
+        f"Warning: {SHARED_NAME} is MobileNetV2's 224x224 checkpoint, but images are 160x160; a checkpoint is "
+        "most accurate at the size it was trained at (pass --image-size 224)."
+    )
+    assert "images are 224x200" in checkpoint_size_warning(SHARED_NAME, (224, 200))
+    assert "128x128 checkpoint" in checkpoint_size_warning(imagenet_weights_name((128, 128)), (96, 96))
+
+
+@pytest.mark.parametrize("path, size", [
+    (SHARED_NAME, (224, 224)),                                 # the file at its own size
+    (imagenet_weights_name((160, 160)), (160, 160)),          # what --weights imagenet picks for 160
+    (imagenet_weights_name((96, 96)), (96, 96)),
+    ("/tmp/my_finetuned_base.h5", (160, 160)),                 # no size in the name: nothing to say
+    (None, (160, 160)),                                        # --weights none
+])
+def test_checkpoint_size_warning_is_quiet_when_sizes_match_or_are_unknown(path, size):
+    assert checkpoint_size_warning(path, size) is None

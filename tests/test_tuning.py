@@ -194,6 +194,28 @@ def test_transfer_hyperband_sweep_with_cached_imagenet_weights(tiny_data, tracki
         assert child.data.metrics["test_accuracy"] >= 0.0
 
 
+@pytest.mark.parametrize("weights_name, warned", [
+    ("mobilenet_v2_1.0_224_no_top.coral-ptq-dequant.h5", True),  # the 224 checkpoint on 32x32 images
+    ("mobilenet_v2_1.0_32_no_top.h5", False),                     # no Keras size: nothing to say
+])
+def test_a_sweep_warns_when_the_weights_file_is_another_sizes_checkpoint(tiny_data, tracking_env, tmp_path,
+                                                                          weights_name, warned):
+    from sweep.config import SweepSettings, load_tracking
+    from sweep.study import prepare
+
+    weights = tmp_path / weights_name
+    weights.write_bytes(b"not read before the sweep starts")
+    lines = []
+    settings = SweepSettings(family="transfer", data_dir=tiny_data, image_size=(32, 32), batch_size=4,
+                             weights=str(weights))
+    prepared = prepare(settings, load_tracking(), need_weights=True, report=lines.append)
+    assert prepared.weights_path == str(weights)
+    expected = (f"Warning: {weights_name} is MobileNetV2's 224x224 checkpoint, but images are 32x32; a checkpoint "
+                "is most accurate at the size it was trained at (pass --image-size 224).")
+    assert (expected in lines) is warned
+    assert not any("checkpoint" in line for line in lines if line != expected)
+
+
 def test_all_families_run_in_turn(tiny_data, tracking_env, runner):
     result = runner.invoke(main, ["run", "--family", "all", "--trials", "1", "--weights", "none", "-q",
                                   *tiny_args(tiny_data)])
