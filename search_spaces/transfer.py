@@ -72,14 +72,15 @@ def checkpoint_size_warning(weights_path: str | None, image_size: tuple[int, int
     """
     if not weights_path:
         return None
-    match = re.search(r"_(96|128|160|192|224)_no_top", Path(weights_path).name)
+    name = Path(weights_path).name
+    match = re.search(rf"_({'|'.join(map(str, IMAGENET_SIZES))})_no_top", name)
     if match is None:
         return None
     size = int(match.group(1))
     if tuple(image_size) == (size, size):
         return None
     return (
-        f"Warning: {Path(weights_path).name} is MobileNetV2's {size}x{size} checkpoint, but images are "
+        f"Warning: {name} is MobileNetV2's {size}x{size} checkpoint, but images are "
         f"{image_size[0]}x{image_size[1]}; a checkpoint is most accurate at the size it was trained at "
         f"(pass --image-size {size})."
     )

@@ -19,13 +19,14 @@ from sweep.cli_common import (
 )
 from sweep.config import SweepSettings, load_tracking, require_store
 from sweep.errors import SweepError
+from sweep.results import OBJECTIVES, RANKINGS
 
 
 @click.command()
 @EXPERIMENT
 @CONFIG
 @click.option("--family", default=None, type=click.Choice(FAMILY_NAMES), help="Only this family's trials.")
-@click.option("--metric", default=None, type=click.Choice(["val_loss", "val_accuracy", "test_accuracy"]),
+@click.option("--metric", default=None, type=click.Choice(list(RANKINGS)),
               help="What 'best' means: the lowest final validation loss, or the highest accuracy. Default: the "
                    "objective the sweeps ran with (val_loss unless --objective said otherwise).")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
@@ -95,7 +96,7 @@ def predict(model, images) -> None:
 @CONFIG
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-output/report"),
               show_default=True, help="Folder for report.md and report.png.")
-@click.option("--metric", default=None, type=click.Choice(["val_loss", "val_accuracy"]),
+@click.option("--metric", default=None, type=click.Choice(list(OBJECTIVES)),
               help="What picks each family's best trial. Default: the objective the sweeps ran with.")
 def report(experiment, config_path, out_dir, metric) -> None:
     """The study's table: baseline, then each family's best val and test accuracy, gain and overfitting gap."""

@@ -16,6 +16,7 @@ from sweep.config import TrackingSettings
 from sweep.data import decode_error, decode_image
 from sweep.errors import SweepError
 from sweep.results import (
+    DEFAULT_OBJECTIVE,
     RANKINGS,
     TrialRecord,
     best_run,
@@ -38,7 +39,7 @@ class BestTrial:
     baseline_accuracy: float
     params: dict[str, str]
     has_model: bool
-    metric: str = "val_loss"  # what it is best by
+    metric: str = DEFAULT_OBJECTIVE  # what it is best by
 
     def describe(self) -> str:
         r = self.record
