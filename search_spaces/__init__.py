@@ -6,9 +6,9 @@ from typing import Any
 
 import keras_tuner as kt
 
-from search_spaces.base import HyperFamily
+from search_spaces.base import Fitted, HyperFamily
 from search_spaces.conv import HyperAugmented, HyperPreprocessed, HyperScratch
-from search_spaces.transfer import HyperTransfer, checkpoint_size_warning, resolve_weights
+from search_spaces.transfer import HyperTransfer
 
 FAMILIES: dict[str, type[HyperFamily]] = {
     cls.name: cls for cls in (HyperScratch, HyperAugmented, HyperPreprocessed, HyperTransfer)
@@ -30,7 +30,13 @@ def default_values(hp: kt.HyperParameters) -> dict[str, Any]:
     defaults = kt.HyperParameters()
     for item in hp.space:
         defaults.merge([item])
-    return {name: value for name, value in defaults.values.items() if not name.startswith("tuner/")}
+    return hyperparameters(defaults.values)
+
+
+def hyperparameters(values: dict[str, Any]) -> dict[str, Any]:
+    """A trial's hyperparameter values without Keras Tuner's own ``tuner/*`` bookkeeping (Hyperband's
+    epochs, bracket and round), which are not choices of the model."""
+    return {name: value for name, value in values.items() if not name.startswith("tuner/")}
 
 
 def describe(family: str) -> list[dict[str, Any]]:
@@ -56,5 +62,4 @@ def describe(family: str) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["FAMILIES", "HyperFamily", "checkpoint_size_warning", "default_values", "describe", "make_hypermodel",
-           "resolve_weights"]
+__all__ = ["FAMILIES", "Fitted", "HyperFamily", "default_values", "describe", "hyperparameters", "make_hypermodel"]

@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import keras
 import keras_tuner as kt
 
 FLIP_MODES = ("horizontal_and_vertical", "horizontal", "vertical", "none")
 MAX_ROTATION_FACTOR = 0.3
-# The transfer family's feature cache keeps one band of rotations per step (sweep/features.py).
+# The transfer family's feature cache keeps one band of rotations per step (search_spaces/features.py).
 ROTATION_STEP = 0.1
+
+
+@dataclass
+class Fitted:
+    """What one trial's training produced: the model it is judged, kept and exported as, and its one score.
+
+    ``model`` takes raw 0-255 images and returns logits (the trained model, or its flip-averaged form).
+    ``val_loss``/``val_accuracy`` are the last epoch's validation figures, the very numbers the per-epoch
+    curve ends on and the oracle scores; ``test_*`` come from the same computation on the test split.
+    """
+
+    model: keras.Model
+    history: dict[str, list[float]]
+    val_loss: float
+    val_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    scored_on: str = "raw_images"  # or "cached_features"
+
+
+class Validation(keras.callbacks.Callback):
+    """Scores ``model`` (a trial's model as it will be judged) on the validation split after every epoch.
+
+    It fills the epoch's ``val_loss`` and ``val_accuracy`` for the callbacks after it, so the logged curve
+    ends at the very value the tuner scores, flip-averaged for a ``test_time_flip`` trial.
+    """
+
+    def __init__(self, model: keras.Model, images, labels, batch_size: int) -> None:
+        super().__init__()
+        self.scored, self.x, self.y, self.batch_size = model, images, labels, batch_size
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        loss, accuracy = self.scored.evaluate(self.x, self.y, batch_size=self.batch_size, verbose=0)
+        if logs is not None:
+            logs.update(val_loss=loss, val_accuracy=accuracy)
 
 
 class HyperFamily(kt.HyperModel):
@@ -46,6 +83,40 @@ class HyperFamily(kt.HyperModel):
                 "rotation_factor", 0.0, MAX_ROTATION_FACTOR, step=ROTATION_STEP, default=0.2
             ),
         }
+
+    # -- training (Keras Tuner's HyperModel.fit hook) ---------------------------------------------------
+    def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None]) -> None:
+        """Called once per process that trains, before its first trial, when the sweep caches features.
+        Families without a frozen part have nothing to cache."""
+
+    def fit(self, hp: kt.HyperParameters, model: keras.Model, *, data: Any, batch_size: int, epochs: int,
+            initial_epoch: int = 0, callbacks: list | None = None, verbose: int = 0, seed: int = 0) -> Fitted:
+        """Train ``model`` (built from ``hp``) on the raw training images and score it.
+
+        Args:
+            data: the splits, each with ``images`` (float32 0-255) and ``labels``: ``data.train``,
+                ``data.validation``, ``data.test``.
+            callbacks: run after this family's own validation callback, so they see ``val_*`` each epoch.
+            seed: the trial's seed (Keras' global seed is set by the caller).
+
+        Returns:
+            The judged model and its one score.
+        """
+        final = self.inference_model(model, hp.values)
+        history = model.fit(
+            data.train.images, data.train.labels, batch_size=batch_size, epochs=epochs,
+            initial_epoch=initial_epoch, shuffle=True, verbose=verbose,
+            callbacks=[Validation(final, data.validation.images, data.validation.labels, batch_size),
+                       *(callbacks or [])],
+        )
+        test_loss, test_accuracy = final.evaluate(data.test.images, data.test.labels, batch_size=batch_size,
+                                                  verbose=0)
+        return fitted(final, history.history, test_loss, test_accuracy, "raw_images")
+
+    def evaluate_raw(self, fitted: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
+        """The judged model's figures on raw images, for a family that scored it another way (cached
+        features); None when the score already is the raw images' figure."""
+        return None
 
     # -- model -----------------------------------------------------------------------------------------
     def build_layers(self, inputs: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
@@ -115,3 +186,12 @@ class HyperFamily(kt.HyperModel):
             raise ValueError(f"unknown pooling {pooling!r}")
         x = keras.layers.Dropout(values["dropout"], name="dropout")(x)
         return keras.layers.Dense(self.num_classes, name="logits")(x)
+
+
+def fitted(final: keras.Model, history: dict, test_loss: float, test_accuracy: float, scored_on: str) -> Fitted:
+    """A ``Fitted`` whose validation score is the last epoch's of ``history`` (Keras' ``History.history``)."""
+    history = {name: [float(v) for v in history.get(name, [])] for name in ("loss", "accuracy", "val_loss",
+                                                                          "val_accuracy")}
+    return Fitted(final, history, history["val_loss"][-1] if history["val_loss"] else float("nan"),
+                  history["val_accuracy"][-1] if history["val_accuracy"] else float("nan"),
+                  float(test_loss), float(test_accuracy), scored_on)

@@ -6,84 +6,18 @@ with ``training=False``), GlobalMaxPooling2D, Dropout 0.2, Dense(classes) on log
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import keras_tuner as kt
+import numpy as np
 
-from search_spaces.base import HyperFamily
-from sweep.config import keras_cache_dir
+from search_spaces.base import Fitted, HyperFamily, fitted
 from sweep.errors import WeightsError
-
-WEIGHTS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-IMAGENET_SIZES = (96, 128, 160, 192, 224)
-
-
-def imagenet_weights_name(image_size: tuple[int, int], alpha: float = 1.0) -> str:
-    """Keras' own file name for MobileNetV2 no-top ImageNet weights at this input size."""
-    rows = image_size[0] if image_size[0] in IMAGENET_SIZES else 224
-    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}_no_top.h5"
-
-
-def resolve_weights(weights: str | None, image_size: tuple[int, int]) -> str | None:
-    """Turn ``--weights`` into what ``MobileNetV2(weights=...)`` takes, failing early with a clear message.
-
-    Args:
-        weights: "imagenet" (Keras' cache under ``$KERAS_HOME/models``, downloaded when missing), a path to a
-            local ``.h5``, or None / "none" for random initialisation.
-        image_size: the model's input size; picks Keras' file for the ImageNet weights.
-
-    Returns:
-        A local file path, or None.
-
-    Raises:
-        WeightsError: the path does not exist, or the ImageNet weights are not cached and cannot be downloaded.
-    """
-    if weights is None or str(weights).lower() == "none":
-        return None
-    if str(weights).lower() == "imagenet":
-        name = imagenet_weights_name(image_size)
-        try:
-            return keras.utils.get_file(
-                name, WEIGHTS_ORIGIN + name, cache_subdir="models", cache_dir=keras_cache_dir()
-            )
-        except Exception as exc:  # get_file raises a bare Exception when the network is unreachable
-            raise WeightsError(
-                f"ImageNet weights {name} are not in the Keras cache and could not be downloaded ({exc}). "
-                f"Pass --weights PATH to a local MobileNetV2 no-top .h5, or copy one to "
-                f"$KERAS_HOME/models/{name}."
-            ) from None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsError(
-            f"weights file {weights} does not exist; pass --weights imagenet, none, or a path to a MobileNetV2 .h5."
-        )
-    return str(path)
-
-
-def checkpoint_size_warning(weights_path: str | None, image_size: tuple[int, int]) -> str | None:
-    """A warning when a weights file's name says it is the checkpoint for another input size, else None.
-
-    Keras trains one MobileNetV2 checkpoint per input size and names the file after it (``..._1.0_224_no_top.h5``).
-    A checkpoint runs at any size, but is most accurate at its own: the 224 one at 160x160 scored 1-2 points
-    lower on cats_and_dogs_filtered validation than at 224 (README, "Image size and the checkpoint").
-    """
-    if not weights_path:
-        return None
-    name = Path(weights_path).name
-    match = re.search(rf"_({'|'.join(map(str, IMAGENET_SIZES))})_no_top", name)
-    if match is None:
-        return None
-    size = int(match.group(1))
-    if tuple(image_size) == (size, size):
-        return None
-    return (
-        f"Warning: {name} is MobileNetV2's {size}x{size} checkpoint, but images are "
-        f"{image_size[0]}x{image_size[1]}; a checkpoint is most accurate at the size it was trained at "
-        f"(pass --image-size {size})."
-    )
+from search_spaces.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
+from search_spaces.head import ViewSampler, stack_views
 
 
 class HyperTransfer(HyperFamily):
@@ -96,10 +30,11 @@ class HyperTransfer(HyperFamily):
         image_size: tuple[int, int] = (160, 160),
         weights: str | None = None,
     ) -> None:
-        """``weights`` is a local file path or None; use ``resolve_weights`` to turn "imagenet" into a path."""
+        """``weights`` is a local file path or None (``sweep.weights.resolve_weights`` turns "imagenet" into one)."""
         super().__init__(num_classes=num_classes, image_size=image_size)
         self.weights = weights
         self._base: keras.Model | None = None
+        self.features: CachedFeatures | None = None  # set by ``prepare``
 
     def declare(self, hp: kt.HyperParameters) -> dict[str, Any]:
         values = super().declare(hp)
@@ -147,3 +82,64 @@ class HyperTransfer(HyperFamily):
         x = self.augment(x, values)
         x = self.build_base()(x, training=False)
         return self.head(x, values)
+
+    # -- training on cached features -------------------------------------------------------------------
+    def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None]) -> None:
+        """Load or compute the base's features of every training view, and of the clean validation and test
+        images and their mirrors; trials then train and score only the head. The disk cache is used only
+        with a weights file (random weights differ per process)."""
+        weights_id = digest(Path(self.weights)) if self.weights else None
+        cache = FeatureCache(cache_dir if weights_id else None, lambda: FeatureExtractor(self.build_base()),
+                             weights_id or "random-init", report=report)
+
+        def clean(split, name: str) -> tuple[PooledFeatures, PooledFeatures]:
+            mirrored = np.ascontiguousarray(split.images[:, :, ::-1])
+            return cache.clean(split.images, name), cache.clean(mirrored, f"mirrored {name}")
+
+        pool = cache.pool(data.train.images, PoolSpec())
+        self.features = CachedFeatures(pool, *clean(data.validation, "validation"), *clean(data.test, "test"))
+
+    def fit(self, hp: kt.HyperParameters, model: keras.Model, *, data: Any, batch_size: int, epochs: int,
+            initial_epoch: int = 0, callbacks: list | None = None, verbose: int = 0, seed: int = 0) -> Fitted:
+        """With cached features (``prepare``), train only the head, one freshly drawn view per image and epoch,
+        and score it on the clean validation and test features (with their mirrors for ``test_time_flip``);
+        the trained head then goes into ``model``. Without, train end to end on raw images."""
+        if self.features is None:
+            return super().fit(hp, model, data=data, batch_size=batch_size, epochs=epochs,
+                               initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose, seed=seed)
+        values, f = hp.values, self.features
+        head = self.build_head(hp, f.pool.features.max.shape[-1])
+        head.get_layer("logits").set_weights(model.get_layer("logits").get_weights())  # Hyperband: continue
+        sampler = ViewSampler(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
+                              values["rotation_factor"], batch_size, seed)
+        views = 2 if values.get("test_time_flip") else 1
+        validation = stack_views([f.validation, f.mirrored_validation][:views], values["pooling"])
+        history = head.fit(sampler, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+                           verbose=verbose, validation_data=(validation, data.validation.labels))
+        test = stack_views([f.test, f.mirrored_test][:views], values["pooling"])
+        test_loss, test_accuracy = head.evaluate(test, data.test.labels, batch_size=batch_size, verbose=0)
+        model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
+        return fitted(self.inference_model(model, values), history.history, test_loss, test_accuracy,
+                      "cached_features")
+
+    def evaluate_raw(self, fitted: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
+        """The end-to-end model on the raw validation and test images: a check of the cached score."""
+        if fitted.scored_on != "cached_features":
+            return None
+        figures = {}
+        for name, split in (("val", data.validation), ("test", data.test)):
+            loss, accuracy = fitted.model.evaluate(split.images, split.labels, batch_size=batch_size, verbose=0)
+            figures.update({f"raw_{name}_loss": float(loss), f"raw_{name}_accuracy": float(accuracy)})
+        return figures
+
+
+@dataclass
+class CachedFeatures:
+    """What a cached transfer trial trains and is scored on: the training view pool, and clean features of
+    the validation and test images and of their mirrors (for ``test_time_flip`` trials)."""
+
+    pool: TrainPool
+    validation: PooledFeatures
+    mirrored_validation: PooledFeatures
+    test: PooledFeatures
+    mirrored_test: PooledFeatures

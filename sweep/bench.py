@@ -17,9 +17,10 @@ import keras
 import keras_tuner as kt
 
 from search_spaces import make_hypermodel
-from sweep.config import SweepSettings, TrackingSettings
+from sweep.config import TrackingSettings
 from sweep.data import Splits
-from sweep.study import SweepResult, run_sweep
+from sweep.spec import SweepSpec
+from sweep.study import Prepared, SweepResult, run_sweep
 from sweep.tuning import build_oracle
 
 
@@ -59,36 +60,34 @@ class BenchResult:
     cache: str
 
 
-def plain_trials(settings: SweepSettings, splits: Splits, weights_path: str | None, trials: int,
-                 directory: Path) -> tuple[list[dict[str, float]], float]:
+def plain_trials(spec: SweepSpec, splits: Splits, weights_path: str | None, trials: int, directory: Path,
+                 verbose: int = 0) -> tuple[list[dict[str, float]], float]:
     """Run ``trials`` stock Keras Tuner trials (the first is the family's defaults); returns scores and time."""
-    keras.utils.set_random_seed(settings.seed)
-    family = make_hypermodel(settings.family, len(splits.class_names), splits.image_size, weights_path)
-    hypermodel = _EvaluatingHyperModel(family, splits, settings.batch_size)
-    tuner = kt.Tuner(oracle=build_oracle("random", trials, settings.epochs, settings.seed), hypermodel=hypermodel,
+    keras.utils.set_random_seed(spec.seed)
+    family = make_hypermodel(spec.family, len(splits.class_names), splits.image_size, weights_path)
+    hypermodel = _EvaluatingHyperModel(family, splits, spec.batch_size)
+    tuner = kt.Tuner(oracle=build_oracle(replace(spec, tuner="random", trials=trials)), hypermodel=hypermodel,
                      directory=str(directory), project_name="plain", overwrite=True)
     started = time.monotonic()
-    tuner.search(splits.train.images, splits.train.labels, batch_size=settings.batch_size,
-                 epochs=settings.epochs, shuffle=True, verbose=settings.verbose,
+    tuner.search(splits.train.images, splits.train.labels, batch_size=spec.batch_size,
+                 epochs=spec.epochs, shuffle=True, verbose=verbose,
                  validation_data=(splits.validation.images, splits.validation.labels))
     return hypermodel.scores, time.monotonic() - started
 
 
-def run_bench(settings: SweepSettings, splits: Splits, tracking_settings: TrackingSettings, experiment_id: str,
-              weights_path: str | None, plain: int, cold: bool,
-              report: Callable[[str], None] = print) -> BenchResult:
-    """Time ``plain`` stock trials, then a ``settings.trials``-trial sweep our way (cold cache if ``cold``)."""
+def run_bench(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingSettings, plain: int, cold: bool,
+              report: Callable[[str], None] = print, verbose: int = 0) -> BenchResult:
+    """Time ``plain`` stock trials, then the spec's sweep our way (cold cache if ``cold``)."""
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
-        report(f"[bench] plain Keras Tuner: {plain} trial(s) x {settings.epochs} epoch(s) on raw images ...")
-        scores, plain_seconds = plain_trials(settings, splits, weights_path, plain, Path(tmp))
+        report(f"[bench] plain Keras Tuner: {plain} trial(s) x {spec.epochs} epoch(s) on raw images ...")
+        scores, plain_seconds = plain_trials(spec, prepared.splits, prepared.weights_path, plain, Path(tmp), verbose)
         if cold:
             tracking_settings = replace(tracking_settings, cache_dir=Path(tmp) / "feature_cache")
-        report(f"[bench] ours: {settings.trials} trial(s), {'cold' if cold else 'configured'} feature cache ...")
+        report(f"[bench] ours: {spec.trials} trial(s), {'cold' if cold else 'configured'} feature cache ...")
         started = time.monotonic()
-        ours = run_sweep(replace(settings, extra_tags={"bench": "true"}), splits, tracking_settings,
-                         experiment_id, weights_path, report)
+        ours = run_sweep(spec, prepared, tracking_settings, report, verbose, tags={"bench": "true"})
         ours_seconds = time.monotonic() - started
-    return BenchResult(settings.family, settings.epochs, scores, plain_seconds, ours, ours_seconds,
+    return BenchResult(spec.family, spec.epochs, scores, plain_seconds, ours, ours_seconds,
                        "cold" if cold else "configured")
 
 

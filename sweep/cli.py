@@ -6,35 +6,33 @@ TensorFlow and MLflow are imported inside the commands so ``sweep --help`` answe
 from __future__ import annotations
 
 import os
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from sweep.cli_common import (
-    CONFIG,
-    EXPERIMENT,
+    DATA_OPTIONS,
     FAMILY_NAMES,
-    fail,
+    TRACKING_OPTIONS,
+    SweepGroup,
     keras_verbosity,
-    parse_image_size,
+    options,
     quiet_tensorflow,
+    stop_on_sigterm,
     tracking_settings_for,
 )
 from sweep.cli_results import COMMANDS
-from sweep.config import TUNERS, SweepSettings, load_tracking
-from sweep.errors import SweepError
-from sweep.results import DEFAULT_OBJECTIVE, OBJECTIVES, interval_text
+from sweep.results import interval_text
+from sweep.spec import DEFAULT_OBJECTIVE, OBJECTIVES, TUNERS, SweepSpec
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SweepGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sweep")
 def main() -> None:
     """Hyperparameter sweeps of image classifiers with Keras Tuner, every trial tracked in MLflow."""
 
 
-SWEEP_OPTIONS = [
+SWEEP_OPTIONS = options(
     click.option("--trials", default=10, show_default=True, type=click.IntRange(min=1),
                  help="Trials per family; trial 1 is always the study's model (the family's defaults)."),
     click.option("--tuner", default="random", show_default=True, type=click.Choice(TUNERS), help="Search strategy."),
@@ -43,54 +41,28 @@ SWEEP_OPTIONS = [
                       "accuracy (highest)."),
     click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1),
                  help="Epochs per trial (Hyperband's maximum)."),
-    click.option("--seed", default=42, show_default=True, type=int,
-                 help="Seeds Python, NumPy, Keras, the tuner and the test split."),
-    click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                 help="Folder with train/ and validation/, one subfolder per class. Default: the study's download."),
+    DATA_OPTIONS,
     click.option("--weights", default="imagenet", show_default=True,
                  help="transfer only: 'imagenet' (Keras cache or download), a local MobileNetV2 .h5, or 'none'."),
-    click.option("--experiment", default=None, help="MLflow experiment name (default: from mlflow.yaml)."),
-    click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                 help="Tracking settings file (default: ./mlflow.yaml)."),
-    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
-    click.option("--image-size", default="160", show_default=True, callback=parse_image_size,
-                 help="Input size, e.g. 160 or 160x160."),
+    TRACKING_OPTIONS,
     click.option("--no-cache", is_flag=True,
                  help="transfer only: train every trial on raw images through the full model (the study's way, "
                       "much slower) instead of on cached base features."),
     click.option("-q", "--quiet", is_flag=True, help="No per-epoch Keras progress; one line per trial only."),
-]
+)
 
 
-def sweep_options(command):
-    for option in reversed(SWEEP_OPTIONS):
-        command = option(command)
-    return command
-
-
-def _sweep_settings(families, o: dict) -> tuple[list[SweepSettings], object]:
-    tracking_settings = load_tracking(o["config_path"])
-    if o["experiment"]:
-        tracking_settings = replace(tracking_settings, experiment=o["experiment"])
-    settings = [
-        SweepSettings(family=f, trials=o["trials"], tuner=o["tuner"], objective=o["objective"], epochs=o["epochs"],
+def _specs(families, o: dict) -> list[SweepSpec]:
+    return [SweepSpec(family=f, trials=o["trials"], tuner=o["tuner"], objective=o["objective"], epochs=o["epochs"],
                       seed=o["seed"], batch_size=o["batch_size"], image_size=o["image_size"], data_dir=o["data_dir"],
-                      weights=o["weights"], verbose=keras_verbosity(o["quiet"]), feature_cache=not o["no_cache"])
-        for f in families
-    ]
-    return settings, tracking_settings
+                      weights=o["weights"], feature_cache=not o["no_cache"])
+            for f in families]
 
 
-def _as_args(o: dict) -> list[str]:
-    """The sweep options back as command-line arguments, for the chief process of --workers."""
-    args = ["--trials", str(o["trials"]), "--tuner", o["tuner"], "--objective", o["objective"],
-            "--epochs", str(o["epochs"]), "--seed", str(o["seed"]), "--weights", o["weights"],
-            "--batch-size", str(o["batch_size"]),
-            "--image-size", f"{o['image_size'][0]}x{o['image_size'][1]}"]
-    for key, flag in (("data_dir", "--data-dir"), ("experiment", "--experiment"), ("config_path", "--config")):
-        if o[key] is not None:
-            args += [flag, str(Path(o[key]).resolve()) if key != "experiment" else o[key]]
-    return args + (["--no-cache"] if o["no_cache"] else []) + (["-q"] if o["quiet"] else [])
+def _tracking_args(o: dict) -> list[str]:
+    """What a worker process needs to find the sweep: the tracking config and experiment."""
+    args = ["--config", str(Path(o["config_path"]).resolve())] if o["config_path"] else []
+    return args + (["--experiment", o["experiment"]] if o["experiment"] else [])
 
 
 def _print_results(results, tracking_settings) -> None:
@@ -113,67 +85,67 @@ def _print_results(results, tracking_settings) -> None:
 @main.command()
 @click.option("--family", required=True, type=click.Choice([*FAMILY_NAMES, "all"]),
               help="Model family to sweep; 'all' runs the four in turn (the whole study).")
-@sweep_options
+@SWEEP_OPTIONS
 @click.option("--resume", is_flag=True,
-              help="Continue the newest unfinished sweep of --family with its own settings: finished trials are "
-                   "kept, the interrupted one runs again.")
-@click.option("--sweep", "sweep_name", default=None, help="With --resume: the sweep to continue, by name.")
+              help="Continue the newest unfinished sweep of --family (or the one --sweep names) with its own "
+                   "settings: finished trials are kept, the interrupted one runs again.")
+@click.option("--sweep", "sweep_name", default=None,
+              help="The new sweep's name (default: family, tuner and time); with --resume, the sweep to continue.")
 @click.option("--workers", default=0, type=click.IntRange(min=0),
               help="Run trials in N worker processes on this machine, under a Keras Tuner chief.")
-def run(family, resume, sweep_name, workers, **options) -> None:
+def run(family, resume, sweep_name, workers, **o) -> None:
     """Run a sweep and log every trial to MLflow.
 
     Example: sweep run --family transfer --trials 20
     """
     quiet_tensorflow()
+    stop_on_sigterm()
+    from sweep.study import run_study
+
+    tracking_settings = tracking_settings_for(o["config_path"], o["experiment"])
+    families = list(FAMILY_NAMES) if family == "all" else [family]
     if workers:
         if family == "all" or resume:
-            fail(SweepError("--workers runs one family's new sweep; drop --resume and pick a family."))
-        from datetime import datetime
+            raise click.UsageError("--workers runs one family's new sweep; drop --resume and pick a family.")
+        from sweep.distributed import Chief, LocalWorkers, free_port
 
-        from sweep import tracking
-        from sweep.distributed import launch_local
-
-        try:  # create the store once here, so the chief and the workers do not race to create its tables
-            tracking.use_experiment(_sweep_settings([family], options)[1])
-        except SweepError as exc:
-            fail(exc)
-        name = sweep_name or f"{family}-{options['tuner']}-{datetime.now():%Y%m%d-%H%M%S}"
-        sys.exit(launch_local(["--family", family, *_as_args(options)], workers, name, click.echo))
-    try:
-        families = list(FAMILY_NAMES) if family == "all" else [family]
-        settings, tracking_settings = _sweep_settings(families, options)
-        from sweep.study import run_study
-
-        results = run_study(settings, tracking_settings, report=click.echo, resume=resume, sweep_name=sweep_name)
-    except SweepError as exc:
-        fail(exc)
+        result = _serve(_specs(families, o)[0], tracking_settings, sweep_name,
+                        Chief("127.0.0.1", free_port(), workers=LocalWorkers(workers, _tracking_args(o))))
+        _print_results([result], tracking_settings)
+        return
+    results = run_study(_specs(families, o), tracking_settings, report=click.echo,
+                        verbose=keras_verbosity(o["quiet"]), resume=resume, sweep_name=sweep_name)
     _print_results(results, tracking_settings)
+
+
+def _serve(spec: SweepSpec, tracking_settings, sweep_name, chief):
+    from datetime import datetime
+
+    from sweep.study import check_new_name, prepare, run_sweep
+
+    name = sweep_name or f"{spec.family}-{spec.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_new_name(tracking_settings, name)
+    prepared = prepare(spec, tracking_settings, spec.family == "transfer", click.echo)
+    return run_sweep(spec, prepared, tracking_settings, click.echo, name=name, chief=chief)
 
 
 @main.command()
 @click.option("--family", required=True, type=click.Choice(FAMILY_NAMES))
-@sweep_options
+@SWEEP_OPTIONS
 @click.option("--sweep", "sweep_name", default=None, help="The sweep's name (default: family, tuner, time).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to serve the oracle on; 0.0.0.0 to accept workers from other machines.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--trial-timeout", default=None, type=click.FloatRange(min=1),
-              help="Seconds after which a trial whose worker went silent is marked FAILED.")
-def chief(family, sweep_name, host, port, trial_timeout, **options) -> None:
+              help="Seconds without a heartbeat (workers send one per epoch) after which a trial is FAILED.")
+def chief(family, sweep_name, host, port, trial_timeout, **o) -> None:
     """Serve a sweep's oracle to `sweep worker` processes (Keras Tuner's distributed mode)."""
     quiet_tensorflow()
-    try:
-        settings, tracking_settings = _sweep_settings([family], options)
-        from sweep.distributed import Chief
-        from sweep.study import prepare, run_sweep
+    stop_on_sigterm()
+    from sweep.distributed import Chief
 
-        prepared = prepare(settings[0], tracking_settings, family == "transfer", click.echo)
-        result = run_sweep(settings[0], prepared.splits, tracking_settings, prepared.experiment_id,
-                           prepared.weights_path, click.echo, name=sweep_name,
-                           chief=Chief(host, port, trial_timeout))
-    except SweepError as exc:
-        fail(exc)
+    tracking_settings = tracking_settings_for(o["config_path"], o["experiment"])
+    result = _serve(_specs([family], o)[0], tracking_settings, sweep_name, Chief(host, port, trial_timeout))
     _print_results([result], tracking_settings)
 
 
@@ -182,20 +154,17 @@ def chief(family, sweep_name, host, port, trial_timeout, **options) -> None:
 @click.option("--sweep", "sweep_name", required=True, help="The sweep's name, as the chief printed it.")
 @click.option("--tuner-id", default=None,
               help="This worker's id (default: worker-HOST-PID); restart a dead worker with the same id.")
-@EXPERIMENT
-@CONFIG
+@TRACKING_OPTIONS
 def worker(chief_address, sweep_name, tuner_id, experiment, config_path) -> None:
     """Run trials for a chief until its search is over; each trial is logged under the chief's sweep run."""
     quiet_tensorflow()
+    stop_on_sigterm()
     import socket
 
-    try:
-        from sweep.distributed import run_worker
+    from sweep.distributed import run_worker
 
-        tuner_id = tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}"
-        done = run_worker(tracking_settings_for(config_path, experiment), chief_address, sweep_name, tuner_id, click.echo)
-    except SweepError as exc:
-        fail(exc)
+    tuner_id = tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}"
+    done = run_worker(tracking_settings_for(config_path, experiment), chief_address, sweep_name, tuner_id, click.echo)
     click.echo(f"Worker {tuner_id} finished: {done} trial(s) run here.")
 
 
@@ -206,32 +175,25 @@ def worker(chief_address, sweep_name, tuner_id, experiment, config_path) -> None
 @click.option("--plain-trials", default=1, show_default=True, type=click.IntRange(min=1),
               help="Trials run the plain way (raw images, stock Keras Tuner); trial 1 is the defaults.")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@DATA_OPTIONS
 @click.option("--weights", default="imagenet", show_default=True)
 @click.option("--experiment", default="sweep-bench", show_default=True, help="MLflow experiment for our sweep.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-size", default="160", show_default=True, callback=parse_image_size)
 @click.option("--warm", is_flag=True, help="Use the configured feature cache (default: a cold, temporary one).")
 @click.option("-q", "--quiet", is_flag=True)
-def bench(family, trials, plain_trials, epochs, seed, data_dir, weights, experiment, config_path, batch_size,
-          image_size, warm, quiet) -> None:
+def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, image_size, weights, experiment,
+          config_path, warm, quiet) -> None:
     """Time the same trial the plain way and ours, and a whole sweep our way; print a table."""
     quiet_tensorflow()
-    try:
-        tracking_settings = replace(load_tracking(config_path), experiment=experiment)
-        settings = SweepSettings(family=family, trials=trials, epochs=epochs, seed=seed, batch_size=batch_size,
-                                 image_size=image_size, data_dir=data_dir, weights=weights,
-                                 verbose=keras_verbosity(quiet))
-        from sweep.bench import format_table, run_bench
-        from sweep.study import prepare
+    from sweep.bench import format_table, run_bench
+    from sweep.study import prepare
 
-        prepared = prepare(settings, tracking_settings, family == "transfer", report=click.echo)
-        result = run_bench(settings, prepared.splits, tracking_settings, prepared.experiment_id,
-                           prepared.weights_path, plain_trials, cold=not warm, report=click.echo)
-    except SweepError as exc:
-        fail(exc)
+    tracking_settings = tracking_settings_for(config_path, experiment)
+    spec = SweepSpec(family=family, trials=trials, epochs=epochs, seed=seed, batch_size=batch_size,
+                     image_size=image_size, data_dir=data_dir, weights=weights)
+    prepared = prepare(spec, tracking_settings, family == "transfer", report=click.echo)
+    result = run_bench(spec, prepared, tracking_settings, plain_trials, cold=not warm, report=click.echo,
+                       verbose=keras_verbosity(quiet))
     click.echo("")
     click.echo(format_table(result))
 

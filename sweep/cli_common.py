@@ -58,9 +58,26 @@ def keras_verbosity(quiet: bool) -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def fail(exc: SweepError) -> None:
-    click.echo(f"Error: {exc}", err=True)
-    sys.exit(1)
+class SweepGroup(click.Group):
+    """The command group: a ``SweepError`` from any command becomes one ``Error: ...`` line and exit code 1
+    (click's own ``ClickException``), in this one place."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SweepError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def stop_on_sigterm() -> None:
+    """Treat SIGTERM (kill, Docker, systemd, Kubernetes) as Ctrl-C, so open MLflow runs end KILLED, not
+    RUNNING for ever."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def parse_image_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
@@ -100,8 +117,27 @@ def tracking_settings_for(config_path: Path | None, experiment: str | None):
     return replace(settings, experiment=experiment) if experiment else settings
 
 
+def options(*decorators):
+    """Several click options as one decorator, declared once and shared by the commands that take them."""
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
 EXPERIMENT = click.option("--experiment", default=None, help="MLflow experiment (default: from mlflow.yaml).")
 CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                       help="Tracking settings file (default: ./mlflow.yaml).")
+TRACKING_OPTIONS = options(EXPERIMENT, CONFIG)
+DATA_OPTIONS = options(
+    click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Folder with train/ and validation/, one subfolder per class. Default: the study's download."),
+    click.option("--seed", default=42, show_default=True, type=int,
+                 help="Seeds Python, NumPy, Keras, the tuner and the test split."),
+    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+    click.option("--image-size", default="160", show_default=True, callback=parse_image_size,
+                 help="Input size, e.g. 160 or 160x160."),
+)
 
 

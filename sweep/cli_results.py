@@ -9,22 +9,21 @@ import click
 
 from sweep.cli_common import (
     CONFIG,
-    EXPERIMENT,
+    DATA_OPTIONS,
+    TRACKING_OPTIONS,
     FAMILY_NAMES,
     check_out_folder,
-    fail,
-    parse_image_size,
     quiet_tensorflow,
     tracking_settings_for,
 )
-from sweep.config import SweepSettings, load_tracking, require_store
+from sweep.config import load_tracking, require_store
 from sweep.errors import SweepError
-from sweep.results import OBJECTIVES, RANKINGS
+from sweep.results import RANKINGS
+from sweep.spec import OBJECTIVES, SweepSpec
 
 
 @click.command()
-@EXPERIMENT
-@CONFIG
+@TRACKING_OPTIONS
 @click.option("--family", default=None, type=click.Choice(FAMILY_NAMES), help="Only this family's trials.")
 @click.option("--metric", default=None, type=click.Choice(list(RANKINGS)),
               help="What 'best' means: the lowest final validation loss, or the highest accuracy. Default: the "
@@ -37,29 +36,26 @@ def best(experiment, config_path, family, metric, export_dir, no_verify) -> None
     if no_verify and export_dir is None:
         raise click.UsageError("--no-verify only applies with --export DIR.")
     quiet_tensorflow()
-    try:
-        from sweep.export import export_best, find_best
+    from sweep.export import export_best, find_best
 
-        if export_dir is not None:
-            check_out_folder(export_dir, "--export")
-        settings = tracking_settings_for(config_path, experiment)
-        found = find_best(settings, family, metric)
-        click.echo(f"Best trial by {found.metric} in experiment {settings.experiment!r}:")
-        click.echo(found.describe())
-        if export_dir is not None and not found.has_model:
-            found = find_best(settings, family, found.metric, with_model=True)
-            click.echo(f"That trial kept no model (only trials that improved their sweep do); exporting the best "
-                       f"trial that did:\n{found.describe()}")
-        if export_dir is not None:
-            result = export_best(found, export_dir, settings.registered_model, verify=not no_verify,
-                                 report=click.echo)
-            registry = result["registry"]
-            click.echo(f"Exported to {export_dir} (model.keras takes raw {found.params.get('image_size', '')} RGB "
-                       f"images, 0-255); registered as {registry['uri']}")
-            click.echo(f"Serve it: MLFLOW_TRACKING_URI={settings.tracking_uri} mlflow models serve "
-                       f"-m {registry['uri']} --env-manager local --host 127.0.0.1 --port 5001")
-    except SweepError as exc:
-        fail(exc)
+    if export_dir is not None:
+        check_out_folder(export_dir, "--export")
+    settings = tracking_settings_for(config_path, experiment)
+    found = find_best(settings, family, metric)
+    click.echo(f"Best trial by {found.metric} in experiment {settings.experiment!r}:")
+    click.echo(found.describe())
+    if export_dir is not None and not found.has_model:
+        found = find_best(settings, family, found.metric, with_model=True)
+        click.echo(f"That trial kept no model (only trials that improved their sweep do); exporting the best "
+                   f"trial that did:\n{found.describe()}")
+    if export_dir is not None:
+        result = export_best(found, export_dir, settings.registered_model, verify=not no_verify,
+                             report=click.echo)
+        registry = result["registry"]
+        click.echo(f"Exported to {export_dir} (model.keras takes raw {found.params.get('image_size', '')} RGB "
+                   f"images, 0-255); registered as {registry['uri']}")
+        click.echo(f"Serve it: MLFLOW_TRACKING_URI={settings.tracking_uri} mlflow models serve "
+                   f"-m {registry['uri']} --env-manager local --host 127.0.0.1 --port 5001")
 
 
 @click.command()
@@ -71,12 +67,9 @@ def predict(model, images) -> None:
     Unreadable or non-image files are reported by name and skipped; the exit code is 1 if any failed.
     """
     quiet_tensorflow()
-    try:
-        from sweep.export import predict as run_predict
+    from sweep.export import predict as run_predict
 
-        results = run_predict(model, list(images))
-    except SweepError as exc:
-        fail(exc)
+    results = run_predict(model, list(images))
     failed = 0
     for r in results:
         if r.error:
@@ -92,8 +85,7 @@ def predict(model, images) -> None:
 
 
 @click.command()
-@EXPERIMENT
-@CONFIG
+@TRACKING_OPTIONS
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-output/report"),
               show_default=True, help="Folder for report.md and report.png.")
 @click.option("--metric", default=None, type=click.Choice(list(OBJECTIVES)),
@@ -101,44 +93,32 @@ def predict(model, images) -> None:
 def report(experiment, config_path, out_dir, metric) -> None:
     """The study's table: baseline, then each family's best val and test accuracy, gain and overfitting gap."""
     quiet_tensorflow()
-    try:
-        from sweep.report import build_report, to_markdown, write_report
+    from sweep.report import build_report, to_markdown, write_report
 
-        check_out_folder(out_dir, "--out")
-        settings = tracking_settings_for(config_path, experiment)
-        rows = build_report(settings, metric)
-        files, run_id = write_report(rows, settings, out_dir)
-    except SweepError as exc:
-        fail(exc)
+    check_out_folder(out_dir, "--out")
+    settings = tracking_settings_for(config_path, experiment)
+    rows = build_report(settings, metric)
+    files, run_id = write_report(rows, settings, out_dir)
     click.echo(to_markdown(rows, settings.experiment))
     click.echo(f"Saved {', '.join(map(str, files))}; logged to MLflow run {run_id}.")
 
 
 @click.command()
-@EXPERIMENT
-@CONFIG
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder with train/ and validation/ (default: download the study's data).")
-@click.option("--seed", default=42, show_default=True, type=int, help="Orders validation before the test split.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-size", default="160", show_default=True, callback=parse_image_size)
+@TRACKING_OPTIONS
+@DATA_OPTIONS
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep-output/data"),
               show_default=True)
 def data(experiment, config_path, data_dir, seed, batch_size, image_size, out_dir) -> None:
     """Class counts per split, the baseline, sample images and augmentation pictures."""
     quiet_tensorflow()
-    try:
-        from sweep.report import write_data_overview
-        from sweep.study import prepare
+    from sweep.report import write_data_overview
+    from sweep.study import prepare
 
-        check_out_folder(out_dir, "--out")
-        settings = tracking_settings_for(config_path, experiment)
-        sweep_settings = SweepSettings(family="scratch", data_dir=data_dir, seed=seed, batch_size=batch_size,
-                                       image_size=image_size)
-        prepared = prepare(sweep_settings, settings, need_weights=False, report=click.echo)
-        files, run_id = write_data_overview(prepared.splits, settings, out_dir, seed)
-    except SweepError as exc:
-        fail(exc)
+    check_out_folder(out_dir, "--out")
+    settings = tracking_settings_for(config_path, experiment)
+    spec = SweepSpec(family="scratch", data_dir=data_dir, seed=seed, batch_size=batch_size, image_size=image_size)
+    prepared = prepare(spec, settings, need_weights=False, report=click.echo)
+    files, run_id = write_data_overview(prepared.splits, settings, out_dir, seed)
     splits = prepared.splits
     for split, counts in splits.counts().items():
         click.echo(f"{split:<11} " + "  ".join(f"{name} {n}" for name, n in counts.items()))
@@ -156,21 +136,18 @@ def ui(config_path, host, port) -> None:
     import os
     import shutil
 
-    try:
-        settings = load_tracking(config_path)
-        if settings.is_local:
-            require_store(settings)
-            _check_store_readable(settings.tracking_uri)
-            _check_port_free(host, port)
-    except SweepError as exc:
-        fail(exc)
+    settings = load_tracking(config_path)
+    if settings.is_local:
+        require_store(settings)
+        _check_store_readable(settings.tracking_uri)
+        _check_port_free(host, port)
     if not settings.is_local:
         click.echo(f"Runs live on the tracking server {settings.tracking_uri}: open it in a browser.")
         return
     sibling = Path(sys.executable).with_name("mlflow")  # the mlflow of this environment first
     mlflow_bin = str(sibling) if sibling.exists() else shutil.which("mlflow")
     if mlflow_bin is None:
-        fail(SweepError("the mlflow command is not installed here; pip install mlflow."))
+        raise SweepError("the mlflow command is not installed here; pip install mlflow.")
     click.echo(f"MLflow UI for {settings.tracking_uri} at http://{host}:{port} (Ctrl-C stops it)", err=False)
     command = [mlflow_bin, "ui", "--backend-store-uri", settings.tracking_uri, "--host", host, "--port", str(port)]
     # Become the MLflow UI (exec), so Ctrl-C and SIGTERM reach it and it stops its own worker processes;

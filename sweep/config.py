@@ -1,4 +1,5 @@
-"""Settings: ``mlflow.yaml``, environment overrides and sweep options, as frozen dataclasses.
+"""Tracking settings: ``mlflow.yaml`` and environment overrides, as a frozen dataclass (a sweep's own
+settings are ``sweep.spec.SweepSpec``).
 
 Precedence for tracking settings: environment (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``) over
 ``mlflow.yaml`` over built-in defaults. Relative paths in ``mlflow.yaml`` are resolved against the file's folder,
@@ -8,13 +9,12 @@ so a sweep logs to the same store whatever the working directory.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from sweep.errors import ConfigError
-from sweep.results import DEFAULT_OBJECTIVE, OBJECTIVES
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
@@ -24,8 +24,6 @@ DEFAULT_TUNER_DIR = "mlruns/keras_tuner"
 DEFAULT_CACHE_DIR = "mlruns/feature_cache"
 DEFAULT_REGISTERED_MODEL = "sweep-best"
 KNOWN_KEYS = {"tracking_uri", "artifact_root", "experiment", "tuner_dir", "cache_dir", "registered_model"}
-
-TUNERS = ("random", "bayesian", "hyperband")
 
 
 @dataclass(frozen=True)
@@ -44,39 +42,6 @@ class TrackingSettings:
     def is_local(self) -> bool:
         """True when runs are stored on this machine (SQLite or a file store), not on a tracking server."""
         return not self.tracking_uri.startswith(("http://", "https://", "databricks"))
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """One sweep of one family, as the user asked for it."""
-
-    family: str
-    trials: int = 10
-    tuner: str = "random"
-    objective: str = DEFAULT_OBJECTIVE
-    epochs: int = 20
-    seed: int = 42
-    batch_size: int = 32
-    image_size: tuple[int, int] = (160, 160)
-    data_dir: Path | None = None
-    weights: str | None = "imagenet"
-    verbose: int = 1
-    feature_cache: bool = True
-    extra_tags: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise ConfigError(f"trials must be at least 1, got {self.trials}.")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}.")
-        if self.tuner not in TUNERS:
-            raise ConfigError(f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}.")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
-        if min(self.image_size) < 32:
-            raise ConfigError(f"image size must be at least 32x32, got {self.image_size}.")
 
 
 def keras_cache_dir() -> str | None:

@@ -9,6 +9,7 @@ the rest is validation: fixed, disjoint, and the same at every read.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -19,8 +20,7 @@ import numpy as np
 
 from sweep.config import keras_cache_dir
 from sweep.errors import DataError
-
-DATASET_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+from sweep.spec import DATASET_URL
 DATASET_NAME = "cats_and_dogs_filtered"
 SPLIT_DIRS = ("train", "validation")
 
@@ -68,6 +68,11 @@ class Splits:
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {s.name: s.class_counts(self.class_names) for s in (self.train, self.validation, self.test)}
+
+    def test_manifest(self) -> str:
+        """The test split's files in ``sha256sum`` format (``<sha256>  <path>`` a line): what ``sweep best
+        --export`` re-evaluates on, refusing a file that is missing or changed."""
+        return "".join(f"{file_sha256(path)}  {path}\n" for path in self.test.files)
 
     def summary(self) -> dict:
         """A JSON-ready description: source, classes, counts, baseline."""
@@ -190,6 +195,47 @@ def _decode_folder(folder: Path, class_names: tuple[str, ...], image_size: tuple
         if label not in kept_labels:
             raise DataError(f"{folder / name} holds no readable image; add images or remove the folder.")
     return images[: len(kept)], np.asarray(kept_labels, dtype="int32"), tuple(kept), skipped
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(text: str, class_names: tuple[str, ...] | list[str], image_size: tuple[int, int]) -> Split:
+    """Decode the images a ``test_manifest`` lists; each label is its class folder under ``validation/``.
+
+    Raises:
+        DataError: a listed file is missing, changed since the sweep, or not under a class folder.
+    """
+    files, labels, digests = [], [], []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        digest, _, path = line.partition("  ")
+        folder = Path(path).parent
+        while folder.name not in class_names or folder.parent.name != "validation":
+            if folder == folder.parent:
+                raise DataError(f"listed test file {path} is not under validation/<class>/; the sweep's "
+                                "test_files.txt is not one `sweep` wrote.")
+            folder = folder.parent
+        files.append(path)
+        labels.append(list(class_names).index(folder.name))
+        digests.append(digest)
+    missing = [p for p in files if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} of the sweep's {len(files)} test images are missing (first: {missing[0]}); "
+                        "put the data back where the sweep read it, or export with --no-verify.")
+    changed = [p for p, d in zip(files, digests) if file_sha256(p) != d]
+    if changed:
+        raise DataError(f"{len(changed)} of the sweep's {len(files)} test images changed since the sweep (first: "
+                        f"{changed[0]}); the logged test accuracy is not theirs. Restore them, or export with "
+                        "--no-verify.")
+    images = np.stack([decode_image(p, image_size) for p in files]) if files else np.empty((0, *image_size, 3))
+    return Split("test", images.astype("float32"), np.asarray(labels, dtype="int32"), tuple(files))
 
 
 def load_splits(

@@ -15,8 +15,8 @@ from sweep import tracking
 from sweep.config import TrackingSettings
 from sweep.data import decode_error, decode_image
 from sweep.errors import SweepError
+from sweep.spec import DEFAULT_OBJECTIVE, SweepSpec
 from sweep.results import (
-    DEFAULT_OBJECTIVE,
     RANKINGS,
     TrialRecord,
     best_run,
@@ -27,6 +27,7 @@ from sweep.results import (
 )
 
 MODEL_ARTIFACT = tracking.MODEL_ARTIFACT
+CHAMPION = "champion"  # the registry alias `sweep best --export` moves to the version it registers
 
 
 @dataclass
@@ -95,14 +96,16 @@ def _class_names(best: BestTrial, tmp: Path) -> list[str]:
 
 def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: bool = True,
                 report=print) -> dict[str, Any]:
-    """Write the best trial's model and its records to ``out_dir`` and register the model.
+    """Write the best trial's model and its records to ``out_dir``, then register the model.
 
     Written: ``model.keras`` (raw 0-255 RGB in, logits out; preprocessing and base included),
-    ``hyperparameters.json``, ``metrics.json``, ``classes.json``, ``accuracy.png`` and ``registered_model.json``.
-    The folder appears whole or not at all.
+    ``hyperparameters.json``, ``metrics.json``, ``classes.json``, ``accuracy.png``; the folder appears whole or
+    not at all. Only then is the model registered as a new version of ``registered_model`` with the alias
+    ``champion``, and ``registered_model.json`` added.
 
     Raises:
-        SweepError: ``out_dir`` exists and is not empty, or the trial kept no model.
+        SweepError: ``out_dir`` exists and is not empty, the trial kept no model, or (``verify``) a test image
+            the sweep listed is missing or changed.
     """
     import keras
     from mlflow.models import infer_signature
@@ -134,36 +137,41 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
                    "test_accuracy": best.record.test_accuracy,
                    "test_loss": best.record.test_loss, "baseline_accuracy": best.baseline_accuracy}
         if verify:
-            metrics.update(_reevaluate(model, best, report))
+            manifest = tracking.download(best.sweep_run_id, "test_files.txt", tmp).read_text()
+            metrics.update(_reevaluate(model, best, manifest, classes, report))
         (staging / "hyperparameters.json").write_text(json.dumps(best.record.hyperparameters, indent=2) + "\n")
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / "classes.json").write_text(json.dumps(classes) + "\n")
-        sample = np.zeros((1, *model.input_shape[1:]), dtype="float32")
-        signature = infer_signature(sample, model.predict(sample, verbose=0))
-        version = tracking.register_keras_model(best.record.run_id, model, registered_model, signature)
-        registry = {"name": registered_model, "version": version, "uri": f"models:/{registered_model}/{version}",
-                    "run_id": best.record.run_id}
-        (staging / "registered_model.json").write_text(json.dumps(registry, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)
+    sample = np.zeros((1, *model.input_shape[1:]), dtype="float32")
+    signature = infer_signature(sample, model.predict(sample, verbose=0))
+    try:
+        version = tracking.register_keras_model(best.record.run_id, model, registered_model, signature, CHAMPION)
+    except Exception as exc:  # the export folder is complete; say what did not happen
+        raise SweepError(f"exported to {out_dir}, but registering the model in MLflow failed "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); the folder "
+                         "is usable as it is.") from None
+    registry = {"name": registered_model, "version": version, "alias": CHAMPION,
+                "uri": f"models:/{registered_model}@{CHAMPION}", "version_uri": f"models:/{registered_model}/{version}",
+                "run_id": best.record.run_id}
+    (out_dir / "registered_model.json").write_text(json.dumps(registry, indent=2) + "\n")
     return {"metrics": metrics, "registry": registry}
 
 
-def _reevaluate(model, best: BestTrial, report) -> dict[str, float]:
-    """Rebuild the trial's test split from the sweep's data settings and score the exported model on it."""
-    from sweep.data import DATASET_URL, load_splits
+def _reevaluate(model, best: BestTrial, manifest: str, classes: list[str], report) -> dict[str, float]:
+    """Score the exported model on the very test images the sweep listed (``test_files.txt``).
 
-    data = best.params.get("data", "")
-    source = None if data == DATASET_URL else Path(data)  # None: the study's download, from Keras' cache
-    if source is not None and not (source / "train").is_dir():
-        report(f"Not re-evaluated: the sweep's data folder {source} is not here.")
-        return {}
-    height, width = (int(v) for v in best.params["image_size"].split("x"))
-    splits = load_splits(source, (height, width), int(best.params["batch_size"]), int(best.params["seed"]))
-    loss, accuracy = model.evaluate(splits.test.images, splits.test.labels,
-                                    batch_size=int(best.params["batch_size"]), verbose=0)
-    report(f"Re-evaluated on the test split ({len(splits.test)} images): {accuracy:.4%} "
+    Raises:
+        SweepError: a listed file is missing or changed since the sweep.
+    """
+    from sweep.data import load_manifest
+
+    spec = SweepSpec.from_params(best.params)
+    test = load_manifest(manifest, classes, spec.image_size)
+    loss, accuracy = model.evaluate(test.images, test.labels, batch_size=spec.batch_size, verbose=0)
+    report(f"Re-evaluated on the sweep's {len(test)} test images (test_files.txt): {accuracy:.4%} "
            f"(logged {best.record.test_accuracy:.4%})")
     return {"reevaluated_test_accuracy": float(accuracy), "reevaluated_test_loss": float(loss)}
 

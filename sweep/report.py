@@ -9,7 +9,8 @@ from search_spaces import FAMILIES
 from sweep import plots, tracking
 from sweep.config import TrackingSettings
 from sweep.errors import SweepError
-from sweep.results import DEFAULT_OBJECTIVE, TrialRecord, best_run, interval_text, objective_of, record_from_run
+from sweep.results import TrialRecord, best_run, interval_text, objective_of, record_from_run
+from sweep.spec import DEFAULT_OBJECTIVE
 
 
 @dataclass

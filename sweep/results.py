@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from sweep.spec import DEFAULT_OBJECTIVE, OBJECTIVES, SweepSpec
+
 
 @dataclass
 class TrialRecord:
@@ -52,18 +54,13 @@ def accuracy_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, 
 
 
 def interval_text(record: TrialRecord) -> str:
-    """`` (95% CI 93.4%-98.6%, 192 images)`` to follow the record's test accuracy; "" when it has no image count
-    (a run logged before the count was)."""
+    """`` (95% CI 93.4%-98.6%, 192 images)`` to follow the record's test accuracy; "" when it has none."""
     low, high = accuracy_interval(record.test_accuracy, record.test_images)
     if low != low:
         return ""
     return f" (95% CI {low:.1%}-{high:.1%}, {record.test_images} images)"
 
 
-# What a sweep can optimise (the final model's figure on the validation split) and which way is better.
-OBJECTIVES = {"val_loss": "min", "val_accuracy": "max"}
-DEFAULT_OBJECTIVE = "val_loss"
-LEGACY_OBJECTIVE = "val_accuracy"  # what sweeps from before ``--objective`` optimised
 # What `sweep best` and `sweep report` can rank logged trials by, and which way is better.
 RANKINGS = {**OBJECTIVES, "test_accuracy": "max"}
 
@@ -124,20 +121,16 @@ def trials_csv(records: list[TrialRecord]) -> str:
     return out.getvalue()
 
 
-FIXED_PARAMS = {"family", "tuner", "objective", "epochs", "batch_size", "image_size", "seed", "weights"}
-
-
 def objective_of(runs: list[Any]) -> str:
-    """The objective the trials were chosen by: their sweeps' own when they all share one (trials from before
-    ``--objective`` count as ``val_accuracy``), else the default."""
-    used = {r.data.params.get("objective", LEGACY_OBJECTIVE) for r in runs}
+    """The objective the trials were chosen by: their sweeps' own when they all share one, else the default."""
+    used = {r.data.params["objective"] for r in runs}
     return used.pop() if len(used) == 1 else DEFAULT_OBJECTIVE
 
 
 def record_from_run(run: Any, history: dict[str, list[float]] | None = None) -> TrialRecord:
     """A finished trial's MLflow run as a ``TrialRecord`` (latest metric values; histories if given)."""
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    hyperparameters = {k: v for k, v in params.items() if k not in FIXED_PARAMS}
+    hyperparameters = {k: v for k, v in params.items() if k not in SweepSpec.param_names()}
     if history is None:
         history = {name: [metrics[name]] for name in ("accuracy", "val_accuracy", "loss", "val_loss") if name in metrics}
     return TrialRecord(

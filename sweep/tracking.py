@@ -12,11 +12,11 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import keras
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -24,7 +24,10 @@ from sweep.config import TrackingSettings, require_store, sqlite_path
 from sweep.errors import ConfigError
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's documented system tag for nested runs
 MODEL_ARTIFACT = "model/model.keras"  # the trained end-to-end model, kept for trials that improved their sweep
+RETRY_ATTEMPTS = 3
+Reporter = Callable[[str], None]
 
 
 def use_experiment(settings: TrackingSettings) -> str:
@@ -71,7 +74,7 @@ def _use_experiment(settings: TrackingSettings) -> str:
             try:
                 return mlflow.create_experiment(settings.experiment, artifact_location=location)
             except MlflowException as exc:
-                if "already exists" not in exc.message:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = mlflow.get_experiment_by_name(settings.experiment)  # another process made it first
     except MlflowException as exc:
@@ -87,103 +90,115 @@ def _use_experiment(settings: TrackingSettings) -> str:
     return experiment.experiment_id
 
 
-def _retry_on_race(call, attempts: int = 8):
-    """Run ``call``; when several processes create a new SQLite store at once, all but one see its tables
-    half-made ("already exists", "locked"): wait a moment and try again."""
+def _retry_on_race(call):
+    """Run ``call``; when several processes create a new SQLite store at once, all but one can see its tables
+    half-made (SQLAlchemy's OperationalError: a table exists, the database is locked): wait and try again."""
     import sqlalchemy
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
-    for attempt in range(attempts):
-        try:
+    for attempt in Retrying(retry=retry_if_exception_type(sqlalchemy.exc.OperationalError),
+                            stop=stop_after_attempt(8), wait=wait_fixed(0.5), reraise=True):
+        with attempt:
             return call()
-        except (sqlalchemy.exc.OperationalError, MlflowException) as exc:
-            text = str(exc)
-            if attempt == attempts - 1 or not ("already exists" in text or "locked" in text):
-                raise
-            time.sleep(0.5 + attempt * 0.5)
+
+
+class RunLogger:
+    """Writes into one MLflow run, named by id, through a client: never MLflow's implicit active run."""
+
+    def __init__(self, client: MlflowClient, run_id: str, report: Reporter = print) -> None:
+        self.client, self.run_id, self.report = client, run_id, report
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        timestamp = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_json(self, data: Any, name: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), name)
+
+    def log_keras_model(self, model: keras.Model, artifact_path: str) -> None:
+        """Save ``model`` as a ``.keras`` file under ``artifact_path`` (folder/name.keras)."""
+        folder, name = artifact_path.rsplit("/", 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            model.save(path)
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    def epoch_logger(self) -> EpochMetricsLogger:
+        return EpochMetricsLogger(self)
 
 
 @contextmanager
-def sweep_run(experiment_id: str, name: str, params: dict[str, Any], tags: dict[str, str],
-              resume_run_id: str | None = None) -> Iterator[str]:
-    """Start the parent run of a sweep (or re-open it to resume); yields its run id."""
-    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id,
-                          run_name=None if resume_run_id else name, tags=tags) as run:
-        if resume_run_id is None:
-            mlflow.log_params(params)
-        yield run.info.run_id
+def open_run(client: MlflowClient, experiment_id: str, name: str, params: dict[str, Any], tags: dict[str, str],
+             parent_run_id: str | None = None, resume_run_id: str | None = None,
+             report: Reporter = print) -> Iterator[RunLogger]:
+    """A run for a sweep (or a trial, under ``parent_run_id``), re-opened when ``resume_run_id`` is given.
 
-
-@contextmanager
-def trial_run(experiment_id: str, parent_run_id: str, name: str, params: dict[str, Any],
-              tags: dict[str, str]) -> Iterator[str]:
-    """Start a trial's run under the sweep's run; yields its run id.
-
-    The parent need not be active in this process, so worker processes log trials under the chief's sweep.
+    The caller owns its lifetime: the run ends FINISHED when the block ends, KILLED when the process is
+    interrupted (Ctrl-C, SIGTERM) and FAILED on any other exception, which propagates.
     """
-    active = mlflow.active_run()
-    nested = active is not None and active.info.run_id == parent_run_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=nested,
-                          parent_run_id=None if nested else parent_run_id, tags=tags) as run:
-        mlflow.log_params(params)
-        yield run.info.run_id
-
-
-def log_result(metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
-    """Log final metrics (no step) and tags into the active run."""
-    mlflow.log_metrics(metrics)
-    if tags:
-        mlflow.set_tags(tags)
-
-
-def log_figure(figure: Any, name: str) -> None:
-    mlflow.log_figure(figure, name)
-
-
-def log_text(text: str, name: str) -> None:
-    mlflow.log_text(text, name)
-
-
-def log_keras_model(model: keras.Model, artifact_path: str) -> None:
-    """Save ``model`` as a ``.keras`` file under ``artifact_path`` (folder/name.keras) of the active run."""
-    folder, name = artifact_path.rsplit("/", 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        model.save(path)
-        mlflow.log_artifact(str(path), folder)
-
-
-def log_json(data: Any, name: str) -> None:
-    mlflow.log_text(json.dumps(data, indent=2, default=str), name)
+    if resume_run_id is not None:
+        client.update_run(resume_run_id, status="RUNNING")
+        run_id = resume_run_id
+    else:
+        if parent_run_id is not None:
+            tags = {**tags, PARENT_RUN_TAG: parent_run_id}
+        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    logger = RunLogger(client, run_id, report)
+    status = "FAILED"
+    try:
+        if resume_run_id is None and params:
+            logger.log_params(params)
+        yield logger
+        status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into an interrupt)
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(run_id, status=status)
 
 
 class EpochMetricsLogger(keras.callbacks.Callback):
     """Logs loss, accuracy, val_loss and val_accuracy once per epoch (step = epoch number, from 1) into a run.
 
-    It also keeps the values, since Keras Tuner keeps no per-epoch history of its own.
+    As MLflow's own Keras callback, it never stops training: a store that hiccups is retried a few times
+    (tenacity, with backoff), then the epoch is skipped with one warning and training goes on.
     """
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run: RunLogger) -> None:
         super().__init__()
-        self.run_id = run_id
-        self.history: dict[str, list[float]] = {name: [] for name in EPOCH_METRICS}
-        self.first_epoch: int | None = None
-        self._client: MlflowClient | None = None
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self._client = MlflowClient()
+        self.run = run
+        self.failed_epochs: list[int] = []
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
-        if self.first_epoch is None:
-            self.first_epoch = epoch + 1
-        timestamp = int(time.time() * 1000)
-        metrics = []
-        for name in EPOCH_METRICS:
-            if name in logs:
-                value = float(logs[name])
-                self.history[name].append(value)
-                metrics.append(Metric(name, value, timestamp, epoch + 1))
-        self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        metrics = {name: float(logs[name]) for name in EPOCH_METRICS if logs and name in logs}
+        try:
+            _with_retries(self.run.log_metrics, metrics, step=epoch + 1)
+        except Exception as exc:  # the store is down: the trial's result matters more than one epoch's curve
+            self.failed_epochs.append(epoch + 1)
+            self.run.report(f"Warning: could not log epoch {epoch + 1}'s metrics to MLflow run {self.run.run_id} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                            "training goes on.")
+
+
+def _with_retries(call, *args, **kwargs):
+    from tenacity import Retrying, stop_after_attempt, wait_exponential
+
+    for attempt in Retrying(stop=stop_after_attempt(RETRY_ATTEMPTS), wait=wait_exponential(multiplier=0.2, max=2),
+                            reraise=True):
+        with attempt:
+            return call(*args, **kwargs)
 
 
 # -- reading results back ----------------------------------------------------------------------------------
@@ -231,25 +246,27 @@ def has_artifact(run_id: str, artifact_path: str) -> bool:
     return any(a.path == artifact_path for a in MlflowClient().list_artifacts(run_id, folder or None))
 
 
-def register_keras_model(run_id: str, model: keras.Model, name: str, signature: Any) -> int:
-    """Log ``model`` in MLflow's Keras flavour into ``run_id`` and register it as a new version of ``name``."""
-    with mlflow.start_run(run_id=run_id):
+def register_keras_model(run_id: str, model: keras.Model, name: str, signature: Any, alias: str) -> int:
+    """Log ``model`` in MLflow's Keras flavour into ``run_id``, register it as a new version of ``name`` and
+    point the registry alias ``alias`` at that version (MLflow's aliases replace the deprecated stages)."""
+    with mlflow.start_run(run_id=run_id):  # mlflow.keras.log_model logs into a started run only
         info = mlflow.keras.log_model(model, name="registered_model", signature=signature,
                                       registered_model_name=name)
-    version = info.registered_model_version
-    return int(version) if version is not None else int(
-        MlflowClient().get_latest_versions(name)[0].version)
+    version = int(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(name, alias, version)
+    return version
 
 
 def log_report_run(experiment_id: str, name: str, files: list[Path], metrics: dict[str, float],
                    tags: dict[str, str]) -> str:
     """A standalone run (not a sweep) that carries a report's files and headline numbers."""
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+    client = MlflowClient()
+    with open_run(client, experiment_id, name, {}, tags) as run:
         for path in files:
-            mlflow.log_artifact(str(path))
+            client.log_artifact(run.run_id, str(path))
         if metrics:
-            mlflow.log_metrics(metrics)
-        return run.info.run_id
+            run.log_metrics(metrics)
+        return run.run_id
 
 
 def find_sweep(experiment_id: str, family: str | None, name: str | None = None):

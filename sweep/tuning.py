@@ -1,96 +1,175 @@
-"""The Keras Tuner side of a sweep: oracles that start from the study's defaults, and the trial loop.
+"""The Keras Tuner side of a sweep: oracles that start from the study's defaults and track worker liveness,
+and the one trial loop.
 
-Every trial trains on the in-memory splits, logs one MLflow run nested under the sweep's run (per-epoch
-curves, test accuracy, baseline, ``accuracy.png``), and reports a progress line through ``report``.
+A trial is: build the model from ``hp`` -> the family's ``fit`` (Keras Tuner's ``HyperModel.fit`` hook) ->
+one score -> log -> keep or drop the model. Nothing here knows a family's hyperparameters or how it trains.
 This module knows nothing of click.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import keras
 import keras_tuner as kt
-import numpy as np
-from keras_tuner.src import config as _kt_config
+from keras_tuner.engine.trial import TrialStatus
 
-from search_spaces import HyperFamily, default_values
-from sweep import plots, tracking
-from sweep.config import SweepSettings
-from sweep.data import Splits
-from sweep.errors import SweepError
-from sweep.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
-from sweep.head import ViewSampler, fit_head
-from sweep.results import DEFAULT_OBJECTIVE, OBJECTIVES, TrialRecord, accuracy_interval, best_record, format_value
+from search_spaces import Fitted, HyperFamily, default_values, hyperparameters
+from sweep import compat, plots, tracking
+from sweep.results import TrialRecord, accuracy_interval, best_record, format_value
+from sweep.spec import OBJECTIVES, SweepSpec
 
-# Keras Tuner prints every failed trial's traceback while DEBUG is on (its default); our one line per
-# failed trial names the error and the trial's MLflow run keeps it.
-_kt_config.DEBUG = False
+compat.quiet_failed_trials()  # our one line per failed trial names the error; its MLflow run keeps it
 
 Reporter = Callable[[str], None]
+# The raw-image check of a kept cached trial: its loss may differ by float rounding (the cache batches the
+# base differently), its accuracy by an image whose two logits are within that rounding of each other.
+RAW_LOSS_TOLERANCE = 1e-3
 
 
-class DefaultsFirst:
-    """Oracle mixin: the first set of values any oracle draws is the search space's defaults.
+class ConsecutiveFailures(RuntimeError):
+    """Keras Tuner's oracle stopped the search: too many trials failed in a row."""
 
-    A family's defaults are the study's model, so trial 1 of every sweep reproduces the study and shows
-    whether the search beat it. Random, Bayesian (initial points) and Hyperband (new brackets) all draw
-    through ``_random_values``.
+
+class SweepOracle:
+    """Oracle mixin: trial 1 is the study's model, and a worker's liveness is its heartbeat.
+
+    * The first values any oracle draws are the search space's defaults (the study's model), through the
+      public ``populate_space`` hook; Hyperband's own ``tuner/*`` bookkeeping is kept.
+    * Every ``update_trial`` from a worker is a heartbeat (the trial loop sends one per epoch). With a
+      trial timeout, ``expire_silent_trials`` fails a trial whose worker went silent for that long; a result
+      that arrives after that is not counted a second time.
+    * Keras Tuner raises a bare RuntimeError when too many trials failed in a row; it becomes
+      ``ConsecutiveFailures``, so callers need not match its message.
     """
 
-    def _random_values(self):
-        values = default_values(self.hyperparameters)
-        if values and not self._defaults_tried(values):
-            return values
-        return super()._random_values()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_heard: dict[str, float] = {}
+        self.expired: set[str] = set()
+        self.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
 
-    def _defaults_tried(self, values: dict[str, Any]) -> bool:
-        """Whether a trial already ran the defaults. A trial from before a hyperparameter was added (a sweep
-        resumed under a newer search space) counts with that hyperparameter at its default."""
-        return self._duplicate(values) or any(
-            all(trial.hyperparameters.values.get(name, value) == value for name, value in values.items())
-            for trial in self.trials.values()
-        )
+    def populate_space(self, trial_id: str) -> dict[str, Any]:
+        response = super().populate_space(trial_id)
+        values = response.get("values")
+        if response["status"] == TrialStatus.RUNNING and values is not None and "tuner/trial_id" not in values:
+            defaults = default_values(self.hyperparameters)
+            if defaults and not self._tried(defaults):
+                values.update(defaults)
+        return response
+
+    def _tried(self, values: dict[str, Any]) -> bool:
+        return any(all(trial.hyperparameters.values.get(name) == value for name, value in values.items())
+                   for trial in self.trials.values())
+
+    @kt.synchronized
+    def create_trial(self, tuner_id: str):
+        trial = super().create_trial(tuner_id)
+        if trial.status == TrialStatus.RUNNING:
+            self.last_heard[trial.trial_id] = time.monotonic()  # again when a restarted worker takes it back
+        return trial
+
+    @kt.synchronized
+    def update_trial(self, trial_id: str, metrics: dict, step: int = 0):
+        if trial_id in self.expired:
+            return self.trials[trial_id]  # FAILED: the worker stops the trial
+        self.last_heard[trial_id] = time.monotonic()
+        if self.objective.name not in metrics:  # a heartbeat, not a result
+            return self.trials[trial_id]
+        return super().update_trial(trial_id, metrics, step)
+
+    @kt.synchronized
+    def end_trial(self, trial) -> None:
+        if trial.trial_id in self.expired:
+            return  # ended already, by expire_silent_trials
+        self.last_heard.pop(trial.trial_id, None)
+        try:
+            super().end_trial(trial)
+        except RuntimeError as exc:  # raised only by the consecutive-failures check
+            raise ConsecutiveFailures(str(exc).strip().splitlines()[-1]) from exc
+
+    @kt.synchronized
+    def expire_silent_trials(self, timeout: float) -> list[tuple[str, str]]:
+        """Fail every ongoing trial whose worker sent nothing for ``timeout`` seconds.
+
+        Returns:
+            (tuner id, trial id) of each trial failed now.
+        """
+        now, failed = time.monotonic(), []
+        for tuner_id, trial in list(self.ongoing_trials.items()):
+            if now - self.last_heard.get(trial.trial_id, now) > timeout:
+                trial.status = TrialStatus.FAILED
+                trial.message = f"worker {tuner_id} sent no heartbeat for {timeout:.0f}s"
+                self.end_trial(trial)
+                self.expired.add(trial.trial_id)
+                failed.append((tuner_id, trial.trial_id))
+        return failed
+
+    @kt.synchronized
+    def activity(self) -> tuple[int, int]:
+        """(ongoing trials, registered workers), read under the oracle's lock."""
+        return len(self.ongoing_trials), len(self.tuner_ids)
 
 
-class DefaultsFirstRandomSearch(DefaultsFirst, kt.oracles.RandomSearchOracle):
+class SweepRandomSearch(SweepOracle, kt.oracles.RandomSearchOracle):
     pass
 
 
-class DefaultsFirstBayesian(DefaultsFirst, kt.oracles.BayesianOptimizationOracle):
+class SweepBayesian(SweepOracle, kt.oracles.BayesianOptimizationOracle):
     pass
 
 
-class DefaultsFirstHyperband(DefaultsFirst, kt.oracles.HyperbandOracle):
+class SweepHyperband(SweepOracle, kt.oracles.HyperbandOracle):
     pass
 
 
-def build_oracle(tuner: str, trials: int, epochs: int, seed: int, objective: str = DEFAULT_OBJECTIVE) -> kt.Oracle:
-    """The oracle for ``--tuner``, scoring trials by ``objective``; Hyperband's trial count is capped at
-    ``trials`` as well."""
-    score = kt.Objective(objective, direction=OBJECTIVES[objective])
-    if tuner == "random":
-        oracle = DefaultsFirstRandomSearch(objective=score, max_trials=trials, seed=seed)
-    elif tuner == "bayesian":
-        oracle = DefaultsFirstBayesian(objective=score, max_trials=trials, seed=seed)
-    elif tuner == "hyperband":
-        oracle = DefaultsFirstHyperband(objective=score, max_epochs=epochs, seed=seed)
-        oracle.max_trials = trials
-    else:
-        raise SweepError(f"unknown tuner {tuner!r}; choose random, bayesian or hyperband.")
-    oracle.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
-    return oracle
+def build_oracle(spec: SweepSpec) -> kt.Oracle:
+    """The oracle for the spec's tuner, scoring trials by its objective; Hyperband's trial count is capped at
+    ``trials`` as well, and ``epochs`` is its maximum."""
+    score = kt.Objective(spec.objective, direction=OBJECTIVES[spec.objective])
+    if spec.tuner == "hyperband":
+        oracle = SweepHyperband(objective=score, max_epochs=spec.epochs, seed=spec.seed)
+        oracle.max_trials = spec.trials
+        return oracle
+    cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
+    return cls(objective=score, max_trials=spec.trials, seed=spec.seed)
 
 
-def _check_finite(logger: tracking.EpochMetricsLogger) -> None:
+class Heartbeat(keras.callbacks.Callback):
+    """Tells the oracle after every epoch that the trial is alive; stops a trial the oracle has expired."""
+
+    def __init__(self, oracle: kt.Oracle, trial_id: str) -> None:
+        super().__init__()
+        self.oracle, self.trial_id = oracle, trial_id
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        trial = self.oracle.update_trial(self.trial_id, {}, step=epoch + 1)
+        if trial.status == TrialStatus.FAILED:
+            raise kt.errors.FailedTrialError("the chief failed this trial: no heartbeat within --trial-timeout")
+
+
+def _check_finite(history: dict[str, list[float]], first_epoch: int) -> None:
     """A loss that turned NaN or infinite fails the trial (Keras stopped it with TerminateOnNaN)."""
-    for epoch, loss in enumerate(logger.history.get("loss", []), start=logger.first_epoch or 1):
+    for epoch, loss in enumerate(history.get("loss", []), start=first_epoch):
         if not math.isfinite(loss):
             raise kt.errors.FailedTrialError(f"loss became {loss} at epoch {epoch}; the trial diverged")
+
+
+def _check_agreement(fitted: Fitted, raw: dict[str, float], images: dict[str, int]) -> None:
+    """The cached score and the end-to-end model's on raw images must be one number, up to float rounding."""
+    for split, loss, accuracy in (("val", fitted.val_loss, fitted.val_accuracy),
+                                  ("test", fitted.test_loss, fitted.test_accuracy)):
+        loss_gap = abs(raw[f"raw_{split}_loss"] - loss)
+        images_apart = abs(raw[f"raw_{split}_accuracy"] - accuracy) * images[split]
+        if loss_gap > RAW_LOSS_TOLERANCE * max(1.0, abs(loss)) or images_apart > 1.01:
+            raise kt.errors.FailedTrialError(
+                f"the end-to-end model on raw {split} images scored loss {raw[f'raw_{split}_loss']:.6f}, accuracy "
+                f"{raw[f'raw_{split}_accuracy']:.4%}, but the cached features scored loss {loss:.6f}, accuracy "
+                f"{accuracy:.4%}: the feature cache does not match the model (delete the cache folder and rerun)"
+            )
 
 
 def _duration(seconds: float) -> str:
@@ -101,28 +180,29 @@ def _duration(seconds: float) -> str:
 
 
 class SweepTuner(kt.Tuner):
-    """A Keras Tuner whose trials train on in-memory splits and log to MLflow.
+    """A Keras Tuner whose trials train through the family's ``fit`` and log to MLflow.
 
-    Each trial returns its final model's ``val_loss`` and ``val_accuracy`` and the oracle reads the sweep's
-    objective among them, so the model the oracle scores is the model whose test accuracy is logged (Keras
-    Tuner's default would score the best epoch while the logged model is the last one).
+    Each trial returns its final model's ``val_loss`` and ``val_accuracy`` (one computation, the one the
+    per-epoch curve ends on) and the oracle scores the sweep's objective among them.
     """
 
-    def __init__(self, *, splits: Splits, settings: SweepSettings, report: Reporter,
-                 features: TransferFeatures | None = None, **kwargs: Any) -> None:
-        self.splits = splits
-        self.features = features
-        self.settings = settings
-        self.report = report
+    def __init__(self, *, spec: SweepSpec, data: Any, report: Reporter, verbose: int = 0,
+                 experiment_id: str = "", **kwargs: Any) -> None:
+        self.spec, self.data, self.report, self.verbose = spec, data, report, verbose
         self.records: list[TrialRecord] = []
         self.started = time.monotonic()
-        self.experiment_id = ""
+        self.experiment_id = experiment_id
         self.parent_run_id = ""  # set once the sweep's MLflow run exists
+        self.client = tracking.MlflowClient()
         super().__init__(**kwargs)
 
-    def on_trial_end(self, trial: kt.engine.trial.Trial) -> None:
-        # Keras Tuner stores the whole traceback as the message and prints it; our line already said what
-        # failed and the trial's MLflow run holds the error, so keep its last line only.
+    @property
+    def family(self) -> HyperFamily:
+        return self.hypermodel
+
+    def on_trial_end(self, trial) -> None:
+        # Keras Tuner stores the whole traceback as the message; our line already said what failed and the
+        # trial's MLflow run holds the error, so keep its last line only.
         if trial.message:
             trial.message = trial.message.strip().splitlines()[-1]
         super().on_trial_end(trial)
@@ -131,121 +211,86 @@ class SweepTuner(kt.Tuner):
         """Resume: take the trials MLflow already holds as finished."""
         self.records[:] = sorted(records, key=lambda r: r.number)
 
-    def _build_hypermodel(self, hp: kt.HyperParameters) -> keras.Model:
-        model = super()._build_hypermodel(hp)
-        if "tuner/trial_id" in hp.values:  # Hyperband: continue from the earlier trial's weights
-            model.load_weights(self._get_checkpoint_fname(hp.values["tuner/trial_id"]))
-        return model
+    def checkpoint(self, trial_id: str) -> str:
+        """Where a trial's trained weights go when a later Hyperband round continues it."""
+        return os.path.join(self.get_trial_dir(trial_id), "checkpoint.weights.h5")
 
-    def trial_params(self, values: dict[str, Any], epochs: int) -> dict[str, Any]:
-        s = self.settings
-        params = {name: format_value(value) for name, value in values.items()}
-        params.update(
-            family=s.family, tuner=s.tuner, objective=s.objective, epochs=epochs, batch_size=s.batch_size,
-            image_size=f"{s.image_size[0]}x{s.image_size[1]}", seed=s.seed,
-        )
-        if s.family == "transfer":
-            params["weights"] = str(s.weights)
-        return params
-
-    def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
+    def run_trial(self, trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         hp = trial.hyperparameters
-        values = dict(hp.values)
         done = next((r for r in self.records if r.trial_id == trial.trial_id), None)
         if done is not None:  # killed after MLflow finished the trial but before Keras Tuner saved it
-            self.report(f"[{self.settings.family}] trial {done.number} was already finished; not run again")
+            self.report(f"[{self.spec.family}] trial {done.number} was already finished; not run again")
             return done.scores
-        epochs = int(values.get("tuner/epochs", self.settings.epochs))
-        initial_epoch = int(values.get("tuner/initial_epoch", 0))
-        # Keras Tuner numbers trials from 0 in creation order, across workers and resumes alike.
-        number = int(trial.trial_id) + 1
-        splits, s = self.splits, self.settings
-        keras.utils.set_random_seed(s.seed + number - 1)
-        tags = {"family": s.family, "trial_id": trial.trial_id, "trial_number": str(number),
-                "tuner_id": self.tuner_id,
-                "training": "cached_features" if self.features else "raw_images"}
+        values = hyperparameters(hp.values)
+        spec = self.spec
+        epochs = int(hp.values.get("tuner/epochs", spec.epochs))
+        initial_epoch = int(hp.values.get("tuner/initial_epoch", 0))
+        number = int(trial.trial_id) + 1  # Keras Tuner numbers trials from 0, across workers and resumes alike
+        seed = spec.seed + number - 1
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(seed)
+        params = {**spec.to_params(), **{name: format_value(value) for name, value in values.items()}}
+        tags = {"family": spec.family, "trial_id": trial.trial_id, "trial_number": str(number),
+                "tuner_id": self.tuner_id}
         started = time.monotonic()
-        with tracking.trial_run(self.experiment_id, self.parent_run_id, f"{s.family}-trial-{number}",
-                                self.trial_params(values, epochs), tags) as run_id:
+        with tracking.open_run(self.client, self.experiment_id, f"{spec.family}-trial-{number}", params, tags,
+                               parent_run_id=self.parent_run_id, report=self.report) as run:
             try:
-                logger = tracking.EpochMetricsLogger(run_id)
-                model = self._try_build(hp)
-                # What the trial is scored, logged and exported as (the same model, or its flip-averaged form).
-                final = self.hypermodel.inference_model(model, values)
-                if self.features is None:
-                    model.fit(
-                        splits.train.images, splits.train.labels,
-                        batch_size=s.batch_size, epochs=epochs, initial_epoch=initial_epoch, shuffle=True,
-                        callbacks=[Validation(final, splits, s.batch_size), logger,
-                                   keras.callbacks.TerminateOnNaN()], verbose=s.verbose,
-                    )
-                else:
-                    self._fit_head(hp, model, epochs, initial_epoch, logger, seed=s.seed + number - 1)
-                _check_finite(logger)
-                if self.features is None:
-                    val_loss, val_accuracy = logger.history["val_loss"][-1], logger.history["val_accuracy"][-1]
-                else:
-                    # The trained head now sits on the real base: score that end-to-end model on raw images.
-                    val_loss, val_accuracy = final.evaluate(splits.validation.images, splits.validation.labels,
-                                                            batch_size=s.batch_size, verbose=0)
-                test_loss, test_accuracy = final.evaluate(
-                    splits.test.images, splits.test.labels, batch_size=s.batch_size, verbose=0
+                model = self.family.build(hp)
+                if "tuner/trial_id" in hp.values:  # Hyperband: continue from the earlier round's weights
+                    model.load_weights(self.checkpoint(hp.values["tuner/trial_id"]))
+                fitted = self.family.fit(
+                    hp, model, data=self.data, batch_size=spec.batch_size, epochs=epochs,
+                    initial_epoch=initial_epoch, verbose=self.verbose, seed=seed,
+                    callbacks=[run.epoch_logger(), Heartbeat(self.oracle, trial.trial_id),
+                               keras.callbacks.TerminateOnNaN()],
                 )
+                _check_finite(fitted.history, initial_epoch + 1)
                 record = TrialRecord(
-                    family=s.family, trial_id=trial.trial_id, number=number, hyperparameters=values,
-                    history=logger.history, first_epoch=logger.first_epoch or 1,
-                    val_accuracy=float(val_accuracy), val_loss=float(val_loss),
-                    test_accuracy=float(test_accuracy), test_loss=float(test_loss),
-                    test_images=len(splits.test), seconds=time.monotonic() - started, run_id=run_id,
+                    family=spec.family, trial_id=trial.trial_id, number=number, hyperparameters=values,
+                    history=fitted.history, first_epoch=initial_epoch + 1,
+                    val_accuracy=fitted.val_accuracy, val_loss=fitted.val_loss,
+                    test_accuracy=fitted.test_accuracy, test_loss=fitted.test_loss,
+                    test_images=len(self.data.test), seconds=time.monotonic() - started, run_id=run.run_id,
                 )
                 low, high = accuracy_interval(record.test_accuracy, record.test_images)
-                tracking.log_result(
-                    {"test_accuracy": record.test_accuracy, "test_loss": record.test_loss,
-                     "test_accuracy_ci_low": low, "test_accuracy_ci_high": high, "test_images": record.test_images,
-                     "baseline_accuracy": splits.baseline_accuracy, "train_seconds": record.seconds}
-                )
-                tracking.log_figure(plots.plot_accuracy(record, splits.baseline_accuracy), "accuracy.png")
-                self._keep_model(trial, record, model, final)
+                run.log_metrics({"test_accuracy": record.test_accuracy, "test_loss": record.test_loss,
+                                 "test_accuracy_ci_low": low, "test_accuracy_ci_high": high,
+                                 "test_images": record.test_images,
+                                 "baseline_accuracy": self.data.baseline_accuracy, "train_seconds": record.seconds})
+                run.set_tags({"training": fitted.scored_on})
+                run.log_figure(plots.plot_accuracy(record, self.data.baseline_accuracy), "accuracy.png")
+                self._keep(trial.trial_id, record, model, fitted, run)
             except Exception as exc:
-                tracking.log_result({}, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
-                self.report(f"[{s.family}] trial {number} FAILED: {type(exc).__name__}: {exc}")
+                run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+                self.report(f"[{spec.family}] trial {number} FAILED: {type(exc).__name__}: {exc}")
                 raise
         self.records.append(record)
         self.report(self.progress_line(record))
         return record.scores
 
-    def _keep_model(self, trial: kt.engine.trial.Trial, record: TrialRecord, model: keras.Model,
-                    final: keras.Model) -> None:
+    def _keep(self, trial_id: str, record: TrialRecord, model: keras.Model, fitted: Fitted,
+              run: tracking.RunLogger) -> None:
         """Keep what later steps need, and no more.
 
-        The trained end-to-end model as scored (``final``) is logged (``model/model.keras``) only when the
-        trial improves on the sweep's best objective, so ``sweep best --export`` always finds the very model
-        whose test accuracy was logged. Hyperband also needs every trial's training weights (``model``) to
-        continue it in a later round.
+        A trial that improves on the sweep's best objective so far keeps its judged model
+        (``model/model.keras``), so ``sweep best --export`` finds the very model whose scores were logged; a
+        model scored on cached features is first checked end to end on the raw images, and its raw figures
+        are logged beside the cached ones. Hyperband also needs every trial's training weights to continue
+        it in a later round.
         """
-        if best_record([*self.records, record], self.settings.objective) is record:
-            tracking.log_keras_model(final, tracking.MODEL_ARTIFACT)
-            tracking.log_result({}, {"model_kept": "true"})
-        if self.settings.tuner == "hyperband":
-            model.save_weights(self._get_checkpoint_fname(trial.trial_id))
-
-    def _fit_head(self, hp: kt.HyperParameters, model: keras.Model, epochs: int, initial_epoch: int,
-                  logger: tracking.EpochMetricsLogger, seed: int) -> None:
-        """Train only the head on cached features, then copy its weights into ``model``'s head."""
-        values = dict(hp.values)
-        head = self.hypermodel.build_head(hp, self.features.pool.features.max.shape[-1])
-        head.get_layer("logits").set_weights(model.get_layer("logits").get_weights())  # Hyperband: continue
-        sampler = ViewSampler(self.features.pool, self.splits.train.labels, values["pooling"],
-                              values["flip_mode"], values["rotation_factor"], self.settings.batch_size, seed)
-        views = [self.features.validation]
-        if values.get("test_time_flip"):
-            views.append(self.features.mirrored_validation)
-        fit_head(head, sampler, views, self.splits.validation.labels, values["pooling"],
-                 epochs, initial_epoch, [logger, keras.callbacks.TerminateOnNaN()], self.settings.verbose)
-        model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
+        if best_record([*self.records, record], self.spec.objective) is record:
+            raw = self.family.evaluate_raw(fitted, self.data, self.spec.batch_size)
+            if raw is not None:
+                run.log_metrics(raw)
+                _check_agreement(fitted, raw, {"val": len(self.data.validation), "test": len(self.data.test)})
+            run.log_keras_model(fitted.model, tracking.MODEL_ARTIFACT)
+            run.set_tags({"model_kept": "true"})
+        if self.spec.tuner == "hyperband":
+            model.save_weights(self.checkpoint(trial_id))
 
     def progress_line(self, record: TrialRecord) -> str:
-        s = self.settings
+        s = self.spec
         best = best_record(self.records, s.objective)
         elapsed = time.monotonic() - self.started
         done = len(self.records)
@@ -258,44 +303,3 @@ class SweepTuner(kt.Tuner):
             f"best trial {best.number} (val {best.val_accuracy:.1%}, loss {best.val_loss:.3f}) | "
             f"elapsed {_duration(elapsed)}, {eta}"
         )
-
-
-class Validation(keras.callbacks.Callback):
-    """Scores ``model`` (a trial's model as it will be judged) on the validation split after every epoch.
-
-    It fills the epoch's ``val_loss`` and ``val_accuracy`` for the callbacks after it, so the logged curve
-    ends at the very value the tuner scores, flip-averaged for a ``test_time_flip`` trial.
-    """
-
-    def __init__(self, model: keras.Model, splits: Splits, batch_size: int) -> None:
-        super().__init__()
-        self.scored = model
-        self.x, self.y = splits.validation.images, splits.validation.labels
-        self.batch_size = batch_size
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        loss, accuracy = self.scored.evaluate(self.x, self.y, batch_size=self.batch_size, verbose=0)
-        if logs is not None:
-            logs.update(val_loss=loss, val_accuracy=accuracy)
-
-
-@dataclass
-class TransferFeatures:
-    """What a cached transfer trial trains on: the training view pool, and clean validation features of
-    the images and of their mirrors (for ``test_time_flip`` trials)."""
-
-    pool: TrainPool
-    validation: PooledFeatures
-    mirrored_validation: PooledFeatures
-
-
-def prepare_features(hypermodel: HyperFamily, splits: Splits, weights_path: str | None,
-                     cache_dir: Path | None, report: Reporter) -> TransferFeatures:
-    """Load or compute the transfer family's cached features (disk cache only for a weights file)."""
-    weights_id = digest(Path(weights_path)) if weights_path else None
-    cache = FeatureCache(cache_dir if weights_id else None, lambda: FeatureExtractor(hypermodel.build_base()),
-                         weights_id or "random-init", report=report)
-    pool = cache.pool(splits.train.images, PoolSpec())
-    validation = cache.clean(splits.validation.images, "validation")
-    mirrored = cache.clean(np.ascontiguousarray(splits.validation.images[:, :, ::-1]), "mirrored validation")
-    return TransferFeatures(pool, validation, mirrored)

@@ -7,7 +7,7 @@ import math
 import keras
 import numpy as np
 
-from sweep.features import PooledFeatures, TrainPool
+from search_spaces.features import PooledFeatures, TrainPool
 
 
 class ViewSampler(keras.utils.PyDataset):
@@ -46,16 +46,6 @@ class ViewSampler(keras.utils.PyDataset):
 
     def on_epoch_end(self) -> None:
         self._draw()
-
-
-def fit_head(head: keras.Model, sampler: ViewSampler, validation: list[PooledFeatures], validation_labels: np.ndarray,
-             pooling: str, epochs: int, initial_epoch: int, callbacks: list, verbose: int):
-    """Train ``head`` on the sampler, validating each epoch on the mean logits over ``validation``'s views
-    (the clean images, and their mirrors for a ``test_time_flip`` trial)."""
-    return head.fit(
-        sampler, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
-        validation_data=(stack_views(validation, pooling), validation_labels),
-    )
 
 
 def stack_views(views: list[PooledFeatures], pooling: str) -> np.ndarray:

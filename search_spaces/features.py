@@ -133,28 +133,23 @@ def flip(images: np.ndarray, combos: np.ndarray) -> np.ndarray:
     return out
 
 
-class Rotator:
-    """Rotates a batch by given angles with Keras' RandomRotation maths (bilinear, reflect fill)."""
+def rotate(images: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """Rotate each image of a channels-last batch by its angle (degrees) as Keras' RandomRotation does:
+    about the centre, bilinear, reflect fill, through Keras' public ``ops.image.affine_transform``.
 
-    def __init__(self) -> None:
-        import keras
+    The matrix is RandomRotation's (a test checks the two agree for fixed angles), written out here so no
+    private Keras method is needed.
+    """
+    import keras
 
-        self.layer = keras.layers.RandomRotation(MAX_ROTATION_FACTOR)
-
-    def __call__(self, images, angles):
-        import keras
-
-        ops = keras.ops
-        n, height, width = images.shape[0], images.shape[1], images.shape[2]
-        angles = ops.convert_to_tensor(angles, dtype="float32")
-        zeros, ones = ops.zeros([n]), ops.ones([n])
-        matrix = self.layer._compute_affine_matrix(
-            center_x=0.5, center_y=0.5, angle=angles, translate_x=zeros, translate_y=zeros,
-            scale=ones, shear_x=zeros, shear_y=zeros, height=height, width=width,
-        )
-        transformation = {"angle": angles, "rotation_matrix": matrix, "image_height": height,
-                          "image_width": width, "batch_size": n}
-        return self.layer.transform_images(ops.convert_to_tensor(images), transformation, training=True)
+    n, height, width = images.shape[0], images.shape[1], images.shape[2]
+    theta = np.deg2rad(np.asarray(angles, dtype="float32"))
+    cos, sin = np.cos(theta), np.sin(theta)
+    cx, cy = np.float32(0.5 * (width - 1)), np.float32(0.5 * (height - 1))
+    matrix = np.stack([cos, -sin, cx - cx * cos + cy * sin, sin, cos, cy - cx * sin - cy * cos,
+                       np.zeros(n, "float32"), np.zeros(n, "float32")], axis=1).astype("float32")
+    return np.asarray(keras.ops.image.affine_transform(images, matrix, interpolation="bilinear",
+                                                       fill_mode="reflect"))
 
 
 class FeatureExtractor:
@@ -165,7 +160,6 @@ class FeatureExtractor:
 
         self.base = base
         self.batch_size = batch_size
-        self.rotator = Rotator()
 
         @tf.function(reduce_retracing=True)
         def _features(x):
@@ -182,9 +176,9 @@ class FeatureExtractor:
     def views(self, images: np.ndarray, combos: np.ndarray, angles: np.ndarray) -> PooledFeatures:
         """Features of one view per image: ``images`` [n, h, w, 3] (0-255), flips and angles per image."""
         x = flip(self.preprocess(images), combos)
-        rotate = angles != 0
-        if rotate.any():
-            x[rotate] = np.asarray(self.rotator(x[rotate], angles[rotate]))
+        turned = angles != 0
+        if turned.any():
+            x[turned] = rotate(x[turned], angles[turned])
         maxes, avgs = [], []
         for i in range(0, len(x), self.batch_size):
             m, a = self._features(x[i:i + self.batch_size])

@@ -1,0 +1,115 @@
+"""One ``SweepSpec``: everything that defines a sweep, listed once.
+
+``to_params`` writes it into the sweep's MLflow run (and every trial's), ``from_params`` reads it back, so the
+local run, ``--resume``, the chief and its workers, ``bench`` and ``export`` all build from the same record.
+How a run is shown (progress lines, Keras verbosity) is not part of a sweep and stays out of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sweep.errors import ConfigError
+
+# What a sweep can optimise (the final model's figure on the validation split) and which way is better.
+OBJECTIVES = {"val_loss": "min", "val_accuracy": "max"}
+DEFAULT_OBJECTIVE = "val_loss"
+TUNERS = ("random", "bayesian", "hyperband")
+DATASET_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+
+
+def _size_to_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _size_from_text(text: str) -> tuple[int, int]:
+    height, width = (int(v) for v in text.split("x"))
+    return height, width
+
+
+def _data_to_text(data_dir: Path | None) -> str:
+    return DATASET_URL if data_dir is None else str(data_dir)
+
+
+def _data_from_text(text: str) -> Path | None:
+    return None if text == DATASET_URL else Path(text)
+
+
+def _bool_from_text(text: str) -> bool:
+    return text == "True"
+
+
+def _param(key: str | None = None, encode=str, decode=str) -> dict[str, Any]:
+    return {"param": key, "encode": encode, "decode": decode}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """One sweep of one family. Every field is an MLflow param of the sweep's run and of each trial's run."""
+
+    family: str = field(metadata=_param())
+    trials: int = field(default=10, metadata=_param(decode=int))
+    tuner: str = field(default="random", metadata=_param())
+    objective: str = field(default=DEFAULT_OBJECTIVE, metadata=_param())
+    epochs: int = field(default=20, metadata=_param(decode=int))
+    seed: int = field(default=42, metadata=_param(decode=int))
+    batch_size: int = field(default=32, metadata=_param(decode=int))
+    image_size: tuple[int, int] = field(default=(160, 160), metadata=_param(encode=_size_to_text,
+                                                                             decode=_size_from_text))
+    data_dir: Path | None = field(default=None, metadata=_param("data", _data_to_text, _data_from_text))
+    weights: str = field(default="imagenet", metadata=_param())
+    feature_cache: bool = field(default=True, metadata=_param(decode=_bool_from_text))
+
+    def __post_init__(self) -> None:
+        # Absolute paths, so resume, workers and export find the files from any working directory.
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
+        if str(self.weights).lower() in ("imagenet", "none"):
+            object.__setattr__(self, "weights", str(self.weights).lower())
+        else:
+            object.__setattr__(self, "weights", str(Path(self.weights).expanduser().resolve()))
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        if self.trials < 1:
+            raise ConfigError(f"trials must be at least 1, got {self.trials}.")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}.")
+        if self.tuner not in TUNERS:
+            raise ConfigError(f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}.")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+        if min(self.image_size) < 32:
+            raise ConfigError(f"image size must be at least 32x32, got {self.image_size}.")
+
+    @property
+    def image_size_text(self) -> str:
+        return _size_to_text(self.image_size)
+
+    def to_params(self) -> dict[str, str]:
+        """The spec as MLflow params (strings)."""
+        return {_key(f): f.metadata["encode"](getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> SweepSpec:
+        """The spec a run was logged with; other params (hyperparameters, facts about the data) are ignored.
+
+        Raises:
+            ConfigError: the run holds no spec (not a sweep's or trial's run).
+        """
+        missing = [_key(f) for f in fields(cls) if _key(f) not in params]
+        if missing:
+            raise ConfigError(f"the run has no sweep settings ({', '.join(missing)} missing); it is not a sweep "
+                              "or trial run of `sweep`.")
+        return cls(**{f.name: f.metadata["decode"](params[_key(f)]) for f in fields(cls)})
+
+    @classmethod
+    def param_names(cls) -> frozenset[str]:
+        """The MLflow param keys the spec writes: every other param of a trial run is a hyperparameter."""
+        return frozenset(_key(f) for f in fields(cls))
+
+
+def _key(f) -> str:
+    return f.metadata["param"] or f.name
