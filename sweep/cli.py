@@ -45,7 +45,7 @@ SWEEP_OPTIONS = options(
     click.option("--weights", default="imagenet", show_default=True,
                  help="transfer only: 'imagenet' (Keras cache or download), a local MobileNetV2 .h5, or 'none'."),
     TRACKING_OPTIONS,
-    click.option("--no-cache", is_flag=True,
+    click.option("--no-cache", "feature_cache", flag_value=False, default=True,
                  help="transfer only: train every trial on raw images through the full model (the study's way, "
                       "much slower) instead of on cached base features."),
     click.option("-q", "--quiet", is_flag=True, help="No per-epoch Keras progress; one line per trial only."),
@@ -53,10 +53,7 @@ SWEEP_OPTIONS = options(
 
 
 def _specs(families, o: dict) -> list[SweepSpec]:
-    return [SweepSpec(family=f, trials=o["trials"], tuner=o["tuner"], objective=o["objective"], epochs=o["epochs"],
-                      seed=o["seed"], batch_size=o["batch_size"], image_size=o["image_size"], data_dir=o["data_dir"],
-                      weights=o["weights"], feature_cache=not o["no_cache"])
-            for f in families]
+    return [SweepSpec.from_options(f, o) for f in families]
 
 
 def _tracking_args(o: dict) -> list[str]:
@@ -189,8 +186,7 @@ def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, imag
     from sweep.study import prepare
 
     tracking_settings = tracking_settings_for(config_path, experiment)
-    spec = SweepSpec(family=family, trials=trials, epochs=epochs, seed=seed, batch_size=batch_size,
-                     image_size=image_size, data_dir=data_dir, weights=weights)
+    spec = SweepSpec.from_options(family, locals())
     prepared = prepare(spec, tracking_settings, family == "transfer", report=click.echo)
     result = run_bench(spec, prepared, tracking_settings, plain_trials, cold=not warm, report=click.echo,
                        verbose=keras_verbosity(quiet))

@@ -116,7 +116,7 @@ def data(experiment, config_path, data_dir, seed, batch_size, image_size, out_di
 
     check_out_folder(out_dir, "--out")
     settings = tracking_settings_for(config_path, experiment)
-    spec = SweepSpec(family="scratch", data_dir=data_dir, seed=seed, batch_size=batch_size, image_size=image_size)
+    spec = SweepSpec.from_options("scratch", locals())
     prepared = prepare(spec, settings, need_weights=False, report=click.echo)
     files, run_id = write_data_overview(prepared.splits, settings, out_dir, seed)
     splits = prepared.splits

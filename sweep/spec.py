@@ -106,6 +106,12 @@ class SweepSpec:
         return cls(**{f.name: f.metadata["decode"](params[_key(f)]) for f in fields(cls)})
 
     @classmethod
+    def from_options(cls, family: str, options: dict[str, Any]) -> SweepSpec:
+        """The spec from command-line options named as its fields; other options are ignored."""
+        return cls(family=family, **{f.name: options[f.name] for f in fields(cls)
+                                     if f.name != "family" and f.name in options})
+
+    @classmethod
     def param_names(cls) -> frozenset[str]:
         """The MLflow param keys the spec writes: every other param of a trial run is a hyperparameter."""
         return frozenset(_key(f) for f in fields(cls))

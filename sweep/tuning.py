@@ -85,6 +85,9 @@ class SweepOracle:
     def end_trial(self, trial) -> None:
         if trial.trial_id in self.expired:
             return  # ended already, by expire_silent_trials
+        self._end(trial)
+
+    def _end(self, trial) -> None:
         self.last_heard.pop(trial.trial_id, None)
         try:
             super().end_trial(trial)
@@ -103,9 +106,9 @@ class SweepOracle:
             if now - self.last_heard.get(trial.trial_id, now) > timeout:
                 trial.status = TrialStatus.FAILED
                 trial.message = f"worker {tuner_id} sent no heartbeat for {timeout:.0f}s"
-                self.end_trial(trial)
-                self.expired.add(trial.trial_id)
                 failed.append((tuner_id, trial.trial_id))
+                self.expired.add(trial.trial_id)
+                self._end(trial)
         return failed
 
     @kt.synchronized

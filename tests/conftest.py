@@ -67,7 +67,7 @@ def keras_cache(tmp_path, monkeypatch) -> Path:
     """A KERAS_HOME pre-seeded with the shared ImageNet MobileNetV2 weights, so 'imagenet' needs no network."""
     if not SHARED_WEIGHTS.is_file():
         pytest.skip(f"{SHARED_WEIGHTS} is not available")
-    from search_spaces.transfer import imagenet_weights_name
+    from sweep.weights import imagenet_weights_name
 
     home = tmp_path / "keras_home"
     (home / "models").mkdir(parents=True)

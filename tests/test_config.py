@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.config import SweepSettings, load_tracking
+from sweep.config import load_tracking
 from sweep.errors import ConfigError
 
 
@@ -64,17 +64,6 @@ def test_malformed_files_raise_a_clear_error(tmp_path, text, message):
 def test_named_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_tracking(tmp_path / "nope.yaml", environ={})
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [({"trials": 0}, "trials must be at least 1"), ({"epochs": 0}, "epochs"), ({"tuner": "grid"}, "unknown tuner"),
-     ({"image_size": (16, 16)}, "at least 32x32"),
-     ({"objective": "accuracy"}, "unknown objective .accuracy.; choose one of val_loss, val_accuracy")],
-)
-def test_sweep_settings_validate(kwargs, message):
-    with pytest.raises(ConfigError, match=message):
-        SweepSettings(family="scratch", **kwargs)
 
 
 def test_sqlite_uri_options_are_kept_and_not_taken_for_the_file(tmp_path):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from search_spaces import make_hypermodel
-from sweep.features import FeatureCache, FeatureExtractor, PoolSpec, Rotator, flip
-from sweep.head import ViewSampler, stack_views
+from search_spaces.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, flip, rotate
+from search_spaces.head import ViewSampler, stack_views
 
 SPEC = PoolSpec()
 
@@ -64,7 +64,13 @@ def test_rotation_and_flip_match_keras_layers():
     layer = keras.layers.RandomRotation(0.3, seed=5)
     transformation = layer.get_random_transformation(x, training=True)
     expected = np.asarray(layer.transform_images(x, transformation, training=True))
-    np.testing.assert_array_equal(np.asarray(Rotator()(x, np.asarray(transformation["angle"]))), expected)
+    # the same rotation through Keras' public affine_transform: equal up to float rounding of the matrix
+    np.testing.assert_allclose(rotate(x, np.asarray(transformation["angle"])), expected, atol=0.01)
+    for factor in (-0.3, -0.05, 0.12, 0.25):  # RandomRotation with a fixed angle
+        fixed = keras.layers.RandomRotation((factor, factor), fill_mode="reflect")
+        np.testing.assert_allclose(rotate(x, np.full(6, factor * 360.0, "float32")),
+                                   np.asarray(fixed(x, training=True)), atol=0.01)
+    assert np.abs(rotate(x, np.full(6, 30.0, "float32")) - x).mean() > 10  # it did rotate
     flipper = keras.layers.RandomFlip("horizontal_and_vertical")
     coins = np.array([True, False, True, False, False, True])
     expected = np.asarray(flipper.transform_images(x, {"flips": coins.reshape(6, 1, 1, 1)}, training=True))
@@ -170,7 +176,6 @@ def test_head_trained_on_cached_features_predicts_like_the_end_to_end_model(smal
 
 def test_sampler_pairs_each_feature_with_its_label():
     pool_features = np.arange(5 * 16 * 3, dtype="float32").reshape(5, 16, 3)
-    from sweep.features import PooledFeatures, TrainPool
 
     combos, angles = SPEC.draw(5, np.random.default_rng(0))
     pool = TrainPool(SPEC, PooledFeatures(pool_features, pool_features), combos, angles)
@@ -182,3 +187,31 @@ def test_sampler_pairs_each_feature_with_its_label():
     for row, label in zip(x, y):
         view = int(row[0, 0] // 3) - label * 16
         assert view in (SPEC.rotated_view(0, 1, 0),)
+
+
+@pytest.mark.parametrize("test_time_flip", [False, True])
+def test_a_cached_trial_scores_what_the_end_to_end_model_scores_on_raw_images(tiny_data, test_time_flip):
+    """The family's fit on cached features gives one score; the kept model on raw images must agree."""
+    from sweep.data import load_splits
+
+    splits = load_splits(tiny_data, (32, 32), 4, 3)
+    family = make_hypermodel("transfer", image_size=(32, 32), weights=None)
+    family.prepare(splits, None, lambda line: None)
+    hp = kt.HyperParameters()
+    hp.Fixed("test_time_flip", test_time_flip)
+    model = family.build(hp)
+    seen = []
+    fitted = family.fit(hp, model, data=splits, batch_size=4, epochs=2, seed=1,
+                        callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(logs))])
+    assert fitted.scored_on == "cached_features"
+    assert [logs["val_loss"] for logs in seen] == fitted.history["val_loss"]
+    assert fitted.val_loss == seen[-1]["val_loss"] and fitted.val_accuracy == seen[-1]["val_accuracy"]
+    raw = family.evaluate_raw(fitted, splits, batch_size=4)
+    assert raw["raw_val_loss"] == pytest.approx(fitted.val_loss, abs=1e-5)
+    assert raw["raw_val_accuracy"] == fitted.val_accuracy
+    assert raw["raw_test_loss"] == pytest.approx(fitted.test_loss, abs=1e-5)
+    assert raw["raw_test_accuracy"] == fitted.test_accuracy
+    if test_time_flip:
+        assert "test_time_flip" in [layer.name for layer in fitted.model.layers]
+    else:
+        assert fitted.model is model

@@ -76,5 +76,4 @@ def test_objective_of_is_the_sweeps_own_when_they_agree():
 
     assert objective_of([run(objective="val_accuracy"), run(objective="val_accuracy")]) == "val_accuracy"
     assert objective_of([run(objective="val_loss")]) == "val_loss"
-    assert objective_of([run()]) == "val_accuracy"  # trials from before --objective
     assert objective_of([run(objective="val_accuracy"), run(objective="val_loss")]) == "val_loss"  # mixed: default

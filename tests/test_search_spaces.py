@@ -9,9 +9,7 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
-from search_spaces import FAMILIES, default_values, describe, make_hypermodel, resolve_weights
-from search_spaces.transfer import checkpoint_size_warning, imagenet_weights_name
-from sweep.errors import WeightsError
+from search_spaces import FAMILIES, default_values, describe, make_hypermodel
 
 
 def build(family: str, image_size=(160, 160), weights=None, **fixed):
@@ -172,54 +170,3 @@ def test_describe_lists_every_hyperparameter_with_its_default(family):
     for name, value in default_values(hp).items():
         assert rows[name]["default"] == value
     assert rows["learning_rate"]["domain"] == "[0.0001, 0.01] (log)"
-
-
-def test_resolve_weights_reads_the_keras_cache_without_network(keras_cache):
-    path = resolve_weights("imagenet", (160, 160))
-    assert path == str(keras_cache / "models" / imagenet_weights_name((160, 160)))
-    model, _ = build("transfer", weights=path)
-    reference = keras.applications.MobileNetV2(input_shape=(160, 160, 3), include_top=False, weights=path)
-    loaded = model.layers[4].get_layer("Conv1").get_weights()[0]
-    np.testing.assert_array_equal(loaded, reference.get_layer("Conv1").get_weights()[0])
-    random = keras.applications.MobileNetV2(input_shape=(160, 160, 3), include_top=False, weights=None)
-    assert not np.allclose(loaded, random.get_layer("Conv1").get_weights()[0])
-
-
-def test_resolve_weights_offline_without_cache_says_how_to_fix(empty_keras_cache, monkeypatch):
-    def offline(*args, **kwargs):
-        raise Exception("URL fetch failure: no network")
-
-    monkeypatch.setattr(keras.utils, "get_file", offline)
-    with pytest.raises(WeightsError, match=r"--weights PATH.*KERAS_HOME/models/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_160_no_top.h5"):
-        resolve_weights("imagenet", (160, 160))
-
-
-def test_resolve_weights_missing_path_and_none(tmp_path):
-    with pytest.raises(WeightsError, match="does not exist"):
-        resolve_weights(str(tmp_path / "nope.h5"), (160, 160))
-    assert resolve_weights("none", (160, 160)) is None
-    assert resolve_weights(None, (160, 160)) is None
-
-
-SHARED_NAME = "mobilenet_v2_1.0_224_no_top.coral-ptq-dequant.h5"
-
-
-def test_checkpoint_size_warning_names_the_files_size_and_the_fix():
-    warning = checkpoint_size_warning(f"/some/where/{SHARED_NAME}", (160, 160))
-    assert warning == (
-        f"Warning: {SHARED_NAME} is MobileNetV2's 224x224 checkpoint, but images are 160x160; a checkpoint is "
-        "most accurate at the size it was trained at (pass --image-size 224)."
-    )
-    assert "images are 224x200" in checkpoint_size_warning(SHARED_NAME, (224, 200))
-    assert "128x128 checkpoint" in checkpoint_size_warning(imagenet_weights_name((128, 128)), (96, 96))
-
-
-@pytest.mark.parametrize("path, size", [
-    (SHARED_NAME, (224, 224)),                                 # the file at its own size
-    (imagenet_weights_name((160, 160)), (160, 160)),          # what --weights imagenet picks for 160
-    (imagenet_weights_name((96, 96)), (96, 96)),
-    ("/tmp/my_finetuned_base.h5", (160, 160)),                 # no size in the name: nothing to say
-    (None, (160, 160)),                                        # --weights none
-])
-def test_checkpoint_size_warning_is_quiet_when_sizes_match_or_are_unknown(path, size):
-    assert checkpoint_size_warning(path, size) is None

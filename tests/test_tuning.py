@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 
 import keras_tuner as kt
 import numpy as np
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from search_spaces import default_values, make_hypermodel
 from sweep.cli import main
 from sweep.results import accuracy_interval
+from sweep.spec import SweepSpec
 from sweep.tuning import build_oracle
 from tests.conftest import runs_in
 
@@ -25,7 +27,7 @@ def tiny_args(data_dir, image_size="32"):
 
 @pytest.mark.parametrize("tuner", ["random", "bayesian", "hyperband"])
 def test_first_trial_is_the_defaults_then_the_search_moves_on(tuner, tmp_path):
-    oracle = build_oracle(tuner, trials=5, epochs=4, seed=0)
+    oracle = build_oracle(SweepSpec(family="augmented", tuner=tuner, trials=5, epochs=4, seed=0))
     oracle._set_project_dir(str(tmp_path), f"oracle-{tuner}")
     hp = kt.HyperParameters()
     make_hypermodel("augmented").declare(hp)
@@ -39,25 +41,6 @@ def test_first_trial_is_the_defaults_then_the_search_moves_on(tuner, tmp_path):
     second = oracle.create_trial("tuner1")
     assert second.status == "RUNNING"
     assert drawn(second) != default_values(hp)
-
-
-def test_a_resumed_sweep_does_not_rerun_the_defaults_when_the_space_gained_a_hyperparameter(tmp_path):
-    oracle = build_oracle("random", trials=5, epochs=4, seed=0)
-    oracle._set_project_dir(str(tmp_path), "oracle-grown")
-    full = kt.HyperParameters()
-    make_hypermodel("augmented").declare(full)
-    old = kt.HyperParameters()  # the space a sweep logged before test_time_flip existed
-    for hp in full.space:
-        if hp.name != "test_time_flip":
-            old._register(hp)
-    oracle.update_space(old)
-    first = oracle.create_trial("tuner0")
-    assert "test_time_flip" not in first.hyperparameters.values
-    assert first.hyperparameters.values == default_values(old)
-    oracle.update_space(full)  # the resumed sweep's first trial declares the new hyperparameter
-    second = oracle.create_trial("tuner1")
-    drawn = {k: v for k, v in second.hyperparameters.values.items() if not k.startswith("tuner/")}
-    assert drawn != default_values(full)  # the defaults ran already, as trial 1
 
 
 def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, runner):
@@ -81,19 +64,19 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
     by_number = {int(c.data.tags["trial_number"]): c for c in children}
     for child in children:
         params = child.data.params
-        assert hp_names | {"family", "tuner", "epochs", "batch_size", "image_size", "seed"} <= set(params)
+        assert set(params) == hp_names | {"test_time_flip"} | SweepSpec.param_names()
         assert (params["family"], params["tuner"], params["epochs"], params["batch_size"]) == ("scratch", "random", "2", "4")
         assert (params["image_size"], params["seed"]) == ("32x32", "3")
         for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
             history = client.get_metric_history(child.info.run_id, metric)
             assert [m.step for m in history] == [1, 2], metric
-        assert 0.0 <= child.data.metrics["test_accuracy"] <= 1.0
         # 24 validation images in batches of 4: the test split is the first of 6 batches
         assert child.data.metrics["test_images"] == 4
         low, high = child.data.metrics["test_accuracy_ci_low"], child.data.metrics["test_accuracy_ci_high"]
         assert (low, high) == pytest.approx(accuracy_interval(child.data.metrics["test_accuracy"], 4))
         assert 0.0 <= low <= child.data.metrics["test_accuracy"] <= high <= 1.0 and high - low > 0.3  # 4 images
-        assert child.data.metrics["test_loss"] >= 0.0
+        assert math.isfinite(child.data.metrics["test_loss"])
+        assert child.data.metrics["test_accuracy"] * 4 in {0.0, 1.0, 2.0, 3.0, 4.0}  # a count of 4 images
         assert child.data.metrics["baseline_accuracy"] == parent.data.metrics["baseline_accuracy"]
         assert child.data.tags["family"] == "scratch"
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
@@ -126,8 +109,13 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
     assert space["defaults"]["conv3_filters"] == 64
     data = json.load(open(client.download_artifacts(parent.info.run_id, "data.json", str(tracking_env))))
     assert data["counts"]["train"] == {"cats": 16, "dogs": 16}
-    test_files = open(client.download_artifacts(parent.info.run_id, "test_files.txt", str(tracking_env))).read().split()
-    assert len(test_files) == 4 and all(f.endswith(".jpg") for f in test_files)
+    manifest = open(client.download_artifacts(parent.info.run_id, "test_files.txt", str(tracking_env))).read()
+    lines = [line.split("  ") for line in manifest.splitlines()]
+    assert len(lines) == 4 and all(path.endswith(".jpg") for _, path in lines)
+    # sha256sum format: each image's digest, so an export can refuse a changed file
+    import hashlib
+
+    assert all(digest == hashlib.sha256(open(path, "rb").read()).hexdigest() for digest, path in lines)
 
 
 def _improvers(children, metric: str, better) -> set[str]:
@@ -162,7 +150,7 @@ def test_the_objective_drives_the_tuner_the_best_trial_and_the_kept_models(tiny_
     project = tracking_env / "mlruns" / "keras_tuner" / parent.data.tags["sweep"]
     for child in children:
         trial = json.loads((project / f"trial_{child.data.tags['trial_id']}" / "trial.json").read_text())
-        assert trial["score"] == pytest.approx(child.data.metrics[objective], rel=1e-6)
+        assert trial["score"] == child.data.metrics[objective]  # one number, not two close ones
     # a trial keeps its model exactly when it improves on the sweep's best objective so far
     better = (lambda a, b: a < b) if lower else (lambda a, b: a > b)
     kept = {c.info.run_id for c in children if c.data.tags.get("model_kept") == "true"}
@@ -179,19 +167,56 @@ def test_the_objective_drives_the_tuner_the_best_trial_and_the_kept_models(tiny_
     assert f"Best trial per family by final {objective};" in report.output and best.info.run_id in report.output
 
 
-def test_transfer_hyperband_sweep_with_cached_imagenet_weights(tiny_data, tracking_env, runner, keras_cache):
-    result = runner.invoke(
-        main, ["run", "--family", "transfer", "--tuner", "hyperband", "--trials", "2", "-q",
-               *tiny_args(tiny_data, image_size="96")],
-    )
+def test_hyperband_continues_trials_from_the_earlier_rounds_weights(tiny_data, tracking_env, runner, monkeypatch):
+    import keras
+
+    loads, saves = [], {}
+    load_weights, save_weights = keras.Model.load_weights, keras.Model.save_weights
+
+    def spy_load(model, path, *args, **kwargs):
+        load_weights(model, path, *args, **kwargs)
+        loads.append((str(path), [w.copy() for w in model.get_weights()]))
+
+    def spy_save(model, path, *args, **kwargs):
+        save_weights(model, path, *args, **kwargs)
+        saves[str(path)] = [w.copy() for w in model.get_weights()]
+
+    monkeypatch.setattr(keras.Model, "load_weights", spy_load)
+    monkeypatch.setattr(keras.Model, "save_weights", spy_save)
+    result = runner.invoke(main, ["run", "--family", "scratch", "--tuner", "hyperband", "--trials", "6", "-q",
+                                  *tiny_args(tiny_data)[:-4], "--epochs", "4", "--seed", "3"])
     assert result.exit_code == 0, result.output
-    children = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 2
-    for child in children:
-        assert child.data.params["weights"] == "imagenet"
-        assert child.data.params["tuner"] == "hyperband"
-        assert "tuner/epochs" in child.data.params
-        assert child.data.metrics["test_accuracy"] >= 0.0
+    runs = runs_in(tracking_env)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    project = tracking_env / "mlruns" / "keras_tuner" / parent.data.tags["sweep"]
+    trials = {t.parent.name[len("trial_"):]: json.loads(t.read_text()) for t in project.glob("trial_*/trial.json")}
+    continued = {tid: t for tid, t in trials.items() if "tuner/trial_id" in t["hyperparameters"]["values"]}
+    assert continued, "Hyperband ran no second round"
+    assert len(loads) == len(continued)
+    client = MlflowClient()
+    by_id = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+    for (path, weights), (tid, trial) in zip(sorted(loads), sorted(continued.items(), key=lambda kv: kv[0])):
+        values = trial["hyperparameters"]["values"]
+        assert path.endswith(f"trial_{values['tuner/trial_id']}/checkpoint.weights.h5")
+        # the continued trial starts from exactly what the earlier round trained and saved
+        assert all(np.array_equal(a, b) for a, b in zip(weights, saves[path], strict=True))
+        steps = [m.step for m in client.get_metric_history(by_id[tid].info.run_id, "val_loss")]
+        assert steps == list(range(values["tuner/initial_epoch"] + 1, values["tuner/epochs"] + 1))
+        # Hyperband's bookkeeping is not a hyperparameter
+        assert not any(k.startswith("tuner/") for k in by_id[tid].data.params)
+
+
+def test_bayesian_sweep_end_to_end(tiny_data, tracking_env, runner):
+    result = runner.invoke(main, ["run", "--family", "scratch", "--tuner", "bayesian", "--trials", "3", "-q",
+                                  *tiny_args(tiny_data)])
+    assert result.exit_code == 0, result.output
+    runs = runs_in(tracking_env)
+    children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags),
+                      key=lambda r: int(r.data.tags["trial_number"]))
+    assert [c.data.tags["trial_number"] for c in children] == ["1", "2", "3"]
+    assert {c.data.params["tuner"] for c in children} == {"bayesian"}
+    assert children[0].data.params["conv3_filters"] == "64"  # trial 1 is the study's model
+    assert len({tuple(sorted((k, v) for k, v in c.data.params.items())) for c in children}) == 3
 
 
 @pytest.mark.parametrize("weights_name, warned", [
@@ -200,15 +225,14 @@ def test_transfer_hyperband_sweep_with_cached_imagenet_weights(tiny_data, tracki
 ])
 def test_a_sweep_warns_when_the_weights_file_is_another_sizes_checkpoint(tiny_data, tracking_env, tmp_path,
                                                                           weights_name, warned):
-    from sweep.config import SweepSettings, load_tracking
+    from sweep.config import load_tracking
     from sweep.study import prepare
 
     weights = tmp_path / weights_name
     weights.write_bytes(b"not read before the sweep starts")
     lines = []
-    settings = SweepSettings(family="transfer", data_dir=tiny_data, image_size=(32, 32), batch_size=4,
-                             weights=str(weights))
-    prepared = prepare(settings, load_tracking(), need_weights=True, report=lines.append)
+    spec = SweepSpec(family="transfer", data_dir=tiny_data, image_size=(32, 32), batch_size=4, weights=str(weights))
+    prepared = prepare(spec, load_tracking(), need_weights=True, report=lines.append)
     assert prepared.weights_path == str(weights)
     expected = (f"Warning: {weights_name} is MobileNetV2's 224x224 checkpoint, but images are 32x32; a checkpoint "
                 "is most accurate at the size it was trained at (pass --image-size 224).")
@@ -232,7 +256,8 @@ def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
     assert "Computing MobileNetV2 features of 32 training images x 16 augmented views" in first.output
-    assert len(list((tracking_env / "mlruns" / "feature_cache").glob("*.npz"))) == 3  # pool, val, mirrored val
+    # the pool, and the validation and test images and their mirrors
+    assert len(list((tracking_env / "mlruns" / "feature_cache").glob("*.npz"))) == 5
     second = runner.invoke(main, args)
     assert second.exit_code == 0, second.output
     assert "Computing" not in second.output  # read from the disk cache
@@ -244,15 +269,27 @@ def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_
         assert child.data.tags["training"] == "cached_features"
         history = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert [m.step for m in history] == [1, 2]
-    parents = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags]
-    assert {p.data.params["pool_views_per_image"] for p in parents} == {"16"}
     # the same seed gives the same trials, whether the cache was cold or warm
     by_sweep = {}
     for child in children:
         by_sweep.setdefault(child.data.tags["mlflow.parentRunId"], {})[child.data.tags["trial_number"]] = child
     cold, warm = by_sweep.values()
+    project = tracking_env / "mlruns" / "keras_tuner"
     for number in ("1", "2"):
         assert cold[number].data.metrics["test_accuracy"] == warm[number].data.metrics["test_accuracy"]
+        assert cold[number].data.metrics["val_loss"] == warm[number].data.metrics["val_loss"]
+    # one score per trial: the oracle's (trial.json) is the last logged epoch's val_loss, exactly
+    for child in children:
+        sweep = next(r for r in runs_in(tracking_env) if r.info.run_id == child.data.tags["mlflow.parentRunId"])
+        trial = json.loads((project / sweep.data.tags["sweep"] / f"trial_{child.data.tags['trial_id']}" /
+                            "trial.json").read_text())
+        assert trial["score"] == client.get_metric_history(child.info.run_id, "val_loss")[-1].value
+    # a kept model was checked on raw images, and its raw figures agree with the cached ones
+    kept = [c for c in children if c.data.tags.get("model_kept") == "true"]
+    assert kept and all(c.data.metrics["raw_val_accuracy"] == c.data.metrics["val_accuracy"] for c in kept)
+    assert all(c.data.metrics["raw_val_loss"] == pytest.approx(c.data.metrics["val_loss"], abs=1e-4) for c in kept)
+    assert all(c.data.metrics["raw_test_accuracy"] == c.data.metrics["test_accuracy"] for c in kept)
+    assert not any("raw_val_loss" in c.data.metrics for c in children if c not in kept)
 
 
 def test_no_cache_trains_transfer_on_raw_images(tiny_data, tracking_env, runner):
@@ -268,8 +305,8 @@ def test_no_cache_trains_transfer_on_raw_images(tiny_data, tracking_env, runner)
 def test_validation_callback_logs_the_score_of_the_flip_averaged_model(tiny_data):
     import keras
 
+    from search_spaces.base import Validation
     from sweep.data import load_splits
-    from sweep.tuning import Validation
 
     splits = load_splits(tiny_data, (32, 32), 4, 3)
     hypermodel = make_hypermodel("augmented", num_classes=2, image_size=(32, 32))
@@ -279,7 +316,7 @@ def test_validation_callback_logs_the_score_of_the_flip_averaged_model(tiny_data
     final = hypermodel.inference_model(model, hp.values)
     seen = []
     model.fit(splits.train.images, splits.train.labels, batch_size=4, epochs=2, verbose=0,
-              callbacks=[Validation(final, splits, 4),
+              callbacks=[Validation(final, splits.validation.images, splits.validation.labels, 4),
                          keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(dict(logs)))])
     assert len(seen) == 2 and all({"loss", "accuracy", "val_loss", "val_accuracy"} <= set(logs) for logs in seen)
     loss, accuracy = final.evaluate(splits.validation.images, splits.validation.labels, batch_size=4, verbose=0)
