@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,10 +18,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from search_spaces import describe
 from sweep.cli import main
 from sweep.data import load_splits
 from sweep.results import accuracy_interval
-from tests.conftest import runs_in
+from sweep.spec import SweepSpec
+from tests.conftest import make_image_folders, runs_in
 
 SWEEP = ["--data-dir", None, "--batch-size", "4", "--image-size", "32", "--epochs", "2", "--seed", "3", "-q"]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -84,6 +87,10 @@ def swept(tiny_data, tracking_env, runner):
     return tracking_env
 
 
+def parent_of(tracking_dir: Path, trial):
+    return next(r for r in runs_in(tracking_dir) if r.info.run_id == trial.data.tags["mlflow.parentRunId"])
+
+
 def test_best_prints_the_best_trial(swept, runner):
     result = runner.invoke(main, ["best"])
     assert result.exit_code == 0, result.output
@@ -96,7 +103,8 @@ def test_best_prints_the_best_trial(swept, runner):
     low, high = accuracy_interval(best.data.metrics["test_accuracy"], 4)
     assert f"test accuracy {best.data.metrics['test_accuracy']:.2%} (95% CI {low:.1%}-{high:.1%}, 4 images)" \
         in result.output
-    assert "baseline" in result.output and "family scratch" in result.output
+    assert f"baseline {best.data.metrics['baseline_accuracy']:.2%}" in result.output
+    assert f"family scratch, sweep {parent_of(swept, best).info.run_name}, trial" in result.output
     for metric, pick in (("val_accuracy", max), ("test_accuracy", max)):
         ranked = runner.invoke(main, ["best", "--metric", metric])
         assert ranked.exit_code == 0, ranked.output
@@ -110,25 +118,99 @@ def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner,
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {"model.keras", "hyperparameters.json", "metrics.json",
                                                "classes.json", "accuracy.png", "registered_model.json"}
+    client = MlflowClient()
+    children = [r for r in runs_in(swept) if "mlflow.parentRunId" in r.data.tags]
+    best = min(children, key=lambda r: (r.data.metrics["val_loss"], r.info.start_time))
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == best.data.metrics["test_accuracy"]
     assert metrics["reevaluated_test_accuracy"] == metrics["test_accuracy"]
+    assert "Re-evaluated on the sweep's 4 test images (test_files.txt)" in result.output
+    # test_files.txt lists the sweep's test split in `sha256sum` format: the tool itself checks it
+    parent = next(r for r in runs_in(swept) if "mlflow.parentRunId" not in r.data.tags)
+    manifest = Path(client.download_artifacts(parent.info.run_id, "test_files.txt", str(swept)))
+    splits = load_splits(tiny_data, (32, 32), 4, 3)
+    assert [line.split("  ", 1) for line in manifest.read_text().splitlines()] == \
+        [[hashlib.sha256(Path(f).read_bytes()).hexdigest(), f] for f in splits.test.files]
+    check = subprocess.run(["sha256sum", "--check", "--strict", str(manifest)], capture_output=True, text=True,
+                           check=False)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 4, check.stdout + check.stderr
     assert json.loads((out / "classes.json").read_text()) == ["cats", "dogs"]
     hps = json.loads((out / "hyperparameters.json").read_text())
-    assert {"dropout", "learning_rate", "pooling"} <= set(hps)
+    assert set(hps) == {row["name"] for row in describe("scratch")}
+    assert hps == {k: v for k, v in best.data.params.items() if k not in SweepSpec.param_names()}
 
     import keras
 
     model = keras.models.load_model(out / "model.keras")
-    splits = load_splits(tiny_data, (32, 32), 4, 3)
     _, accuracy = model.evaluate(splits.test.images, splits.test.labels, batch_size=4, verbose=0)
     assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-12)
 
     registry = json.loads((out / "registered_model.json").read_text())
-    assert registry["name"] == "sweep-best" and registry["version"] == 1
+    assert registry == {"name": "sweep-best", "version": 1, "alias": "champion", "uri": "models:/sweep-best@champion",
+                        "version_uri": "models:/sweep-best/1", "run_id": best.info.run_id}
+    assert "registered as models:/sweep-best@champion" in result.output
+    assert int(client.get_model_version_by_alias("sweep-best", "champion").version) == 1
     second = runner.invoke(main, ["best", "--export", str(swept / "export2"), "--no-verify"])
     assert second.exit_code == 0, second.output
-    versions = MlflowClient().search_model_versions("name='sweep-best'")
+    assert "Re-evaluated" not in second.output
+    assert "reevaluated_test_accuracy" not in json.loads((swept / "export2" / "metrics.json").read_text())
+    versions = client.search_model_versions("name='sweep-best'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert {v.run_id for v in versions} == {best.info.run_id}
+    champion = client.get_model_version_by_alias("sweep-best", "champion")  # moved to the newest export
+    assert int(champion.version) == 2
+    assert json.loads((swept / "export2" / "registered_model.json").read_text())["version_uri"] == \
+        "models:/sweep-best/2"
+
+
+@pytest.fixture()
+def own_data_hyperband_sweep(tmp_path, tracking_env, runner):
+    """A Hyperband sweep on a data folder of its own (the test changes its files)."""
+    data = make_image_folders(tmp_path / "own-data")
+    result = runner.invoke(main, ["run", "--family", "scratch", "--tuner", "hyperband", "--trials", "1", "--epochs",
+                                  "3", "--data-dir", str(data), "--batch-size", "4", "--image-size", "32", "--seed",
+                                  "3", "-q"])
+    assert result.exit_code == 0, result.output
+    return data
+
+
+def test_export_refuses_a_changed_or_missing_test_image_and_writes_nothing(own_data_hyperband_sweep, tracking_env,
+                                                                          runner, tmp_path):
+    parent = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags)
+    manifest = Path(MlflowClient().download_artifacts(parent.info.run_id, "test_files.txt", str(tmp_path)))
+    listed = Path(manifest.read_text().splitlines()[0].split("  ", 1)[1])
+    original = listed.read_bytes()
+    out = tracking_env / "champion"
+
+    def refused(message: str) -> None:
+        before = set(tracking_env.iterdir())
+        result = runner.invoke(main, ["best", "--export", str(out)])
+        assert result.exit_code == 1, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"Error: {message}"), result.output
+        assert "Traceback" not in result.output
+        assert set(tracking_env.iterdir()) == before  # no export folder, no staging folder left behind
+        assert MlflowClient().search_registered_models() == []
+
+    listed.write_bytes(original + b"\0")  # one byte more: still a readable JPEG, not the image that was scored
+    refused(f"1 of the sweep's 4 test images changed since the sweep (first: {listed}); the logged test accuracy "
+            "is not theirs.")
+    listed.unlink()
+    refused(f"1 of the sweep's 4 test images are missing (first: {listed});")
+
+    listed.write_bytes(original)
+    result = runner.invoke(main, ["best", "--export", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reevaluated_test_accuracy"] == metrics["test_accuracy"]
+    # Hyperband's tuner/* bookkeeping (epochs, bracket, round) is no hyperparameter of the model
+    hps = json.loads((out / "hyperparameters.json").read_text())
+    assert set(hps) == {row["name"] for row in describe("scratch")}
+    trials = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags]
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    for trial in trials:
+        assert not any(name.startswith("tuner/") for name in trial.data.params)
+        assert set(trial.data.params) == SweepSpec.param_names() | set(hps)
 
 
 def test_export_refuses_a_non_empty_folder_and_writes_nothing(swept, runner):
@@ -168,15 +250,27 @@ def test_predict_good_corrupt_and_non_image_files(swept, runner, tiny_data):
     assert result.exit_code == 1
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert [Path(line[0]).name for line in lines] == ["a_cat.jpg", "b_dog.jpg"]
-    assert all(line[1] in ("cats", "dogs") and 0.5 <= float(line[2]) <= 1.0 for line in lines)
+    import keras
+
+    from sweep.data import decode_image
+
+    model = keras.models.load_model(out / "model.keras")
+    logits = model.predict(np.stack([decode_image(str(folder / n), (32, 32)) for n in ("a_cat.jpg", "b_dog.jpg")]),
+                           verbose=0)
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    assert [line[1] for line in lines] == [["cats", "dogs"][i] for i in probabilities.argmax(axis=1)]
+    assert [line[2] for line in lines] == [f"{p:.4f}" for p in probabilities.max(axis=1)]
     assert "c_truncated.jpg: skipped, not a readable image" in result.stderr
     assert "d_notes.txt: skipped, not a readable image" in result.stderr
-    assert "2 predicted, 2 skipped" in result.stderr
+    assert result.stderr.splitlines()[-1] == "2 predicted, 2 skipped"
 
-    only_good = runner.invoke(main, ["predict", str(out / "model.keras"), str(folder / "a_cat.jpg")])
+    bare = swept / "bare"
+    bare.mkdir()
+    shutil.copy(out / "model.keras", bare / "model.keras")  # no classes.json beside it: classes are numbered
+    only_good = runner.invoke(main, ["predict", str(bare / "model.keras"), str(folder / "a_cat.jpg")])
     assert only_good.exit_code == 0, only_good.output
-    # a bare .keras file has no classes.json beside it? it does here: the export folder
-    assert only_good.stdout.split("\t")[1] in ("cats", "dogs")
+    assert only_good.stdout.split("\t")[1] == str(int(probabilities[0].argmax()))
 
 
 def test_predict_rejects_a_non_model(tmp_path, runner):
@@ -334,11 +428,12 @@ def test_mlflow_models_serve_answers_predictions(swept, runner, tiny_data):
     out = swept / "export"
     assert runner.invoke(main, ["best", "--export", str(out), "--no-verify"]).exit_code == 0
     registry = json.loads((out / "registered_model.json").read_text())
+    assert registry["uri"] == "models:/sweep-best@champion"
     port = free_port()
     # mlflow models serve starts `uvicorn` from PATH, as it would in an activated virtual environment
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{swept}/mlruns/mlflow.db",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([MLFLOW, "models", "serve", "-m", registry["uri"], "--env-manager", "local",
+    server = subprocess.Popen([MLFLOW, "models", "serve", "-m", "models:/sweep-best@champion", "--env-manager", "local",
                                "--host", "127.0.0.1", "--port", str(port)],
                               cwd=swept, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

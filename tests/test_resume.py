@@ -1,4 +1,5 @@
-"""Faults: a sweep killed with SIGKILL resumes without losing or duplicating runs; diverging trials fail."""
+"""Faults and resuming: a sweep killed with SIGKILL resumes without losing or duplicating runs, a named sweep is
+resumed by name with its own settings, diverging trials fail."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,7 @@ def run_states(db: Path) -> list[tuple[str, str]]:
         return []
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_resume(tiny_data, tracking_env, runner):
     args = ["run", "--family", "scratch", "--trials", "4", "--epochs", "6", "--data-dir", str(tiny_data),
             "--batch-size", "4", "--image-size", "32", "--seed", "5", "-q"]
@@ -95,8 +96,6 @@ def test_sigkill_mid_trial_then_resume(tiny_data, tracking_env, runner):
 
 
 def test_diverging_trials_fail_and_the_sweep_stops_with_a_message(tiny_data, tracking_env, runner, monkeypatch):
-    import keras_tuner as kt
-
     from search_spaces.conv import HyperScratch
 
     original = HyperScratch.declare
@@ -110,13 +109,16 @@ def test_diverging_trials_fail_and_the_sweep_stops_with_a_message(tiny_data, tra
     result = runner.invoke(main, ["run", "--family", "scratch", "--trials", "5", "--epochs", "2", "--data-dir",
                                   str(tiny_data), "--batch-size", "4", "--image-size", "32", "-q"])
     assert result.exit_code == 1, result.output
-    assert "3 trials failed in a row, so the sweep stopped" in result.output
-    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert errors[0].startswith("Error: scratch: 3 trials failed in a row, so the sweep stopped. Last error: ")
+    assert "the trial diverged" in errors[0]
     children = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 3
     assert {c.info.status for c in children} == {"FAILED"}
-    assert all("diverged" in c.data.tags["error"] for c in children)
-    assert kt is not None
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == [1, 2, 3]
+    assert all(c.data.tags["error"].startswith("FailedTrialError: loss became ")
+               and c.data.tags["error"].endswith("; the trial diverged") for c in children)
     parent = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FAILED" and parent.data.tags["stopped"] == "consecutive_failures"
     resumed = runner.invoke(main, ["run", "--family", "scratch", "--resume", "-q"])
@@ -124,18 +126,66 @@ def test_diverging_trials_fail_and_the_sweep_stops_with_a_message(tiny_data, tra
     assert "stopped because trials failed in a row" in resumed.output and "Traceback" not in resumed.output
 
 
-def test_resume_keeps_the_objective_a_sweep_was_started_with():
-    from types import SimpleNamespace
+def test_sweep_names_a_new_sweep_and_resume_continues_that_one_with_its_own_settings(tiny_data, tracking_env, runner,
+                                                                                     monkeypatch):
+    """`--sweep NAME` starts a new sweep of that name and refuses a taken one; `--resume --sweep NAME` continues
+    that sweep (not the newest unfinished one) with the settings it was started with, not those typed."""
+    from search_spaces.base import HyperFamily
 
-    from sweep.config import SweepSettings
-    from sweep.study import settings_from_run
+    fit = HyperFamily.fit
+    fits = {"done": 0, "interrupt_at": 2}
 
-    params = {"family": "scratch", "trials": "5", "tuner": "random", "epochs": "2", "seed": "3", "batch_size": "4",
-              "image_size": "32x32", "data": "/data/cats"}
-    base = SweepSettings(family="scratch")  # what `--resume` was typed with: the default objective, val_loss
-    assert base.objective == "val_loss"
-    older = settings_from_run(SimpleNamespace(data=SimpleNamespace(params=params)), base)
-    assert older.objective == "val_accuracy"  # sweeps from before --objective scored validation accuracy
-    newer = settings_from_run(SimpleNamespace(data=SimpleNamespace(params={**params, "objective": "val_loss"})),
-                              replace(base, objective="val_accuracy"))
-    assert newer.objective == "val_loss" and (newer.trials, newer.epochs, newer.seed) == (5, 2, 3)
+    def interruptible(self, *args, **kwargs):  # Ctrl-C during the Nth trial's training
+        fits["done"] += 1
+        if fits["done"] == fits["interrupt_at"]:
+            raise KeyboardInterrupt
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(HyperFamily, "fit", interruptible)
+    data = ["--data-dir", str(tiny_data), "--batch-size", "4", "--image-size", "32", "-q"]
+    mine = runner.invoke(main, ["run", "--family", "scratch", "--sweep", "mine", "--trials", "3", "--epochs", "1",
+                                "--seed", "7", "--objective", "val_accuracy", *data])
+    assert mine.exit_code == 1 and "Aborted!" in mine.output, mine.output  # in its trial 2
+    fits["interrupt_at"] = fits["done"] + 1
+    other = runner.invoke(main, ["run", "--family", "scratch", "--sweep", "other", "--trials", "2", "--epochs", "1",
+                                 *data])
+    assert other.exit_code == 1 and "Aborted!" in other.output, other.output  # in its trial 1: the newest sweep
+
+    def sweep_runs(name):
+        runs = runs_in(tracking_env)
+        parent = next(r for r in runs if r.data.tags.get("sweep") == name)
+        return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+    parent, children = sweep_runs("mine")
+    assert parent.info.run_name == "mine" and parent.info.status == "KILLED"
+    assert sorted((int(c.data.tags["trial_number"]), c.info.status) for c in children) == [(1, "FINISHED"),
+                                                                                             (2, "KILLED")]
+    before = len(runs_in(tracking_env))
+
+    taken = runner.invoke(main, ["run", "--family", "scratch", "--sweep", "mine", "--trials", "1", *data])
+    assert taken.exit_code == 1
+    assert taken.output.splitlines() == [
+        ("Error: experiment 'test-exp' already has a sweep named 'mine'; add --resume to continue it, or pick "
+         "another name.")]
+    assert len(runs_in(tracking_env)) == before
+
+    fits["interrupt_at"] = 0
+    resumed = runner.invoke(main, ["run", "--family", "scratch", "--resume", "--sweep", "mine", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    assert ("Resuming sweep mine (MLflow run " + parent.info.run_id + ") with its own settings: 3 trials x 1 epochs, "
+            "random, objective val_accuracy, seed 7") in resumed.output
+    assert "Kept 1 finished trial(s)" in resumed.output
+
+    parent, children = sweep_runs("mine")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 3
+    assert (parent.data.params["objective"], parent.data.params["trials"], parent.data.params["seed"]) == \
+        ("val_accuracy", "3", "7")
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert sorted(int(c.data.tags["trial_number"]) for c in finished) == [1, 2, 3]
+    assert all(c.data.params["objective"] == "val_accuracy" and c.data.params["epochs"] == "1" for c in finished)
+    best = max(finished, key=lambda r: (r.data.metrics["val_accuracy"], -int(r.data.tags["trial_number"])))
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert f"scratch: best trial {best.data.tags['trial_number']} (by val_accuracy)" in resumed.output
+    other_parent, other_children = sweep_runs("other")  # untouched
+    assert other_parent.info.status == "KILLED"
+    assert [c.info.status for c in other_children] == ["KILLED"]

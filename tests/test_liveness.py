@@ -1,0 +1,165 @@
+"""Worker liveness at the oracle, on a controlled clock: a heartbeat per epoch keeps a trial alive however long
+it runs, silence past the timeout fails it, and a result that comes after that is not counted twice.
+
+These drive the oracle as the chief's gRPC servicer does (one call at a time); no server, no training.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import keras_tuner as kt
+import pytest
+from keras_tuner.engine.trial import Trial
+
+from search_spaces import make_hypermodel
+from sweep import tuning
+from sweep.spec import SweepSpec
+from sweep.tuning import ConsecutiveFailures, Heartbeat, build_oracle
+
+TIMEOUT = 60.0
+
+
+class Clock:
+    """``time.monotonic`` as ``sweep.tuning`` sees it, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture()
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(tuning, "time", SimpleNamespace(monotonic=clock))
+    return clock
+
+
+@pytest.fixture(params=["random", "bayesian", "hyperband"])
+def oracle(request, tmp_path, clock):
+    """The sweep's oracle (each tuner's), with the scratch family's search space declared."""
+    oracle = build_oracle(SweepSpec(family="scratch", tuner=request.param, trials=5, epochs=4))
+    oracle._set_project_dir(str(tmp_path), "x")
+    hp = kt.HyperParameters()
+    make_hypermodel("scratch").declare(hp)
+    oracle.update_space(hp)
+    return oracle
+
+
+def as_sent(trial: Trial) -> Trial:
+    """The worker's own copy of a trial, as gRPC carries it (a change to it is not the oracle's)."""
+    return Trial.from_proto(trial.to_proto())
+
+
+def test_a_silent_workers_trial_is_failed_once_the_timeout_passes(oracle, clock):
+    silent = oracle.create_trial("worker0")
+    alive = oracle.create_trial("worker1")
+    assert (silent.status, alive.status) == ("RUNNING", "RUNNING")
+    assert oracle.activity() == (2, 2)
+
+    clock.advance(TIMEOUT - 1)
+    oracle.update_trial(alive.trial_id, {}, step=1)  # worker1's epoch 1; worker0 says nothing
+    assert oracle.expire_silent_trials(TIMEOUT) == []  # not yet: silent for 59 s
+    assert oracle.trials[silent.trial_id].status == "RUNNING"
+
+    clock.advance(2)  # worker0 silent for 61 s, worker1 for 2 s
+    assert oracle.expire_silent_trials(TIMEOUT) == [("worker0", silent.trial_id)]
+    failed = oracle.trials[silent.trial_id]
+    assert failed.status == "FAILED"
+    assert failed.message == "worker worker0 sent no heartbeat for 60s"
+    assert oracle.end_order == [silent.trial_id]
+    assert oracle.ongoing_trials == {"worker1": alive}
+    assert oracle.activity() == (1, 2)  # worker0 stays registered: it may come back
+    assert oracle.expire_silent_trials(TIMEOUT) == []  # failed once, not again
+
+    # Its worker learns it at its next heartbeat, and the trial loop stops the trial.
+    assert oracle.update_trial(silent.trial_id, {}, step=1).status == "FAILED"
+    with pytest.raises(kt.errors.FailedTrialError, match="no heartbeat within --trial-timeout"):
+        Heartbeat(oracle, silent.trial_id).on_epoch_end(1)
+
+
+def test_a_slow_worker_that_reports_is_not_failed_and_its_result_is_scored(oracle, clock):
+    trial = oracle.create_trial("worker0")
+    sent = as_sent(trial)
+    heartbeat = Heartbeat(oracle, trial.trial_id)
+    started = clock.now
+    for epoch in range(20):  # 50 s an epoch: 1000 s in all, far beyond the 60 s timeout
+        clock.advance(50)
+        heartbeat.on_epoch_end(epoch)
+        assert oracle.expire_silent_trials(TIMEOUT) == [], f"failed after epoch {epoch + 1}"
+    assert clock.now - started == 1000
+    assert oracle.trials[trial.trial_id].status == "RUNNING"
+    assert not oracle.trials[trial.trial_id].metrics.exists("val_loss")  # a heartbeat carries no score
+
+    clock.advance(50)
+    answer = oracle.update_trial(trial.trial_id, {"val_loss": 0.25, "val_accuracy": 0.875}, step=20)
+    assert answer.status == "RUNNING"
+    sent.status = "COMPLETED"
+    oracle.end_trial(sent)
+    ended = oracle.trials[trial.trial_id]
+    assert (ended.status, ended.score) == ("COMPLETED", 0.25)
+    assert oracle.end_order == [trial.trial_id]
+    assert [t.trial_id for t in oracle.get_best_trials(1)] == [trial.trial_id]
+    assert oracle.activity() == (0, 1)
+    assert trial.trial_id not in oracle.last_heard
+
+
+def test_a_result_after_expiry_is_not_counted_twice(oracle, clock):
+    trial = oracle.create_trial("worker0")
+    sent = as_sent(trial)
+    clock.advance(TIMEOUT + 1)
+    assert oracle.expire_silent_trials(TIMEOUT) == [("worker0", trial.trial_id)]
+
+    # The worker was slow, not gone: its last epoch's heartbeat, its result and its end arrive late.
+    assert oracle.update_trial(trial.trial_id, {}, step=4).status == "FAILED"
+    answer = oracle.update_trial(trial.trial_id, {"val_loss": 0.1, "val_accuracy": 1.0}, step=4)
+    assert answer.status == "FAILED"
+    sent.status = "COMPLETED"
+    oracle.end_trial(sent)
+
+    ended = oracle.trials[trial.trial_id]
+    assert ended.status == "FAILED" and ended.score is None
+    assert not ended.metrics.exists("val_loss")
+    assert oracle.end_order == [trial.trial_id]  # ended once, by the expiry
+    assert [t.status for t in oracle.get_best_trials(1)] == ["FAILED"]  # no completed trial to rank
+    assert oracle.activity() == (0, 1)
+
+    # The worker's next trial is a new one, and its clock starts afresh.
+    following = oracle.create_trial("worker0")
+    assert following.status == "RUNNING" and following.trial_id != trial.trial_id
+    assert oracle.expire_silent_trials(TIMEOUT) == []
+
+
+def test_a_worker_that_takes_its_trial_back_restarts_its_clock(oracle, clock):
+    """A restarted worker (same tuner id) is handed its trial again; that counts as hearing from it."""
+    trial = oracle.create_trial("worker0")
+    clock.advance(TIMEOUT - 10)
+    again = oracle.create_trial("worker0")
+    assert again.trial_id == trial.trial_id
+    clock.advance(20)  # 70 s since the trial began, 20 s since the worker came back
+    assert oracle.expire_silent_trials(TIMEOUT) == []
+    clock.advance(TIMEOUT)
+    assert oracle.expire_silent_trials(TIMEOUT) == [("worker0", trial.trial_id)]
+
+
+def test_silent_trials_failing_in_a_row_stop_the_sweep(oracle, clock):
+    trials = [oracle.create_trial(f"worker{i}") for i in range(3)]
+    clock.advance(TIMEOUT + 1)
+    with pytest.raises(ConsecutiveFailures) as raised:
+        oracle.expire_silent_trials(TIMEOUT)
+    assert str(raised.value) == "worker worker2 sent no heartbeat for 60s"
+    assert [oracle.trials[t.trial_id].status for t in trials] == ["FAILED"] * 3
+    # the trial whose expiry stopped the sweep is expired like the others: a late result from it is not counted
+    last = trials[2]
+    assert oracle.update_trial(last.trial_id, {"val_loss": 0.1, "val_accuracy": 1.0}, step=4).status == "FAILED"
+    late = as_sent(last)
+    late.status = "COMPLETED"
+    oracle.end_trial(late)
+    assert oracle.trials[last.trial_id].status == "FAILED"
+    assert not oracle.trials[last.trial_id].metrics.exists("val_loss")
+    assert oracle.end_order == [t.trial_id for t in trials]
