@@ -71,13 +71,17 @@ class SweepGroup(click.Group):
 
 def stop_on_sigterm() -> None:
     """Treat SIGTERM (kill, Docker, systemd, Kubernetes) as Ctrl-C, so open MLflow runs end KILLED, not
-    RUNNING for ever."""
+    RUNNING for ever; both also mark the process as stopping (``tracking.STOP_REQUESTED``)."""
     import signal
 
+    from sweep.tracking import STOP_REQUESTED
+
     def interrupt(signum, frame):
+        STOP_REQUESTED.set()
         raise KeyboardInterrupt(f"stopped by signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def parse_image_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -107,9 +108,6 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
         SweepError: ``out_dir`` exists and is not empty, the trial kept no model, or (``verify``) a test image
             the sweep listed is missing or changed.
     """
-    import keras
-    from mlflow.models import infer_signature
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SweepError(f"export folder {out_dir} is a file; pick a new folder.")
@@ -120,11 +118,26 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
             f"trial {best.record.number} of sweep {best.sweep} kept no model: models are kept for the trials that "
             "improved their sweep's objective."
         )
+    made = [p for p in reversed(out_dir.absolute().parents) if not p.exists()]  # removed again on failure
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SweepError(f"cannot create the export folder's parent {out_dir.parent}: {exc.strerror}; "
                          "pick another path.") from None
+    try:
+        model, metrics = _write(best, out_dir, verify, report)
+    except BaseException:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return {"metrics": metrics, "registry": _register(out_dir, best, model, registered_model)}
+
+
+def _write(best: BestTrial, out_dir: Path, verify: bool, report):
+    """Stage the export beside ``out_dir`` and rename it into place; returns the model and its metrics."""
+    import keras
+
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         tmp = Path(tmp)
         staging = tmp / "export"
@@ -145,6 +158,13 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)
+    return model, metrics
+
+
+def _register(out_dir: Path, best: BestTrial, model, registered_model: str) -> dict[str, Any]:
+    """Register the exported model (a new version, alias ``champion``) and add ``registered_model.json``."""
+    from mlflow.models import infer_signature
+
     sample = np.zeros((1, *model.input_shape[1:]), dtype="float32")
     signature = infer_signature(sample, model.predict(sample, verbose=0))
     try:
@@ -157,7 +177,7 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
                 "uri": f"models:/{registered_model}@{CHAMPION}", "version_uri": f"models:/{registered_model}/{version}",
                 "run_id": best.record.run_id}
     (out_dir / "registered_model.json").write_text(json.dumps(registry, indent=2) + "\n")
-    return {"metrics": metrics, "registry": registry}
+    return registry
 
 
 def _reevaluate(model, best: BestTrial, manifest: str, classes: list[str], report) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -162,11 +163,22 @@ def open_run(client: MlflowClient, experiment_id: str, name: str, params: dict[s
             logger.log_params(params)
         yield logger
         status = "FINISHED"
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into an interrupt)
-        status = "KILLED"
+    except BaseException as exc:
+        if interrupted(exc):
+            status = "KILLED"
         raise
     finally:
         client.set_terminated(run_id, status=status)
+
+
+# Set when the process was asked to stop (Ctrl-C, SIGTERM). TensorFlow can turn the KeyboardInterrupt raised
+# in its C++ call stack into a RuntimeError; with this set, that error is an interruption too.
+STOP_REQUESTED = threading.Event()
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` ends work because the process was told to stop, not because the work failed."""
+    return isinstance(exc, KeyboardInterrupt) or STOP_REQUESTED.is_set()
 
 
 class EpochMetricsLogger(keras.callbacks.Callback):

@@ -149,7 +149,11 @@ class Heartbeat(keras.callbacks.Callback):
         self.oracle, self.trial_id = oracle, trial_id
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        trial = self.oracle.update_trial(self.trial_id, {}, step=epoch + 1)
+        self.beat(epoch + 1)
+
+    def beat(self, step: int = 0) -> None:
+        """Report; raises FailedTrialError when the oracle has failed the trial for silence."""
+        trial = self.oracle.update_trial(self.trial_id, {}, step=step)
         if trial.status == TrialStatus.FAILED:
             raise kt.errors.FailedTrialError("the chief failed this trial: no heartbeat within --trial-timeout")
 
@@ -239,14 +243,14 @@ class SweepTuner(kt.Tuner):
         with tracking.open_run(self.client, self.experiment_id, f"{spec.family}-trial-{number}", params, tags,
                                parent_run_id=self.parent_run_id, report=self.report) as run:
             try:
+                heartbeat = Heartbeat(self.oracle, trial.trial_id)
                 model = self.family.build(hp)
                 if "tuner/trial_id" in hp.values:  # Hyperband: continue from the earlier round's weights
                     model.load_weights(self.checkpoint(hp.values["tuner/trial_id"]))
                 fitted = self.family.fit(
                     hp, model, data=self.data, batch_size=spec.batch_size, epochs=epochs,
                     initial_epoch=initial_epoch, verbose=self.verbose, seed=seed,
-                    callbacks=[run.epoch_logger(), Heartbeat(self.oracle, trial.trial_id),
-                               keras.callbacks.TerminateOnNaN()],
+                    callbacks=[run.epoch_logger(), heartbeat, keras.callbacks.TerminateOnNaN()],
                 )
                 _check_finite(fitted.history, initial_epoch + 1)
                 record = TrialRecord(
@@ -264,7 +268,10 @@ class SweepTuner(kt.Tuner):
                 run.set_tags({"training": fitted.scored_on})
                 run.log_figure(plots.plot_accuracy(record, self.data.baseline_accuracy), "accuracy.png")
                 self._keep(trial.trial_id, record, model, fitted, run)
+                heartbeat.beat()  # a trial the chief failed meanwhile is not finished here either
             except Exception as exc:
+                if tracking.interrupted(exc):  # stopped, not failed: Keras Tuner must not go on to the next trial
+                    raise KeyboardInterrupt from exc
                 run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
                 self.report(f"[{spec.family}] trial {number} FAILED: {type(exc).__name__}: {exc}")
                 raise
