@@ -52,13 +52,19 @@ class SweepOracle:
         self.expired: set[str] = set()
         self.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
 
+    # Hyperband's first draw opens a bracket: its tuner/* values must come from Hyperband itself.
+    defaults_inside_draw = False
+
     def populate_space(self, trial_id: str) -> dict[str, Any]:
+        defaults = default_values(self.hyperparameters)
+        pending = bool(defaults) and not self._tried(defaults)
+        if pending and not self.defaults_inside_draw:
+            # Returned without a draw: the oracle's random stream starts at trial 2.
+            return {"status": TrialStatus.RUNNING, "values": defaults}
         response = super().populate_space(trial_id)
         values = response.get("values")
-        if response["status"] == TrialStatus.RUNNING and values is not None and "tuner/trial_id" not in values:
-            defaults = default_values(self.hyperparameters)
-            if defaults and not self._tried(defaults):
-                values.update(defaults)
+        if pending and response["status"] == TrialStatus.RUNNING and values and "tuner/trial_id" not in values:
+            values.update(defaults)
         return response
 
     def _tried(self, values: dict[str, Any]) -> bool:
@@ -126,7 +132,7 @@ class SweepBayesian(SweepOracle, kt.oracles.BayesianOptimizationOracle):
 
 
 class SweepHyperband(SweepOracle, kt.oracles.HyperbandOracle):
-    pass
+    defaults_inside_draw = True
 
 
 def build_oracle(spec: SweepSpec) -> kt.Oracle:

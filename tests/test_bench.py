@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from sweep.cli import main
 from tests.conftest import runs_in
 
 
+@pytest.mark.slow
 def test_bench_prints_the_side_by_side_table(tiny_data, tracking_env, runner, keras_cache):
     result = runner.invoke(main, ["bench", "--family", "transfer", "--trials", "2", "--epochs", "2", "--data-dir",
                                   str(tiny_data), "--batch-size", "4", "--image-size", "96", "-q"])

@@ -20,6 +20,7 @@ def test_help_lists_commands(runner):
     assert "run" in result.output and "families" in result.output
 
 
+@pytest.mark.slow
 def test_commands_print_no_tensorflow_start_up_lines():
     """The lines TensorFlow's C++ side writes while it loads (oneDNN, CUDA, absl) do not reach the user."""
     sweep = str(Path(sys.executable).with_name("sweep"))

@@ -80,10 +80,33 @@ def no_exec(monkeypatch):
     monkeypatch.setattr(os, "execv", refuse)
 
 
-@pytest.fixture()
-def swept(tiny_data, tracking_env, runner):
-    result = runner.invoke(main, sweep_args(tiny_data, "scratch"))
+@pytest.fixture(scope="module")
+def swept_store(tiny_data, tmp_path_factory):
+    """One 2-trial scratch sweep for the module, in a store of its own (made once: it costs seconds)."""
+    from click.testing import CliRunner
+
+    store = tmp_path_factory.mktemp("swept")
+    (store / "mlflow.yaml").write_text(
+        "tracking_uri: sqlite:///mlruns/mlflow.db\nartifact_root: mlruns/artifacts\n"
+        "experiment: test-exp\ntuner_dir: mlruns/keras_tuner\n"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(store)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        result = CliRunner().invoke(main, sweep_args(tiny_data, "scratch"))
     assert result.exit_code == 0, result.output
+    return store
+
+
+@pytest.fixture()
+def swept(swept_store, tracking_env):
+    """A copy of the module's swept store as this test's tracking folder, to change freely. Its runs keep their
+    artifacts in the module's store, where an export only adds a logged model under a new id."""
+    import mlflow
+
+    shutil.copytree(swept_store / "mlruns", tracking_env / "mlruns")
+    mlflow.set_tracking_uri(f"sqlite:///{tracking_env}/mlruns/mlflow.db")  # what a sweep here would have set
     return tracking_env
 
 
@@ -150,6 +173,15 @@ def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner,
                         "version_uri": "models:/sweep-best/1", "run_id": best.info.run_id}
     assert "registered as models:/sweep-best@champion" in result.output
     assert int(client.get_model_version_by_alias("sweep-best", "champion").version) == 1
+
+
+@pytest.mark.slow
+def test_a_second_export_is_a_new_version_and_takes_the_champion_alias(swept, runner):
+    client = MlflowClient()
+    children = [r for r in runs_in(swept) if "mlflow.parentRunId" in r.data.tags]
+    best = min(children, key=lambda r: (r.data.metrics["val_loss"], r.info.start_time))
+    first = runner.invoke(main, ["best", "--export", str(swept / "export")])
+    assert first.exit_code == 0, first.output
     second = runner.invoke(main, ["best", "--export", str(swept / "export2"), "--no-verify"])
     assert second.exit_code == 0, second.output
     assert "Re-evaluated" not in second.output
@@ -174,6 +206,7 @@ def own_data_hyperband_sweep(tmp_path, tracking_env, runner):
     return data
 
 
+@pytest.mark.slow
 def test_export_refuses_a_changed_or_missing_test_image_and_writes_nothing(own_data_hyperband_sweep, tracking_env,
                                                                           runner, tmp_path):
     parent = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags)
@@ -236,6 +269,7 @@ def test_best_without_runs(tracking_env, runner):
     assert empty.exit_code == 1 and "experiment 'test-exp' has no finished trial" in empty.output
 
 
+@pytest.mark.slow
 def test_predict_good_corrupt_and_non_image_files(swept, runner, tiny_data):
     out = swept / "export"
     assert runner.invoke(main, ["best", "--export", str(out), "--no-verify"]).exit_code == 0

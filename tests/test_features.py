@@ -145,6 +145,7 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path, small_base, damage):
     assert reread.hits == 1  # the rebuilt file is whole again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("test_time_flip", [False, True])
 def test_head_trained_on_cached_features_predicts_like_the_end_to_end_model(small_base, test_time_flip):
     hp = kt.HyperParameters()
@@ -189,7 +190,7 @@ def test_sampler_pairs_each_feature_with_its_label():
         assert view in (SPEC.rotated_view(0, 1, 0),)
 
 
-@pytest.mark.parametrize("test_time_flip", [False, True])
+@pytest.mark.parametrize("test_time_flip", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_a_cached_trial_scores_what_the_end_to_end_model_scores_on_raw_images(tiny_data, test_time_flip):
     """The family's fit on cached features gives one score; the kept model on raw images must agree."""
     from sweep.data import load_splits

@@ -95,6 +95,7 @@ def test_sigkill_mid_trial_then_resume(tiny_data, tracking_env, runner):
     assert f"sweep '{name}' already finished all its trials" in named.output
 
 
+@pytest.mark.slow
 def test_diverging_trials_fail_and_the_sweep_stops_with_a_message(tiny_data, tracking_env, runner, monkeypatch):
     from search_spaces.conv import HyperScratch
 
@@ -126,6 +127,7 @@ def test_diverging_trials_fail_and_the_sweep_stops_with_a_message(tiny_data, tra
     assert "stopped because trials failed in a row" in resumed.output and "Traceback" not in resumed.output
 
 
+@pytest.mark.slow
 def test_sweep_names_a_new_sweep_and_resume_continues_that_one_with_its_own_settings(tiny_data, tracking_env, runner,
                                                                                      monkeypatch):
     """`--sweep NAME` starts a new sweep of that name and refuses a taken one; `--resume --sweep NAME` continues

@@ -90,6 +90,11 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
     assert {k: by_number[1].data.params[k] for k in defaults} == defaults
     assert {k: by_number[2].data.params[k] for k in defaults} != defaults
 
+    # one score per trial: Keras Tuner's (trial.json) is the last logged epoch's val_loss, exactly
+    project = tracking_env / "mlruns" / "keras_tuner" / parent.data.tags["sweep"]
+    for child in children:
+        trial = json.loads((project / f"trial_{child.data.tags['trial_id']}" / "trial.json").read_text())
+        assert trial["score"] == client.get_metric_history(child.info.run_id, "val_loss")[-1].value
     metrics = parent.data.metrics
     # the best trial has the lowest final validation loss (the default objective)
     assert parent.data.params["objective"] == "val_loss"
@@ -129,6 +134,7 @@ def _improvers(children, metric: str, better) -> set[str]:
     return kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["val_loss", "val_accuracy"])
 def test_the_objective_drives_the_tuner_the_best_trial_and_the_kept_models(tiny_data, tracking_env, runner, objective):
     result = runner.invoke(main, ["run", "--family", "scratch", "--trials", "4", "-q", "--objective", objective,
@@ -167,6 +173,7 @@ def test_the_objective_drives_the_tuner_the_best_trial_and_the_kept_models(tiny_
     assert f"Best trial per family by final {objective};" in report.output and best.info.run_id in report.output
 
 
+@pytest.mark.slow
 def test_hyperband_continues_trials_from_the_earlier_rounds_weights(tiny_data, tracking_env, runner, monkeypatch):
     import keras
 
@@ -206,6 +213,7 @@ def test_hyperband_continues_trials_from_the_earlier_rounds_weights(tiny_data, t
         assert not any(k.startswith("tuner/") for k in by_id[tid].data.params)
 
 
+@pytest.mark.slow
 def test_bayesian_sweep_end_to_end(tiny_data, tracking_env, runner):
     result = runner.invoke(main, ["run", "--family", "scratch", "--tuner", "bayesian", "--trials", "3", "-q",
                                   *tiny_args(tiny_data)])
@@ -240,6 +248,7 @@ def test_a_sweep_warns_when_the_weights_file_is_another_sizes_checkpoint(tiny_da
     assert not any("checkpoint" in line for line in lines if line != expected)
 
 
+@pytest.mark.slow
 def test_all_families_run_in_turn(tiny_data, tracking_env, runner):
     result = runner.invoke(main, ["run", "--family", "all", "--trials", "1", "--weights", "none", "-q",
                                   *tiny_args(tiny_data)])
@@ -250,6 +259,7 @@ def test_all_families_run_in_turn(tiny_data, tracking_env, runner):
         assert f"{family}: best trial 1" in result.output
 
 
+@pytest.mark.slow
 def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_data, tracking_env, runner,
                                                                           keras_cache):
     args = ["run", "--family", "transfer", "--trials", "2", "-q", *tiny_args(tiny_data, image_size="96")]
@@ -292,6 +302,7 @@ def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_
     assert not any("raw_val_loss" in c.data.metrics for c in children if c not in kept)
 
 
+@pytest.mark.slow
 def test_no_cache_trains_transfer_on_raw_images(tiny_data, tracking_env, runner):
     result = runner.invoke(main, ["run", "--family", "transfer", "--trials", "1", "--weights", "none",
                                   "--no-cache", "-q", *tiny_args(tiny_data)])
@@ -327,6 +338,7 @@ def test_validation_callback_logs_the_score_of_the_flip_averaged_model(tiny_data
     assert not np.allclose(final.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_test_time_flip_trial_logs_keeps_and_exports_the_flip_averaged_model(tiny_data, tracking_env, runner,
                                                                               keras_cache, monkeypatch, cached):
