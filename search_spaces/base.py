@@ -113,7 +113,7 @@ class HyperFamily(kt.HyperModel):
                                                   verbose=0)
         return fitted(final, history.history, test_loss, test_accuracy, "raw_images")
 
-    def evaluate_raw(self, fitted: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
+    def evaluate_raw(self, result: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
         """The judged model's figures on raw images, for a family that scored it another way (cached
         features); None when the score already is the raw images' figure."""
         return None
@@ -138,7 +138,7 @@ class HyperFamily(kt.HyperModel):
         ``model``'s weights and is built from stock Keras layers and ops, so the saved file loads anywhere
         without custom objects.
         """
-        if not values.get("test_time_flip", False):
+        if not values["test_time_flip"]:
             return model
         inputs = keras.Input(shape=model.input_shape[1:], name="image")
         mirrored = keras.ops.flip(inputs, axis=2)  # (batch, height, width, channels): width is axis 2

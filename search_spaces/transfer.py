@@ -15,9 +15,9 @@ import keras_tuner as kt
 import numpy as np
 
 from search_spaces.base import Fitted, HyperFamily, fitted
-from sweep.errors import WeightsError
 from search_spaces.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
 from search_spaces.head import ViewSampler, stack_views
+from sweep.errors import WeightsError
 
 
 class HyperTransfer(HyperFamily):
@@ -112,7 +112,7 @@ class HyperTransfer(HyperFamily):
         head.get_layer("logits").set_weights(model.get_layer("logits").get_weights())  # Hyperband: continue
         sampler = ViewSampler(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
                               values["rotation_factor"], batch_size, seed)
-        views = 2 if values.get("test_time_flip") else 1
+        views = 2 if values["test_time_flip"] else 1
         validation = stack_views([f.validation, f.mirrored_validation][:views], values["pooling"])
         history = head.fit(sampler, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
                            verbose=verbose, validation_data=(validation, data.validation.labels))
@@ -122,13 +122,13 @@ class HyperTransfer(HyperFamily):
         return fitted(self.inference_model(model, values), history.history, test_loss, test_accuracy,
                       "cached_features")
 
-    def evaluate_raw(self, fitted: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
+    def evaluate_raw(self, result: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
         """The end-to-end model on the raw validation and test images: a check of the cached score."""
-        if fitted.scored_on != "cached_features":
+        if result.scored_on != "cached_features":
             return None
         figures = {}
         for name, split in (("val", data.validation), ("test", data.test)):
-            loss, accuracy = fitted.model.evaluate(split.images, split.labels, batch_size=batch_size, verbose=0)
+            loss, accuracy = result.model.evaluate(split.images, split.labels, batch_size=batch_size, verbose=0)
             figures.update({f"raw_{name}_loss": float(loss), f"raw_{name}_accuracy": float(accuracy)})
         return figures
 

@@ -11,9 +11,12 @@ from pathlib import Path
 import click
 
 from sweep.cli_common import (
+    CONFIG,
     DATA_OPTIONS,
+    DEFAULTS,
     FAMILY_NAMES,
     TRACKING_OPTIONS,
+    WEIGHTS,
     SweepGroup,
     keras_verbosity,
     options,
@@ -23,7 +26,7 @@ from sweep.cli_common import (
 )
 from sweep.cli_results import COMMANDS
 from sweep.results import interval_text
-from sweep.spec import DEFAULT_OBJECTIVE, OBJECTIVES, TUNERS, SweepSpec
+from sweep.spec import OBJECTIVES, TUNERS, SweepSpec
 
 
 @click.group(cls=SweepGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,17 +36,17 @@ def main() -> None:
 
 
 SWEEP_OPTIONS = options(
-    click.option("--trials", default=10, show_default=True, type=click.IntRange(min=1),
+    click.option("--trials", default=DEFAULTS["trials"], show_default=True, type=click.IntRange(min=1),
                  help="Trials per family; trial 1 is always the study's model (the family's defaults)."),
-    click.option("--tuner", default="random", show_default=True, type=click.Choice(TUNERS), help="Search strategy."),
-    click.option("--objective", default=DEFAULT_OBJECTIVE, show_default=True, type=click.Choice(list(OBJECTIVES)),
+    click.option("--tuner", default=DEFAULTS["tuner"], show_default=True, type=click.Choice(TUNERS),
+                 help="Search strategy."),
+    click.option("--objective", default=DEFAULTS["objective"], show_default=True, type=click.Choice(list(OBJECTIVES)),
                  help="What the tuner optimises and 'best' means: the final model's validation loss (lowest) or "
                       "accuracy (highest)."),
-    click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1),
+    click.option("--epochs", default=DEFAULTS["epochs"], show_default=True, type=click.IntRange(min=1),
                  help="Epochs per trial (Hyperband's maximum)."),
     DATA_OPTIONS,
-    click.option("--weights", default="imagenet", show_default=True,
-                 help="transfer only: 'imagenet' (Keras cache or download), a local MobileNetV2 .h5, or 'none'."),
+    WEIGHTS,
     TRACKING_OPTIONS,
     click.option("--no-cache", "feature_cache", flag_value=False, default=True,
                  help="transfer only: train every trial on raw images through the full model (the study's way, "
@@ -116,11 +119,9 @@ def run(family, resume, sweep_name, workers, **o) -> None:
 
 
 def _serve(spec: SweepSpec, tracking_settings, sweep_name, chief):
-    from datetime import datetime
+    from sweep.study import check_new_name, default_name, prepare, run_sweep
 
-    from sweep.study import check_new_name, prepare, run_sweep
-
-    name = sweep_name or f"{spec.family}-{spec.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = sweep_name or default_name(spec)
     check_new_name(tracking_settings, name)
     prepared = prepare(spec, tracking_settings, spec.family == "transfer", click.echo)
     return run_sweep(spec, prepared, tracking_settings, click.echo, name=name, chief=chief)
@@ -171,11 +172,11 @@ def worker(chief_address, sweep_name, tuner_id, experiment, config_path) -> None
               help="Trials of the whole sweep timed our way.")
 @click.option("--plain-trials", default=1, show_default=True, type=click.IntRange(min=1),
               help="Trials run the plain way (raw images, stock Keras Tuner); trial 1 is the defaults.")
-@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=DEFAULTS["epochs"], show_default=True, type=click.IntRange(min=1))
 @DATA_OPTIONS
-@click.option("--weights", default="imagenet", show_default=True)
+@WEIGHTS
 @click.option("--experiment", default="sweep-bench", show_default=True, help="MLflow experiment for our sweep.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@CONFIG
 @click.option("--warm", is_flag=True, help="Use the configured feature cache (default: a cold, temporary one).")
 @click.option("-q", "--quiet", is_flag=True)
 def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, image_size, weights, experiment,

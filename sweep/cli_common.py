@@ -11,6 +11,9 @@ import click
 
 from sweep.config import load_tracking
 from sweep.errors import SweepError
+from sweep.spec import spec_defaults
+
+DEFAULTS = spec_defaults()
 
 FAMILY_NAMES = ("scratch", "augmented", "preprocessed", "transfer")
 
@@ -137,11 +140,13 @@ TRACKING_OPTIONS = options(EXPERIMENT, CONFIG)
 DATA_OPTIONS = options(
     click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Folder with train/ and validation/, one subfolder per class. Default: the study's download."),
-    click.option("--seed", default=42, show_default=True, type=int,
+    click.option("--seed", default=DEFAULTS["seed"], show_default=True, type=int,
                  help="Seeds Python, NumPy, Keras, the tuner and the test split."),
-    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
-    click.option("--image-size", default="160", show_default=True, callback=parse_image_size,
-                 help="Input size, e.g. 160 or 160x160."),
+    click.option("--batch-size", default=DEFAULTS["batch_size"], show_default=True, type=click.IntRange(min=1)),
+    click.option("--image-size", default=str(DEFAULTS["image_size"][0]), show_default=True,
+                 callback=parse_image_size, help="Input size, e.g. 160 or 160x160."),
 )
+WEIGHTS = click.option("--weights", default=DEFAULTS["weights"], show_default=True,
+                       help="transfer only: 'imagenet' (Keras cache or download), a local MobileNetV2 .h5, or 'none'.")
 
 

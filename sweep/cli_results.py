@@ -10,8 +10,8 @@ import click
 from sweep.cli_common import (
     CONFIG,
     DATA_OPTIONS,
-    TRACKING_OPTIONS,
     FAMILY_NAMES,
+    TRACKING_OPTIONS,
     check_out_folder,
     quiet_tensorflow,
     tracking_settings_for,

@@ -5,9 +5,14 @@ they were checked against and fails on an upgrade, so whoever upgrades re-checks
 
 * ``keras_tuner.src.config.DEBUG``: Keras Tuner prints every failed trial's traceback while it is on (its
   default); `sweep` prints one line per failed trial and keeps the error in the trial's MLflow run.
-* ``keras_tuner.src.distribute.oracle_chief.OracleServicer`` and ``keras_tuner.src.protos``: the chief's gRPC
-  service. Keras Tuner's public ``start_server`` blocks forever with no hook to fail stale trials, stop on
-  failures or notice a finished search, so the chief serves the same servicer itself.
+* ``keras_tuner.src.distribute.oracle_chief.OracleServicer`` (and its ``stop_triggered`` flag) and
+  ``keras_tuner.src.protos``: the chief's gRPC service. Keras Tuner's public ``start_server`` blocks forever
+  with no hook to fail stale trials, stop on failures or notice a finished search, so the chief serves the same
+  servicer itself.
+
+Public but undocumented, and used by ``sweep.tuning.SweepOracle``: the oracle's ``trials``, ``ongoing_trials``
+and ``tuner_ids`` attributes, and that ``Oracle.end_trial`` raises a RuntimeError when too many trials failed
+in a row (``test_compat`` checks these too).
 """
 
 from __future__ import annotations
@@ -22,15 +27,27 @@ def quiet_failed_trials() -> None:
     config.DEBUG = False
 
 
-def oracle_servicer_class():
-    """Keras Tuner's gRPC servicer class for a chief's oracle."""
+def serve_oracle(oracle, address: str, threads: int = 1):
+    """Start a gRPC server for ``oracle`` on ``address`` (Keras Tuner's own service).
+
+    Returns:
+        (server, a function that says whether the oracle has told a worker the search is over), or
+        (None, None) when the address cannot be bound.
+    """
+    from concurrent import futures
+
+    import grpc
+    from keras_tuner.src import protos
     from keras_tuner.src.distribute.oracle_chief import OracleServicer
 
-    return OracleServicer
-
-
-def grpc_service():
-    """(``add_OracleServicer_to_server``, ``EndTrialResponse``) from Keras Tuner's generated protos."""
-    from keras_tuner.src import protos
-
-    return protos.get_service_grpc().add_OracleServicer_to_server, protos.get_service().EndTrialResponse
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads))
+    servicer = OracleServicer(oracle)
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older releases returned 0
+        bound = 0
+    if not bound:
+        return None, None
+    server.start()
+    return server, lambda: servicer.stop_triggered

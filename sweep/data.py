@@ -21,6 +21,7 @@ import numpy as np
 from sweep.config import keras_cache_dir
 from sweep.errors import DataError
 from sweep.spec import DATASET_URL
+
 DATASET_NAME = "cats_and_dogs_filtered"
 SPLIT_DIRS = ("train", "validation")
 

@@ -117,41 +117,14 @@ class Chief:
 
         Raises:
             SweepError: the address cannot be bound.
-            ConsecutiveFailures: too many trials failed in a row (raised in a gRPC call, re-raised here).
+            ConsecutiveFailures: too many trials failed in a row (the oracle keeps it; raised here).
         """
-        from concurrent import futures
-
-        import grpc
-
         from sweep import compat
-        from sweep.tuning import ConsecutiveFailures
 
-        add_servicer, end_trial_response = compat.grpc_service()
-
-        class Servicer(compat.oracle_servicer_class()):
-            """Keras Tuner's servicer, except that the oracle's "too many failures in a row" error, raised
-            inside ``end_trial`` in a gRPC thread, stops the chief instead of crashing each worker."""
-
-            failure: ConsecutiveFailures | None = None
-
-            def EndTrial(self, request, context):  # noqa: N802 (gRPC's name)
-                try:
-                    return super().EndTrial(request, context)
-                except ConsecutiveFailures as exc:
-                    self.failure = exc
-                    return end_trial_response()
-
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))  # oracle calls one at a time
-        servicer = Servicer(oracle)
-        add_servicer(servicer, server)
-        try:
-            bound = server.add_insecure_port(f"{self.host}:{self.port}")
-        except RuntimeError:  # grpcio raises where older releases returned 0
-            bound = 0
-        if not bound:
-            raise SweepError(f"cannot listen on {self.host}:{self.port}; pick another --port or --host.")
-        server.start()
         address = f"{self.host}:{self.port}"
+        server, search_over = compat.serve_oracle(oracle, address)  # one thread: oracle calls never overlap
+        if server is None:
+            raise SweepError(f"cannot listen on {address}; pick another --port or --host.")
         report(f"Chief serving the oracle on {address}; start workers with "
                f"`sweep worker --chief {address} --sweep {sweep_name}`")
         if self.workers is not None:
@@ -160,17 +133,17 @@ class Chief:
         try:
             while True:
                 time.sleep(1)
-                if servicer.failure is not None:
-                    raise servicer.failure  # run_sweep turns it into one clear error
+                if oracle.failure is not None:
+                    raise oracle.failure  # run_sweep turns it into one clear error
                 if self.trial_timeout:
                     for tuner_id, trial_id in oracle.expire_silent_trials(self.trial_timeout):
                         report(f"Trial {int(trial_id) + 1} of worker {tuner_id} sent no heartbeat for "
                                f"{self.trial_timeout:.0f}s; marked FAILED.")
                 ongoing, registered = oracle.activity()
-                if self.workers is not None and not self.workers.check(report) and not servicer.stop_triggered:
-                    raise SweepError("every worker died; see their output above. Continue with "
-                                     f"`sweep run --resume --sweep {sweep_name}` once the cause is fixed.")
-                if servicer.stop_triggered and ongoing == 0:
+                if self.workers is not None and not self.workers.check(report) and not search_over():
+                    raise SweepError("every worker died; see their output above. Fix the cause, then continue "
+                                     f"with `sweep run --family FAMILY --resume --sweep {sweep_name}`.")
+                if search_over() and ongoing == 0:
                     stopped_since = stopped_since or time.monotonic()
                     # Workers deregister when told to stop; one that died never will.
                     if registered == 0 or time.monotonic() - stopped_since > self.worker_grace:

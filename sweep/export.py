@@ -16,7 +16,6 @@ from sweep import tracking
 from sweep.config import TrackingSettings
 from sweep.data import decode_error, decode_image
 from sweep.errors import SweepError
-from sweep.spec import DEFAULT_OBJECTIVE, SweepSpec
 from sweep.results import (
     RANKINGS,
     TrialRecord,
@@ -26,6 +25,7 @@ from sweep.results import (
     objective_of,
     record_from_run,
 )
+from sweep.spec import DEFAULT_OBJECTIVE, SweepSpec
 
 MODEL_ARTIFACT = tracking.MODEL_ARTIFACT
 CHAMPION = "champion"  # the registry alias `sweep best --export` moves to the version it registers
@@ -76,9 +76,9 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
         runs = [r for r in runs if r.data.tags.get("model_kept") == "true"]
         if not runs:
             raise SweepError(f"no finished trial{where} in experiment {settings.experiment!r} kept its model "
-                             "(sweeps from before models were kept); run a sweep, then export.")
+                             "(a trial keeps it when it improves on its sweep's best); run a sweep, then export.")
     best = best_run(runs, metric)
-    parent = tracking.get_run(best.data.tags["mlflow.parentRunId"])
+    parent = tracking.get_run(best.data.tags[tracking.PARENT_RUN_TAG])
     return BestTrial(
         record=record_from_run(best),
         sweep=parent.info.run_name,

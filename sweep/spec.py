@@ -84,10 +84,6 @@ class SweepSpec:
         if min(self.image_size) < 32:
             raise ConfigError(f"image size must be at least 32x32, got {self.image_size}.")
 
-    @property
-    def image_size_text(self) -> str:
-        return _size_to_text(self.image_size)
-
     def to_params(self) -> dict[str, str]:
         """The spec as MLflow params (strings)."""
         return {_key(f): f.metadata["encode"](getattr(self, f.name)) for f in fields(self)}
@@ -115,6 +111,11 @@ class SweepSpec:
     def param_names(cls) -> frozenset[str]:
         """The MLflow param keys the spec writes: every other param of a trial run is a hyperparameter."""
         return frozenset(_key(f) for f in fields(cls))
+
+
+def spec_defaults() -> dict[str, Any]:
+    """Each setting's default, for the command-line options that set it."""
+    return {f.name: f.default for f in fields(SweepSpec) if f.name != "family"}
 
 
 def _key(f) -> str:

@@ -111,7 +111,7 @@ def run_sweep(
             raise SweepError(f"sweep {name} cannot be resumed: its Keras Tuner folder "
                              f"{tracking_settings.tuner_dir / name} is gone.")
     else:
-        name = name or f"{spec.family}-{spec.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
+        name = name or default_name(spec)
     if chief is not None:  # Keras Tuner's distributed mode: this process serves the oracle
         chief.configure_environment()
     splits = prepared.splits
@@ -155,6 +155,11 @@ def run_sweep(
             ) from None
         _log_summary(run, result)
     return result
+
+
+def default_name(spec: SweepSpec) -> str:
+    """A new sweep's name when ``--sweep`` gives none: family, tuner and the time."""
+    return f"{spec.family}-{spec.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def build_tuner(spec: SweepSpec, splits: Splits, tracking_settings: TrackingSettings, weights_path: str | None,

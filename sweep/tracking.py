@@ -240,7 +240,7 @@ def finished_trials(experiment_id: str, family: str | None = None) -> list:
     if family:
         query += f" and tags.family = '{family}'"
     runs = MlflowClient().search_runs([experiment_id], filter_string=query, max_results=50000)
-    return [r for r in runs if "mlflow.parentRunId" in r.data.tags and "trial_id" in r.data.tags
+    return [r for r in runs if PARENT_RUN_TAG in r.data.tags and "trial_id" in r.data.tags
             and "test_accuracy" in r.data.metrics]
 
 
@@ -295,7 +295,7 @@ def find_sweep(experiment_id: str, family: str | None, name: str | None = None):
 
 def child_runs(experiment_id: str, parent_run_id: str) -> list:
     """Every run whose parent is ``parent_run_id``."""
-    return MlflowClient().search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+    return MlflowClient().search_runs([experiment_id], filter_string=f"tags.{PARENT_RUN_TAG} = '{parent_run_id}'",
                                       max_results=50000)
 
 

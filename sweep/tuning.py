@@ -42,14 +42,16 @@ class SweepOracle:
     * Every ``update_trial`` from a worker is a heartbeat (the trial loop sends one per epoch). With a
       trial timeout, ``expire_silent_trials`` fails a trial whose worker went silent for that long; a result
       that arrives after that is not counted a second time.
-    * Keras Tuner raises a bare RuntimeError when too many trials failed in a row; it becomes
-      ``ConsecutiveFailures``, so callers need not match its message.
+    * Keras Tuner raises a bare RuntimeError when too many trials failed in a row. Raised inside a
+      ``@synchronized`` method it would leave the oracle's lock held (the decorator releases it only on a normal
+      return), so it is kept as ``failure`` (a ``ConsecutiveFailures``) for the caller to raise outside.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.last_heard: dict[str, float] = {}
         self.expired: set[str] = set()
+        self.failure: ConsecutiveFailures | None = None
         self.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
 
     # Hyperband's first draw opens a bracket: its tuner/* values must come from Hyperband itself.
@@ -97,8 +99,12 @@ class SweepOracle:
         self.last_heard.pop(trial.trial_id, None)
         try:
             super().end_trial(trial)
-        except RuntimeError as exc:  # raised only by the consecutive-failures check
-            raise ConsecutiveFailures(str(exc).strip().splitlines()[-1]) from exc
+        except RuntimeError as exc:  # raised only by the consecutive-failures check, before its last steps
+            self.failure = ConsecutiveFailures(str(exc).strip().splitlines()[-1])
+            for tuner_id, ongoing in list(self.ongoing_trials.items()):
+                if ongoing.trial_id == trial.trial_id:
+                    self.ongoing_trials.pop(tuner_id)
+            self.save()
 
     @kt.synchronized
     def expire_silent_trials(self, timeout: float) -> list[tuple[str, str]]:
@@ -116,6 +122,10 @@ class SweepOracle:
                 self.expired.add(trial.trial_id)
                 self._end(trial)
         return failed
+
+    @kt.synchronized
+    def get_best_trials(self, num_trials: int = 1):
+        return super().get_best_trials(num_trials)  # workers ask for it through the chief while it expires trials
 
     @kt.synchronized
     def activity(self) -> tuple[int, int]:
@@ -219,6 +229,9 @@ class SweepTuner(kt.Tuner):
         if trial.message:
             trial.message = trial.message.strip().splitlines()[-1]
         super().on_trial_end(trial)
+        failure = getattr(self.oracle, "failure", None)  # a worker's oracle is the chief's, over gRPC
+        if failure is not None:
+            raise failure
 
     def adopt(self, records: list[TrialRecord]) -> None:
         """Resume: take the trials MLflow already holds as finished."""
@@ -250,15 +263,19 @@ class SweepTuner(kt.Tuner):
                                parent_run_id=self.parent_run_id, report=self.report) as run:
             try:
                 heartbeat = Heartbeat(self.oracle, trial.trial_id)
+                epoch_logger = run.epoch_logger()
                 model = self.family.build(hp)
                 if "tuner/trial_id" in hp.values:  # Hyperband: continue from the earlier round's weights
                     model.load_weights(self.checkpoint(hp.values["tuner/trial_id"]))
                 fitted = self.family.fit(
                     hp, model, data=self.data, batch_size=spec.batch_size, epochs=epochs,
                     initial_epoch=initial_epoch, verbose=self.verbose, seed=seed,
-                    callbacks=[run.epoch_logger(), heartbeat, keras.callbacks.TerminateOnNaN()],
+                    callbacks=[epoch_logger, heartbeat, keras.callbacks.TerminateOnNaN()],
                 )
                 _check_finite(fitted.history, initial_epoch + 1)
+                for step in epoch_logger.failed_epochs:  # the store was down then: the curve must end on the score
+                    run.log_metrics({name: values[step - initial_epoch - 1]
+                                     for name, values in fitted.history.items() if values}, step=step)
                 record = TrialRecord(
                     family=spec.family, trial_id=trial.trial_id, number=number, hyperparameters=values,
                     history=fitted.history, first_epoch=initial_epoch + 1,
@@ -295,7 +312,7 @@ class SweepTuner(kt.Tuner):
         are logged beside the cached ones. Hyperband also needs every trial's training weights to continue
         it in a later round.
         """
-        if best_record([*self.records, record], self.spec.objective) is record:
+        if self._improves(record):
             raw = self.family.evaluate_raw(fitted, self.data, self.spec.batch_size)
             if raw is not None:
                 run.log_metrics(raw)
@@ -304,6 +321,15 @@ class SweepTuner(kt.Tuner):
             run.set_tags({"model_kept": "true"})
         if self.spec.tuner == "hyperband":
             model.save_weights(self.checkpoint(trial_id))
+
+    def _improves(self, record: TrialRecord) -> bool:
+        """Whether the trial beats every finished trial of the sweep (the oracle's, so with several workers
+        the whole sweep's, not only this worker's); the earlier trial wins a tie."""
+        value = getattr(record, self.spec.objective)
+        done = [t for t in self.oracle.get_best_trials(1) if t.status == TrialStatus.COMPLETED and t.score is not None]
+        if not done:
+            return True
+        return value < done[0].score if OBJECTIVES[self.spec.objective] == "min" else value > done[0].score
 
     def progress_line(self, record: TrialRecord) -> str:
         s = self.spec

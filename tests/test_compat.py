@@ -23,10 +23,37 @@ def test_each_private_internal_is_there_and_does_its_job():
 
     compat.quiet_failed_trials()
     assert config.DEBUG is False
-    servicer = compat.oracle_servicer_class()
-    assert {"CreateTrial", "UpdateTrial", "EndTrial", "GetSpace", "UpdateSpace"} <= set(dir(servicer))
-    add_servicer, end_trial_response = compat.grpc_service()
-    assert callable(add_servicer) and type(end_trial_response()).__name__ == "EndTrialResponse"
+    from sweep.distributed import free_port
+    from sweep.spec import SweepSpec
+    from sweep.tuning import build_oracle
+
+    oracle = build_oracle(SweepSpec(family="scratch", trials=1))
+    for name in ("trials", "ongoing_trials", "tuner_ids"):
+        assert isinstance(getattr(oracle, name), (dict, set)), name
+    server, search_over = compat.serve_oracle(oracle, f"127.0.0.1:{free_port()}")
+    try:
+        assert search_over() is False
+    finally:
+        server.stop(grace=0)
+
+
+def test_keras_tuner_still_raises_a_runtime_error_after_too_many_failures_in_a_row(tmp_path):
+    import keras_tuner as kt
+
+    from sweep.spec import SweepSpec
+    from sweep.tuning import ConsecutiveFailures, build_oracle
+
+    oracle = build_oracle(SweepSpec(family="scratch", trials=5))
+    oracle._set_project_dir(str(tmp_path), "failures")
+    hp = kt.HyperParameters()
+    hp.Float("dropout", 0.0, 0.5)
+    oracle.update_space(hp)
+    for i in range(3):
+        trial = oracle.create_trial(f"t{i}")
+        trial.status = "FAILED"
+        oracle.end_trial(trial)
+    assert isinstance(oracle.failure, ConsecutiveFailures)
+    assert str(oracle.failure) == "Number of consecutive failures exceeded the limit of 3."
 
 
 def test_no_other_module_reaches_into_private_internals():

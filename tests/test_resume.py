@@ -191,3 +191,51 @@ def test_sweep_names_a_new_sweep_and_resume_continues_that_one_with_its_own_sett
     other_parent, other_children = sweep_runs("other")  # untouched
     assert other_parent.info.status == "KILLED"
     assert [c.info.status for c in other_children] == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_cached_transfer_sweep_resumes_warm_with_one_score_per_trial(tiny_data, tracking_env, runner,
+                                                                                   monkeypatch):
+    """Ctrl-C in trial 2 of a cached transfer sweep: the runs end KILLED; --resume loads the features from disk,
+    keeps trial 1, runs trials 2 and 3, and every trial's Keras Tuner score is its last logged val_loss."""
+    from mlflow.tracking import MlflowClient
+
+    from sweep.tuning import SweepTuner
+    from tests.conftest import SHARED_WEIGHTS
+
+    if not SHARED_WEIGHTS.is_file():
+        pytest.skip(f"{SHARED_WEIGHTS} is not available")
+    args = ["run", "--family", "transfer", "--trials", "3", "--epochs", "2", "--data-dir", str(tiny_data),
+            "--batch-size", "4", "--image-size", "32", "--seed", "5", "--weights", str(SHARED_WEIGHTS), "-q"]
+    run_trial = SweepTuner.run_trial
+
+    def interrupted_in_trial_2(self, trial, *a, **kw):
+        if trial.trial_id == "1":
+            raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM, through the CLI's handler) raises
+        return run_trial(self, trial, *a, **kw)
+
+    monkeypatch.setattr(SweepTuner, "run_trial", interrupted_in_trial_2)
+    first = runner.invoke(main, args)
+    assert first.exit_code == 1 and "Computing MobileNetV2 features" in first.output
+    runs = runs_in(tracking_env)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "KILLED"
+    assert [r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags] == ["FINISHED"]
+
+    monkeypatch.setattr(SweepTuner, "run_trial", run_trial)
+    resumed = runner.invoke(main, ["run", "--family", "transfer", "--resume", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "Computing" not in resumed.output  # the cache on disk, not a second forward pass over the images
+    assert "Kept 1 finished trial(s)" in resumed.output
+    client = MlflowClient()
+    children = {r.data.tags["trial_number"]: r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags}
+    assert sorted(children) == ["1", "2", "3"]
+    assert {r.info.status for r in children.values()} == {"FINISHED"}
+    assert {r.data.tags["training"] for r in children.values()} == {"cached_features"}
+    project = tracking_env / "mlruns" / "keras_tuner" / parent.data.tags["sweep"]
+    for number, child in children.items():
+        trial = json.loads((project / f"trial_{int(number) - 1}" / "trial.json").read_text())
+        assert trial["status"] == "COMPLETED"
+        assert trial["score"] == client.get_metric_history(child.info.run_id, "val_loss")[-1].value
+    parent = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 3
