@@ -274,8 +274,8 @@ class SweepTuner(kt.Tuner):
                 )
                 _check_finite(fitted.history, initial_epoch + 1)
                 for step in epoch_logger.failed_epochs:  # the store was down then: the curve must end on the score
-                    run.log_metrics({name: values[step - initial_epoch - 1]
-                                     for name, values in fitted.history.items() if values}, step=step)
+                    run.log_metrics({name: series[step - initial_epoch - 1]
+                                     for name, series in fitted.history.items() if series}, step=step)
                 record = TrialRecord(
                     family=spec.family, trial_id=trial.trial_id, number=number, hyperparameters=values,
                     history=fitted.history, first_epoch=initial_epoch + 1,
