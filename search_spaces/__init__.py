@@ -39,6 +39,46 @@ def hyperparameters(values: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in values.items() if not name.startswith("tuner/")}
 
 
+def fix_hyperparameters(family: str, assignments: dict[str, str]) -> dict[str, Any]:
+    """Check ``NAME=VALUE`` texts against the family's search space and return the typed values.
+
+    Raises:
+        ValueError: an unknown name, or a value outside its hyperparameter's choices, range or step.
+    """
+    hp = kt.HyperParameters()
+    FAMILIES[family]().declare(hp)
+    space = {item.name: item for item in hp.space}
+    fixed: dict[str, Any] = {}
+    for name, text in assignments.items():
+        if name not in space:
+            raise ValueError(f"{family} has no hyperparameter {name!r}; it has {', '.join(space)}.")
+        item, config = space[name], space[name].get_config()
+        if isinstance(item, kt.engine.hyperparameters.Boolean):
+            if text.lower() not in ("true", "false"):
+                raise ValueError(f"{name} takes True or False, not {text!r}.")
+            fixed[name] = text.lower() == "true"
+        elif isinstance(item, kt.engine.hyperparameters.Choice):
+            match = [v for v in config["values"] if str(v) == text]
+            if not match:
+                raise ValueError(f"{name} takes one of {', '.join(map(str, config['values']))}, not {text!r}.")
+            fixed[name] = match[0]
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"{name} takes a number, not {text!r}.") from None
+            low, high, step = config["min_value"], config["max_value"], config.get("step")
+            if not low - 1e-9 <= value <= high + 1e-9:
+                raise ValueError(f"{name} takes a value in [{low}, {high}], not {text!r}.")
+            if step:
+                steps = round((value - low) / step)
+                if abs(low + steps * step - value) > 1e-9:
+                    raise ValueError(f"{name} takes multiples of {step} from {low}, not {text!r}.")
+                value = low + steps * step  # the value Keras Tuner itself would give
+            fixed[name] = int(value) if isinstance(item, kt.engine.hyperparameters.Int) else value
+    return fixed
+
+
 def describe(family: str) -> list[dict[str, Any]]:
     """Each hyperparameter of a family: name, type, range or choices, default. Builds no model."""
     hp = kt.HyperParameters()

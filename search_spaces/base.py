@@ -85,6 +85,10 @@ class HyperFamily(kt.HyperModel):
         }
 
     # -- training (Keras Tuner's HyperModel.fit hook) ---------------------------------------------------
+    def new_session(self) -> None:
+        """Called before each trial: release the previous trial's Keras state (and collect its garbage)."""
+        keras.backend.clear_session()
+
     def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None]) -> None:
         """Called once per process that trains, before its first trial, when the sweep caches features.
         Families without a frozen part have nothing to cache."""
@@ -148,12 +152,15 @@ class HyperFamily(kt.HyperModel):
         return wrapped
 
     @staticmethod
-    def compile(model: keras.Model, values: dict[str, Any]) -> None:
-        """The study's training setup: Adam, sparse categorical cross-entropy from logits, accuracy."""
+    def compile(model: keras.Model, values: dict[str, Any], steps_per_execution: int = 1) -> None:
+        """The study's training setup: Adam, sparse categorical cross-entropy from logits, accuracy.
+        ``steps_per_execution`` runs that many batches per call into TensorFlow (the same updates, less
+        overhead: for the transfer head, whose steps are tiny)."""
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=values["learning_rate"]),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
+            steps_per_execution=steps_per_execution,
         )
         # Built now: a model saved before it trained (the transfer head's weights are copied in, never fitted
         # end to end) would otherwise load with "Skipping variable loading for optimizer".

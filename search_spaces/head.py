@@ -10,42 +10,90 @@ import numpy as np
 from search_spaces.features import PooledFeatures, TrainPool
 
 
-class ViewSampler(keras.utils.PyDataset):
-    """Batches of pooled features: each epoch draws, per training image, one view among ``candidates``.
+class ViewDraws:
+    """Which view of which training image every step of every epoch sees.
 
-    The candidates are the pool views that the trial's flip mode and rotation factor could have produced
-    (``PoolSpec.candidates``), so each epoch sees a new augmentation draw as the raw pipeline would, and the
-    images are reshuffled as ``model.fit(shuffle=True)`` does.
+    Each epoch draws, per training image, one view with the probabilities the trial's flip mode and rotation
+    factor give (``PoolSpec.candidates``), so each epoch sees a new augmentation draw as the raw pipeline
+    would, and reshuffles the images as ``model.fit(shuffle=True)`` does: batches of ``batch_size`` with a
+    smaller last one, as ``fit`` makes them from arrays.
     """
 
     def __init__(self, pool: TrainPool, labels: np.ndarray, pooling: str, flip_mode: str,
                  rotation_factor: float, batch_size: int, seed: int) -> None:
-        super().__init__()
         self.features = pool.features.pooled(pooling)
-        self.labels = labels
-        self.candidates = pool.spec.candidates(flip_mode, rotation_factor)
+        self.labels = np.asarray(labels, dtype="int32")
+        self.candidates, self.probabilities = pool.spec.candidates(flip_mode, rotation_factor)
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
         self.drawn_views: list[np.ndarray] = []
-        self._draw()
 
-    def _draw(self) -> None:
-        n = len(self.labels)
-        views = self.candidates[self.rng.integers(len(self.candidates), size=n)]
-        order = self.rng.permutation(n)
-        self.drawn_views.append(views)
-        self.x = self.features[order, views[order]][:, None]  # one view per image: [images, 1, dim]
-        self.y = self.labels[order]
-
-    def __len__(self) -> int:
+    @property
+    def steps_per_epoch(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
-    def __getitem__(self, index: int):
-        batch = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return self.x[batch], self.y[batch]
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """One epoch: the shuffled image order and each image's drawn view (indexed by image)."""
+        n = len(self.labels)
+        views = self.rng.choice(self.candidates, size=n, p=self.probabilities)
+        order = self.rng.permutation(n)
+        self.drawn_views.append(views)
+        return order, views
 
-    def on_epoch_end(self) -> None:
-        self._draw()
+    def dataset(self, epochs: int):
+        """A ``tf.data`` pipeline of ``epochs`` epochs of (features [batch, 1, dim], labels) batches; the
+        features stay in one tensor and each batch is gathered from it, so nothing is copied per epoch."""
+        import tensorflow as tf
+
+        draws = [self.draw() for _ in range(epochs)]
+        rows = np.stack([np.stack([order, views[order]], axis=1) for order, views in draws]).astype("int32")
+        features = as_tensor(self.features)
+        labels = tf.constant(self.labels)
+        batch = self.batch_size
+
+        def one_epoch(epoch_rows):
+            return tf.data.Dataset.from_tensor_slices(epoch_rows).batch(batch)
+
+        return (tf.data.Dataset.from_tensor_slices(rows).flat_map(one_epoch)
+                .map(lambda r: (tf.gather_nd(features, r)[:, None], tf.gather(labels, r[:, 0])))
+                .prefetch(2))
+
+
+_TENSORS: dict[int, tuple[np.ndarray, object]] = {}
+
+
+def as_tensor(array: np.ndarray):
+    """``array`` as a TensorFlow constant, made once per array and process: every trial gathers from the same
+    copy of the pool instead of making its own (hundreds of MB at 224)."""
+    import tensorflow as tf
+
+    key = id(array)
+    if key not in _TENSORS or _TENSORS[key][0] is not array:
+        _TENSORS[key] = (array, tf.constant(array))
+    return _TENSORS[key][1]
+
+
+def score(model: keras.Model, x: np.ndarray, y: np.ndarray, logits: np.ndarray | None = None) -> tuple[float, float]:
+    """The model's mean loss and accuracy on ``x`` (or on ``logits`` already computed), in one call."""
+    if logits is None:
+        logits = model.predict_on_batch(x)  # Keras' predict step, traced once per model and input shape
+    loss = model.loss(y, logits)
+    hits = np.sum(np.argmax(np.asarray(logits), axis=-1) == y)
+    return float(loss), float(np.float32(hits) / np.float32(len(y)))  # Keras' float32 accuracy, bit for bit
+
+
+class ScoreEachEpoch(keras.callbacks.Callback):
+    """Fills each epoch's ``val_loss``/``val_accuracy`` with the head's score on the validation features,
+    for the callbacks after it: one call per epoch instead of ``fit``'s evaluation loop."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        super().__init__()
+        self.x, self.y = x, np.asarray(y)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        loss, accuracy = score(self.model, self.x, self.y)
+        if logs is not None:
+            logs.update(val_loss=loss, val_accuracy=accuracy)
 
 
 def stack_views(views: list[PooledFeatures], pooling: str) -> np.ndarray:

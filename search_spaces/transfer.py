@@ -16,8 +16,12 @@ import numpy as np
 
 from search_spaces.base import Fitted, HyperFamily, fitted
 from search_spaces.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
-from search_spaces.head import ViewSampler, stack_views
+from search_spaces.head import ScoreEachEpoch, ViewDraws, score, stack_views
 from sweep.errors import WeightsError
+
+
+# Below this many forward passes a sweep's features come from TensorFlow, without converting the base.
+LITERT_MIN_PASSES = 4000
 
 
 class HyperTransfer(HyperFamily):
@@ -34,6 +38,7 @@ class HyperTransfer(HyperFamily):
         super().__init__(num_classes=num_classes, image_size=image_size)
         self.weights = weights
         self._base: keras.Model | None = None
+        self._heads: dict[tuple[int, int], keras.Model] = {}
         self.features: CachedFeatures | None = None  # set by ``prepare``
 
     def declare(self, hp: kt.HyperParameters) -> dict[str, Any]:
@@ -60,21 +65,36 @@ class HyperTransfer(HyperFamily):
         self._base = base
         return base
 
-    def build_head(self, hp: kt.HyperParameters, feature_dim: int = 1280) -> keras.Model:
-        """The trainable part alone, on pooled base features: Dropout then Dense, compiled like ``build``.
+    def build_head(self, hp: kt.HyperParameters, feature_dim: int = 1280, steps_per_execution: int = 1,
+                   seed: int = 0) -> keras.Model:
+        """The trainable part alone, on pooled base features: Dropout then Dense, compiled like ``build``, set
+        to ``hp``'s dropout and learning rate, a fresh optimizer state and a dropout stream from ``seed``.
 
         It takes ``[images, views, feature_dim]`` and averages the logits over the views: training feeds one
         drawn view per image, validation the clean view (and its mirror with ``test_time_flip``, which is
         what ``inference_model`` computes on raw images). Its ``logits`` weights drop into the end-to-end
-        model built by ``build`` with the same ``hp``.
+        model built by ``build`` with the same ``hp``; the caller sets them before training (they are the
+        trial's initial weights).
+
+        One head is built and compiled per process and reconfigured for each trial: its dropout rate and
+        learning rate are variables, so TensorFlow traces its training step once, not once per trial (the
+        tracing took longer than the training).
         """
         values = self.declare(hp)
-        inputs = keras.Input(shape=(None, feature_dim), name=f"{values['pooling']}_features")
-        x = keras.layers.Dropout(values["dropout"], name="dropout")(inputs)
-        x = keras.layers.Dense(self.num_classes, name="logits")(x)
-        outputs = keras.layers.GlobalAveragePooling1D(name="view_average")(x)
-        model = keras.Model(inputs, outputs, name=f"{self.name}_head")
-        self.compile(model, values)
+        key = (feature_dim, steps_per_execution)
+        if key not in self._heads:
+            inputs = keras.Input(shape=(None, feature_dim), name="pooled_features")
+            x = RateDropout(name="dropout")(inputs)
+            x = keras.layers.Dense(self.num_classes, name="logits")(x)
+            outputs = keras.layers.GlobalAveragePooling1D(name="view_average")(x)
+            model = keras.Model(inputs, outputs, name=f"{self.name}_head")
+            self.compile(model, values, steps_per_execution=steps_per_execution)
+            self._heads[key] = model
+        model = self._heads[key]
+        model.get_layer("dropout").reset(values["dropout"], seed)
+        for variable in model.optimizer.variables:  # Adam's step count and moments start from zero
+            variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
+        model.optimizer.learning_rate = values["learning_rate"]
         return model
 
     def build_layers(self, inputs: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
@@ -84,20 +104,42 @@ class HyperTransfer(HyperFamily):
         return self.head(x, values)
 
     # -- training on cached features -------------------------------------------------------------------
+    def new_session(self) -> None:
+        """A trial on cached features builds next to nothing (its head is reused): Keras' global state is
+        reset without the full garbage collection, which took longer than such a trial's training."""
+        if self.features is None:
+            super().new_session()
+        else:
+            keras.backend.clear_session(free_memory=False)
+
     def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None]) -> None:
         """Load or compute the base's features of every training view, and of the clean validation and test
         images and their mirrors; trials then train and score only the head. The disk cache is used only
-        with a weights file (random weights differ per process)."""
+        with a weights file (random weights differ per process).
+
+        ``data`` gives the splits' ``files`` and ``labels``, and ``decode(files)`` (float32 0-255 images).
+        """
         weights_id = digest(Path(self.weights)) if self.weights else None
-        cache = FeatureCache(cache_dir if weights_id else None, lambda: FeatureExtractor(self.build_base()),
-                             weights_id or "random-init", report=report)
+        directory = Path(cache_dir) if (cache_dir and weights_id) else None
+        litert_file = (directory / f"base-{weights_id}-{self.image_size[0]}x{self.image_size[1]}.tflite"
+                       if directory else None)
+        held_out = sorted(set(data.validation.files) | set(data.test.files))
+        passes = len(data.train.files) * PoolSpec().views_per_image + 2 * len(held_out)
+        # Converting the base to LiteRT takes ~10 s: worth it for a real dataset, not for a handful of images.
+        backend = "auto" if passes >= LITERT_MIN_PASSES else "tensorflow"
+        cache = FeatureCache(directory, lambda: FeatureExtractor(self.build_base(), backend=backend,
+                                                                 litert_file=litert_file, report=report),
+                             weights_id or "random-init", self.image_size, data.decode, report=report)
+        pool = cache.pool(data.train.files, PoolSpec())
+        # Validation and test are cut from one folder by the seed: cache the folder, so every seed is warm.
+        clean, mirrored = cache.clean(held_out, "validation-folder")
+        row = {file: i for i, file in enumerate(held_out)}
 
-        def clean(split, name: str) -> tuple[PooledFeatures, PooledFeatures]:
-            mirrored = np.ascontiguousarray(split.images[:, :, ::-1])
-            return cache.clean(split.images, name), cache.clean(mirrored, f"mirrored {name}")
+        def rows(split) -> np.ndarray:
+            return np.array([row[f] for f in split.files], dtype="int64")
 
-        pool = cache.pool(data.train.images, PoolSpec())
-        self.features = CachedFeatures(pool, *clean(data.validation, "validation"), *clean(data.test, "test"))
+        self.features = CachedFeatures(pool, clean.take(rows(data.validation)), mirrored.take(rows(data.validation)),
+                                       clean.take(rows(data.test)), mirrored.take(rows(data.test)))
 
     def fit(self, hp: kt.HyperParameters, model: keras.Model, *, data: Any, batch_size: int, epochs: int,
             initial_epoch: int = 0, callbacks: list | None = None, verbose: int = 0, seed: int = 0) -> Fitted:
@@ -108,29 +150,55 @@ class HyperTransfer(HyperFamily):
             return super().fit(hp, model, data=data, batch_size=batch_size, epochs=epochs,
                                initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose, seed=seed)
         values, f = hp.values, self.features
-        head = self.build_head(hp, f.pool.features.max.shape[-1])
+        draws = ViewDraws(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
+                          values["rotation_factor"], batch_size, seed)
+        head = self.build_head(hp, f.pool.features.max.shape[-1], steps_per_execution=draws.steps_per_epoch,
+                               seed=seed)
         head.get_layer("logits").set_weights(model.get_layer("logits").get_weights())  # Hyperband: continue
-        sampler = ViewSampler(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
-                              values["rotation_factor"], batch_size, seed)
         views = 2 if values["test_time_flip"] else 1
         validation = stack_views([f.validation, f.mirrored_validation][:views], values["pooling"])
-        history = head.fit(sampler, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-                           verbose=verbose, validation_data=(validation, data.validation.labels))
+        history = head.fit(draws.dataset(epochs - initial_epoch), epochs=epochs, initial_epoch=initial_epoch,
+                           steps_per_epoch=draws.steps_per_epoch, shuffle=False, verbose=verbose,  # drawn shuffled
+                           callbacks=[ScoreEachEpoch(validation, data.validation.labels), *(callbacks or [])])
         test = stack_views([f.test, f.mirrored_test][:views], values["pooling"])
-        test_loss, test_accuracy = head.evaluate(test, data.test.labels, batch_size=batch_size, verbose=0)
+        test_loss, test_accuracy = score(head, test, data.test.labels)
         model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
         return fitted(self.inference_model(model, values), history.history, test_loss, test_accuracy,
                       "cached_features")
 
     def evaluate_raw(self, result: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
-        """The end-to-end model on the raw validation and test images: a check of the cached score."""
+        """The end-to-end model on the raw validation and test images: a check of the cached score. Images
+        are decoded a batch at a time and dropped (at 224 the two splits would hold 600 MB)."""
         if result.scored_on != "cached_features":
             return None
         figures = {}
         for name, split in (("val", data.validation), ("test", data.test)):
-            loss, accuracy = result.model.evaluate(split.images, split.labels, batch_size=batch_size, verbose=0)
-            figures.update({f"raw_{name}_loss": float(loss), f"raw_{name}_accuracy": float(accuracy)})
+            logits = np.concatenate([
+                np.asarray(result.model.predict_on_batch(data.decode(split.files[i:i + batch_size])))
+                for i in range(0, len(split), batch_size)])
+            loss, accuracy = score(result.model, None, split.labels, logits)
+            figures.update({f"raw_{name}_loss": loss, f"raw_{name}_accuracy": accuracy})
         return figures
+
+
+class RateDropout(keras.layers.Layer):
+    """Dropout whose rate is a variable (``reset``), for the head that trains every trial of a process."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(0)
+        self.rate = self.add_weight(shape=(), initializer="zeros", trainable=False, name="rate")
+
+    def reset(self, rate: float, seed: int) -> None:
+        self.rate.assign(rate)
+        self.seed_generator.state.assign(np.array([seed, 0], dtype=self.seed_generator.state.dtype))
+
+    def call(self, inputs, training: bool = False):
+        if not training:
+            return inputs
+        # inverted dropout, as keras.layers.Dropout: keep each unit with 1 - rate, scale the kept ones up
+        keep = keras.random.uniform(keras.ops.shape(inputs), seed=self.seed_generator) >= self.rate
+        return keras.ops.where(keep, inputs / (1.0 - self.rate), keras.ops.zeros_like(inputs))
 
 
 @dataclass

@@ -1,15 +1,24 @@
-"""``sweep bench``: the same trial the study's way and ours, side by side, and a whole sweep our way.
+"""``sweep bench``: the same trial the plain Keras Tuner way and ours, side by side, and whole sweeps our way.
 
 The plain way is a stock Keras Tuner trial: ``kt.Tuner`` with its own ``run_trial`` (checkpointing, its
-callbacks) and the family's model fitted on raw images every epoch. Our way is ``sweep run``'s trial loop
-with everything it logs to MLflow; for the transfer family it trains the head on cached base features.
+callbacks) and the family's model fitted on raw images every epoch. Our way is ``sweep run``'s trial loop with
+everything it logs to MLflow; for the transfer family it trains the head on cached base features.
+
+Our sweeps run in child processes, one after the other, so each one's peak memory is its own: first with a
+cold feature cache (a temporary folder), then again on the cache the first one filled (warm). The plain trials
+run last, in this process. Nothing runs at the same time, so no figure borrows another's cores.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,10 +26,13 @@ import keras
 import keras_tuner as kt
 
 from search_spaces import make_hypermodel
+from sweep import tracking
 from sweep.config import TrackingSettings
 from sweep.data import Splits
+from sweep.errors import SweepError
+from sweep.results import TrialRecord, best_record, record_from_run
 from sweep.spec import SweepSpec
-from sweep.study import Prepared, SweepResult, run_sweep
+from sweep.study import Prepared
 from sweep.tuning import build_oracle
 
 
@@ -45,24 +57,48 @@ class _EvaluatingHyperModel(kt.HyperModel):
         _, val = model.evaluate(s.validation.images, s.validation.labels, batch_size=self.batch_size, verbose=0)
         _, test = model.evaluate(s.test.images, s.test.labels, batch_size=self.batch_size, verbose=0)
         self.scores.append({"val_accuracy": float(val), "test_accuracy": float(test),
-                            "seconds": time.monotonic() - started})
+                            "seconds": time.monotonic() - started, "hyperparameters": dict(hp.values)})
         return history
+
+
+@dataclass
+class SweepFigures:
+    """One of our sweeps, run in its own process."""
+
+    label: str
+    run_id: str
+    wall_seconds: float
+    setup_seconds: float  # feature cache built or loaded
+    peak_rss_bytes: int
+    records: list[TrialRecord]
+    trial_seconds: dict[int, float]  # trial number -> wall time of its MLflow run
+    objective: str
+
+    @property
+    def best(self) -> TrialRecord | None:
+        return best_record(self.records, self.objective)
+
+    @property
+    def first(self) -> TrialRecord | None:
+        return next((r for r in self.records if r.number == 1), None)
 
 
 @dataclass
 class BenchResult:
     family: str
     epochs: int
-    plain: list[dict[str, float]]
+    trials: int
+    plain: list[dict]
     plain_seconds: float
-    ours: SweepResult
-    ours_seconds: float
-    cache: str
+    plain_peak_rss_bytes: int
+    sweeps: list[SweepFigures]
+    baseline_accuracy: float
 
 
 def plain_trials(spec: SweepSpec, splits: Splits, weights_path: str | None, trials: int, directory: Path,
-                 verbose: int = 0) -> tuple[list[dict[str, float]], float]:
-    """Run ``trials`` stock Keras Tuner trials (the first is the family's defaults); returns scores and time."""
+                 verbose: int = 0) -> tuple[list[dict], float]:
+    """Run ``trials`` stock Keras Tuner trials (the first is the family's defaults, with the spec's fixed
+    hyperparameters); returns their scores and the time."""
     keras.utils.set_random_seed(spec.seed)
     family = make_hypermodel(spec.family, len(splits.class_names), splits.image_size, weights_path)
     hypermodel = _EvaluatingHyperModel(family, splits, spec.batch_size)
@@ -75,52 +111,129 @@ def plain_trials(spec: SweepSpec, splits: Splits, weights_path: str | None, tria
     return hypermodel.scores, time.monotonic() - started
 
 
-def run_bench(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingSettings, plain: int, cold: bool,
+def _settings_json(settings: TrackingSettings) -> str:
+    return json.dumps({k: str(v) for k, v in asdict(settings).items()})
+
+
+def _settings_from_json(text: str) -> TrackingSettings:
+    values = json.loads(text)
+    return TrackingSettings(**{k: Path(v) if k in ("artifact_root", "tuner_dir", "cache_dir") else v
+                               for k, v in values.items()})
+
+
+def run_child_sweep(spec: SweepSpec, settings: TrackingSettings, label: str, quiet: bool) -> SweepFigures:
+    """``sweep run``'s sweep in a child process; its wall time, peak RSS and trials (read back from MLflow)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        command = [sys.executable, "-m", "sweep.bench", json.dumps(spec.to_params()), _settings_json(settings),
+                   out.name, "1" if quiet else "0"]
+        started = time.monotonic()
+        child = subprocess.Popen(command)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:
+            child.terminate()
+            child.wait()
+            raise
+        child.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.monotonic() - started
+        if child.returncode != 0:
+            raise SweepError(f"bench: our {label} sweep failed (exit {child.returncode}); its output is above.")
+        produced = json.loads(Path(out.name).read_text())
+    runs = tracking.child_runs(produced["experiment_id"], produced["run_id"])
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return SweepFigures(label, produced["run_id"], wall, produced["setup_seconds"],
+                        usage.ru_maxrss * 1024,  # kilobytes on Linux
+                        sorted((record_from_run(r) for r in finished), key=lambda r: r.number),
+                        {int(r.data.tags["trial_number"]): (r.info.end_time - r.info.start_time) / 1000
+                         for r in finished}, spec.objective)
+
+
+def _child_main(spec_json: str, settings_json: str, out_path: str, quiet: str) -> None:
+    """The child process: prepare and run one sweep, write what the parent reads."""
+    from sweep.cli_common import quiet_tensorflow
+    from sweep.study import prepare, run_sweep
+
+    quiet_tensorflow()
+    spec = SweepSpec.from_params(json.loads(spec_json))
+    settings = _settings_from_json(settings_json)
+    prepared = prepare(spec, settings, spec.family == "transfer", report=print)
+    result = run_sweep(spec, prepared, settings, print, 0 if quiet == "1" else 1, tags={"bench": "true"})
+    Path(out_path).write_text(json.dumps({"run_id": result.run_id, "experiment_id": prepared.experiment_id,
+                                          "setup_seconds": result.setup_seconds}))
+
+
+def run_bench(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingSettings, plain: int, warm_only: bool,
               report: Callable[[str], None] = print, verbose: int = 0) -> BenchResult:
-    """Time ``plain`` stock trials, then the spec's sweep our way (cold cache if ``cold``)."""
+    """Our sweep with a cold cache then a warm one (or only the configured cache with ``warm_only``), each in
+    its own process, then ``plain`` stock trials here."""
+    sweeps = []
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
+        if warm_only:
+            phases = [("warm cache", tracking_settings)]
+        else:
+            cold = replace(tracking_settings, cache_dir=Path(tmp) / "feature_cache")
+            phases = [("cold cache", cold), ("warm cache", cold)]
+        for label, settings in phases:
+            report(f"[bench] ours: {spec.trials} trial(s), {label} ...")
+            sweeps.append(run_child_sweep(spec, settings, label, quiet=verbose == 0))
         report(f"[bench] plain Keras Tuner: {plain} trial(s) x {spec.epochs} epoch(s) on raw images ...")
         scores, plain_seconds = plain_trials(spec, prepared.splits, prepared.weights_path, plain, Path(tmp), verbose)
-        if cold:
-            tracking_settings = replace(tracking_settings, cache_dir=Path(tmp) / "feature_cache")
-        report(f"[bench] ours: {spec.trials} trial(s), {'cold' if cold else 'configured'} feature cache ...")
-        started = time.monotonic()
-        ours = run_sweep(spec, prepared, tracking_settings, report, verbose, tags={"bench": "true"})
-        ours_seconds = time.monotonic() - started
-    return BenchResult(spec.family, spec.epochs, scores, plain_seconds, ours, ours_seconds,
-                       "cold" if cold else "configured")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return BenchResult(spec.family, spec.epochs, spec.trials, scores, plain_seconds, peak, sweeps,
+                       prepared.splits.baseline_accuracy)
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
 def format_table(result: BenchResult) -> str:
     """The side-by-side table ``sweep bench`` prints."""
     plain_trial = result.plain[0]
-    ours_trial = result.ours.records[0] if result.ours.records else None
     per_plain = result.plain_seconds / max(len(result.plain), 1)
-    n = len(result.ours.records)
-    rows = [("", "wall time", "val acc", "test acc")]
-    rows.append(("plain trial 1 (raw images)", _duration(plain_trial["seconds"]),
-                 f"{plain_trial['val_accuracy']:.1%}", f"{plain_trial['test_accuracy']:.1%}"))
-    if ours_trial is not None:
-        rows.append(("our trial 1 (same hyperparameters)", _duration(ours_trial.seconds),
-                     f"{ours_trial.val_accuracy:.1%}", f"{ours_trial.test_accuracy:.1%}"))
-    rows.append((f"our feature cache ({result.cache})", _duration(result.ours.setup_seconds), "", ""))
-    best = result.ours.best
-    rows.append((f"our whole {n}-trial sweep", _duration(result.ours_seconds),
-                 f"{best.val_accuracy:.1%}" if best else "", f"{best.test_accuracy:.1%}" if best else ""))
-    rows.append((f"plain {n}-trial sweep (projected {n} x {_duration(per_plain)})", _duration(per_plain * n), "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    warm = result.sweeps[-1]
+    ours_first = warm.first
+    rows = [("", "wall time", "peak RSS", "val acc", "test acc")]
+    rows.append(("plain Keras Tuner trial 1 (raw images)", _duration(plain_trial["seconds"]),
+                 _gib(result.plain_peak_rss_bytes), f"{plain_trial['val_accuracy']:.1%}",
+                 f"{plain_trial['test_accuracy']:.1%}"))
+    if ours_first is not None:
+        rows.append(("our trial 1 (same hyperparameters)", _duration(warm.trial_seconds[1]), "",
+                     f"{ours_first.val_accuracy:.1%}", f"{ours_first.test_accuracy:.1%}"))
+        others = [s for n, s in warm.trial_seconds.items() if n != 1]
+        if others:
+            rows.append((f"our other trials (min-median-max of {len(others)})",
+                         "-".join(_duration(s) for s in (min(others), sorted(others)[len(others) // 2], max(others))),
+                         "", "", ""))
+    for sweep in result.sweeps:
+        best = sweep.best
+        rows.append((f"our {result.trials}-trial sweep, {sweep.label}", _duration(sweep.wall_seconds),
+                     _gib(sweep.peak_rss_bytes), f"{best.val_accuracy:.1%}" if best else "",
+                     f"{best.test_accuracy:.1%}" if best else ""))
+        rows.append((f"  of which feature cache ({sweep.label})", _duration(sweep.setup_seconds), "", "", ""))
+    rows.append((f"plain {result.trials}-trial sweep (projected {result.trials} x {_duration(per_plain)})",
+                 _duration(per_plain * result.trials), "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    if ours_trial is not None:
-        lines.append(f"per-trial speed-up: {plain_trial['seconds'] / max(ours_trial.seconds, 1e-9):.1f}x; "
-                     f"whole sweep: {per_plain * n / max(result.ours_seconds, 1e-9):.1f}x "
+    if ours_first is not None:
+        ratio = plain_trial["seconds"] / max(warm.trial_seconds[1], 1e-9)
+        whole = ", ".join(f"{s.label} {per_plain * result.trials / max(s.wall_seconds, 1e-9):.0f}x"
+                          for s in result.sweeps)
+        lines.append(f"per-trial speed-up (plain trial 1 / our trial 1): {ratio:.0f}x; whole sweep: {whole} "
                      f"(family {result.family}, {result.epochs} epochs a trial, baseline "
-                     f"{result.ours.baseline_accuracy:.1%})")
+                     f"{result.baseline_accuracy:.1%})")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the child process of ``run_child_sweep``
+    _child_main(*sys.argv[1:5])

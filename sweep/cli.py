@@ -14,6 +14,7 @@ from sweep.cli_common import (
     CONFIG,
     DATA_OPTIONS,
     DEFAULTS,
+    FIXED,
     FAMILY_NAMES,
     TRACKING_OPTIONS,
     WEIGHTS,
@@ -47,6 +48,7 @@ SWEEP_OPTIONS = options(
                  help="Epochs per trial (Hyperband's maximum)."),
     DATA_OPTIONS,
     WEIGHTS,
+    FIXED,
     TRACKING_OPTIONS,
     click.option("--no-cache", "feature_cache", flag_value=False, default=True,
                  help="transfer only: train every trial on raw images through the full model (the study's way, "
@@ -175,13 +177,15 @@ def worker(chief_address, sweep_name, tuner_id, experiment, config_path) -> None
 @click.option("--epochs", default=DEFAULTS["epochs"], show_default=True, type=click.IntRange(min=1))
 @DATA_OPTIONS
 @WEIGHTS
-@click.option("--experiment", default="sweep-bench", show_default=True, help="MLflow experiment for our sweep.")
+@FIXED
+@click.option("--experiment", default="sweep-bench", show_default=True, help="MLflow experiment for our sweeps.")
 @CONFIG
-@click.option("--warm", is_flag=True, help="Use the configured feature cache (default: a cold, temporary one).")
+@click.option("--warm", is_flag=True,
+              help="One sweep on the configured feature cache (default: a cold, temporary cache, then warm).")
 @click.option("-q", "--quiet", is_flag=True)
-def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, image_size, weights, experiment,
+def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, image_size, weights, fixed, experiment,
           config_path, warm, quiet) -> None:
-    """Time the same trial the plain way and ours, and a whole sweep our way; print a table."""
+    """Time the same trial the plain way and ours, and our whole sweep cold and warm; print a table."""
     quiet_tensorflow()
     from sweep.bench import format_table, run_bench
     from sweep.study import prepare
@@ -189,7 +193,7 @@ def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, imag
     tracking_settings = tracking_settings_for(config_path, experiment)
     spec = SweepSpec.from_options(family, locals())
     prepared = prepare(spec, tracking_settings, family == "transfer", report=click.echo)
-    result = run_bench(spec, prepared, tracking_settings, plain_trials, cold=not warm, report=click.echo,
+    result = run_bench(spec, prepared, tracking_settings, plain_trials, warm_only=warm, report=click.echo,
                        verbose=keras_verbosity(quiet))
     click.echo("")
     click.echo(format_table(result))

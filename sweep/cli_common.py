@@ -87,7 +87,9 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGINT, interrupt)
 
 
-def parse_image_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
+def parse_image_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
     try:
         parts = [int(p) for p in value.lower().split("x")]
     except ValueError:
@@ -143,9 +145,23 @@ DATA_OPTIONS = options(
     click.option("--seed", default=DEFAULTS["seed"], show_default=True, type=int,
                  help="Seeds Python, NumPy, Keras, the tuner and the test split."),
     click.option("--batch-size", default=DEFAULTS["batch_size"], show_default=True, type=click.IntRange(min=1)),
-    click.option("--image-size", default=str(DEFAULTS["image_size"][0]), show_default=True,
-                 callback=parse_image_size, help="Input size, e.g. 160 or 160x160."),
+    click.option("--image-size", default=None, callback=parse_image_size,
+                 help="Input size, e.g. 160 or 160x160. Default: for transfer, the size the weights file's name "
+                      "gives (224 for MobileNetV2's ..._224_no_top file), else the study's 160."),
 )
+def parse_fixed(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE (e.g. flip_mode=none).")
+        pairs.append((name.strip(), text.strip()))
+    return tuple(pairs)
+
+
+FIXED = click.option("--hp", "fixed", multiple=True, callback=parse_fixed, metavar="NAME=VALUE",
+                     help="Hold a hyperparameter at one value (repeatable); the search draws the others. "
+                          "See `sweep families` for names and ranges.")
 WEIGHTS = click.option("--weights", default=DEFAULTS["weights"], show_default=True,
                        help="transfer only: 'imagenet' (Keras cache or download), a local MobileNetV2 .h5, or 'none'.")
 

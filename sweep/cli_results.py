@@ -149,11 +149,25 @@ def ui(config_path, host, port) -> None:
     if mlflow_bin is None:
         raise SweepError("the mlflow command is not installed here; pip install mlflow.")
     click.echo(f"MLflow UI for {settings.tracking_uri} at http://{host}:{port} (Ctrl-C stops it)", err=False)
+    link = _experiment_link(settings, f"http://{host}:{port}")
+    if link:
+        click.echo(f"Experiment {settings.experiment!r}, its runs: {link}")
     command = [mlflow_bin, "ui", "--backend-store-uri", settings.tracking_uri, "--host", host, "--port", str(port)]
     # Become the MLflow UI (exec), so Ctrl-C and SIGTERM reach it and it stops its own worker processes;
     # a child left behind a dead parent would keep its server and job runners alive.
     sys.stdout.flush()
     os.execv(mlflow_bin, command)
+
+
+def _experiment_link(settings, base: str) -> str | None:
+    """The experiment's runs page. MLflow 3's UI opens experiments on its GenAI overview until the user picks
+    "Model training" in its sidebar; ``workflowType=machine_learning`` in the link opens the training runs."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=settings.tracking_uri).get_experiment_by_name(settings.experiment)
+    if experiment is None:
+        return None
+    return f"{base}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
 
 
 def _check_store_readable(tracking_uri: str) -> None:

@@ -1,4 +1,4 @@
-"""The dataset: find or download it, build the study's splits, decode every image once.
+"""The dataset: find or download it, build the study's splits, check every image decodes (decoding them when used).
 
 The study loads ``train/`` and ``validation/`` with ``image_dataset_from_directory`` (160x160, batch 32,
 shuffled) and takes the first fifth of the validation batches as its test split. Its validation dataset
@@ -13,8 +13,10 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -24,19 +26,31 @@ from sweep.spec import DATASET_URL
 
 DATASET_NAME = "cats_and_dogs_filtered"
 SPLIT_DIRS = ("train", "validation")
+DECODE_THREADS = 2
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Split:
-    """One split held in memory: decoded float32 images (0-255), integer labels and their source files."""
+    """One split: its source files, integer labels, and the images decoded (float32 0-255) on first use.
+
+    Nothing is decoded until ``images`` is read; a transfer sweep with a warm feature cache never reads the
+    training images at all, and one that builds the cache streams them (``Splits.decode``).
+    """
 
     name: str
-    images: np.ndarray
     labels: np.ndarray
     files: tuple[str, ...]
+    image_size: tuple[int, int]
+    decoded: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def images(self) -> np.ndarray:
+        if self.decoded is None:
+            self.decoded = decode_images(self.files, self.image_size)
+        return self.decoded
 
     def class_counts(self, class_names: tuple[str, ...]) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(class_names))
@@ -66,6 +80,10 @@ class Splits:
     def baseline_accuracy(self) -> float:
         """Accuracy on the test split of always guessing the training split's majority class."""
         return float(np.mean(self.test.labels == self.majority_class))
+
+    def decode(self, files: Sequence[str]) -> np.ndarray:
+        """Decode ``files`` as every split is decoded (for streaming them without keeping them)."""
+        return decode_images(files, self.image_size)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {s.name: s.class_counts(self.class_names) for s in (self.train, self.validation, self.test)}
@@ -179,23 +197,40 @@ def decode_error(exc: Exception, limit: int = 120) -> str:
     return (text.splitlines() or [type(exc).__name__])[0][:limit]
 
 
+def decode_images(files: Sequence[str], image_size: tuple[int, int]) -> np.ndarray:
+    """Decode ``files`` into one float32 array [n, height, width, 3], two at a time (decoding releases the GIL)."""
+    images = np.empty((len(files), *image_size, 3), dtype="float32")
+
+    def one(i: int) -> None:
+        images[i] = decode_image(files[i], image_size)
+
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        list(pool.map(one, range(len(files))))
+    return images
+
+
+def _readable(path: str, image_size: tuple[int, int]) -> str | None:
+    """None when ``path`` decodes, else the reason it does not."""
+    try:
+        decode_image(path, image_size)
+    except Exception as exc:  # corrupt, truncated or not an image at all
+        return decode_error(exc, 100)
+    return None
+
+
 def _decode_folder(folder: Path, class_names: tuple[str, ...], image_size: tuple[int, int]):
-    """Decode every image of ``folder`` once; unreadable files are skipped and returned with the reason."""
+    """Check that every image of ``folder`` decodes; unreadable files are skipped and returned with the reason.
+    The images are not kept: splits decode them when they are used."""
     paths, labels = list_images(folder, class_names)
-    images = np.empty((len(paths), *image_size, 3), dtype="float32")
-    kept, kept_labels, skipped = [], [], []
-    for path, label in zip(paths, labels):
-        try:
-            images[len(kept)] = decode_image(path, image_size)
-        except Exception as exc:  # corrupt, truncated or not an image at all: skip it, say so
-            skipped.append(f"{path} ({decode_error(exc, 100)})")
-            continue
-        kept.append(path)
-        kept_labels.append(label)
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        reasons = list(pool.map(lambda p: _readable(p, image_size), paths))
+    kept = [p for p, r in zip(paths, reasons) if r is None]
+    kept_labels = [label for label, r in zip(labels, reasons) if r is None]
+    skipped = [f"{p} ({r})" for p, r in zip(paths, reasons) if r is not None]
     for label, name in enumerate(class_names):
         if label not in kept_labels:
             raise DataError(f"{folder / name} holds no readable image; add images or remove the folder.")
-    return images[: len(kept)], np.asarray(kept_labels, dtype="int32"), tuple(kept), skipped
+    return np.asarray(kept_labels, dtype="int32"), tuple(kept), skipped
 
 
 def file_sha256(path: str | Path) -> str:
@@ -235,8 +270,7 @@ def load_manifest(text: str, class_names: tuple[str, ...] | list[str], image_siz
         raise DataError(f"{len(changed)} of the sweep's {len(files)} test images changed since the sweep (first: "
                         f"{changed[0]}); the logged test accuracy is not theirs. Restore them, or export with "
                         "--no-verify.")
-    images = np.stack([decode_image(p, image_size) for p in files]) if files else np.empty((0, *image_size, 3))
-    return Split("test", images.astype("float32"), np.asarray(labels, dtype="int32"), tuple(files))
+    return Split("test", np.asarray(labels, dtype="int32"), tuple(files), tuple(image_size))
 
 
 def load_splits(
@@ -263,8 +297,8 @@ def load_splits(
     data_dir = Path(data_dir)
     source = source or str(data_dir)
     class_names = check_layout(data_dir)
-    x_train, y_train, f_train, skipped = _decode_folder(data_dir / "train", class_names, image_size)
-    x_val, y_val, f_val, skipped_val = _decode_folder(data_dir / "validation", class_names, image_size)
+    y_train, f_train, skipped = _decode_folder(data_dir / "train", class_names, image_size)
+    y_val, f_val, skipped_val = _decode_folder(data_dir / "validation", class_names, image_size)
     skipped += skipped_val
 
     n_batches = math.ceil(len(y_val) / batch_size)
@@ -280,13 +314,15 @@ def load_splits(
     if len(val_idx) == 0:
         raise DataError(f"validation/ has {len(y_val)} images, all taken by the test split; add images.")
 
-    def take(name: str, x: np.ndarray, y: np.ndarray, files: tuple[str, ...], idx: np.ndarray) -> Split:
-        return Split(name, x[idx], y[idx], tuple(files[i] for i in idx))
+    size = tuple(image_size)
+
+    def take(name: str, idx: np.ndarray) -> Split:
+        return Split(name, y_val[idx], tuple(f_val[i] for i in idx), size)
 
     return Splits(
-        train=Split("train", x_train, y_train, f_train),
-        validation=take("validation", x_val, y_val, f_val, val_idx),
-        test=take("test", x_val, y_val, f_val, test_idx),
+        train=Split("train", y_train, f_train, size),
+        validation=take("validation", val_idx),
+        test=take("test", test_idx),
         class_names=class_names,
         image_size=tuple(image_size),
         batch_size=batch_size,

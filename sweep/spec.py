@@ -7,6 +7,7 @@ How a run is shown (progress lines, Keras verbosity) is not part of a sweep and 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,17 @@ def _bool_from_text(text: str) -> bool:
     return text == "True"
 
 
-def _param(key: str | None = None, encode=str, decode=str) -> dict[str, Any]:
-    return {"param": key, "encode": encode, "decode": decode}
+def _fixed_to_text(fixed: tuple[tuple[str, Any], ...]) -> str:
+    return json.dumps(dict(fixed), sort_keys=True)
+
+
+def _fixed_from_text(text: str) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(json.loads(text).items()))
+
+
+def _param(key: str | None = None, encode=str, decode=str, since: bool = False) -> dict[str, Any]:
+    """``since``: a setting added after sweeps were already logged; a run without it had the default."""
+    return {"param": key, "encode": encode, "decode": decode, "since": since}
 
 
 @dataclass(frozen=True)
@@ -56,11 +66,16 @@ class SweepSpec:
     epochs: int = field(default=20, metadata=_param(decode=int))
     seed: int = field(default=42, metadata=_param(decode=int))
     batch_size: int = field(default=32, metadata=_param(decode=int))
-    image_size: tuple[int, int] = field(default=(160, 160), metadata=_param(encode=_size_to_text,
+    # None: the checkpoint's own size for a transfer sweep whose weights file names it, else the study's 160
+    # (``sweep.weights.default_image_size``); always a size once the spec exists.
+    image_size: tuple[int, int] | None = field(default=None, metadata=_param(encode=_size_to_text,
                                                                              decode=_size_from_text))
     data_dir: Path | None = field(default=None, metadata=_param("data", _data_to_text, _data_from_text))
     weights: str = field(default="imagenet", metadata=_param())
     feature_cache: bool = field(default=True, metadata=_param(decode=_bool_from_text))
+    # Hyperparameters held at one value (``--hp NAME=VALUE``); the search draws the others.
+    fixed: tuple[tuple[str, Any], ...] = field(default=(), metadata=_param("fixed_hyperparameters", _fixed_to_text,
+                                                                         _fixed_from_text, since=True))
 
     def __post_init__(self) -> None:
         # Absolute paths, so resume, workers and export find the files from any working directory.
@@ -70,7 +85,21 @@ class SweepSpec:
             object.__setattr__(self, "weights", str(self.weights).lower())
         else:
             object.__setattr__(self, "weights", str(Path(self.weights).expanduser().resolve()))
+        if self.image_size is None:
+            from sweep.weights import default_image_size
+
+            object.__setattr__(self, "image_size", default_image_size(self.family, self.weights))
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        fixed = dict(self.fixed)
+        if fixed:
+            from search_spaces import FAMILIES, fix_hyperparameters
+
+            if self.family in FAMILIES:
+                try:
+                    fixed = fix_hyperparameters(self.family, {k: str(v) for k, v in fixed.items()})
+                except ValueError as exc:
+                    raise ConfigError(f"--hp: {exc}") from None
+        object.__setattr__(self, "fixed", tuple(sorted(fixed.items())))
         if self.trials < 1:
             raise ConfigError(f"trials must be at least 1, got {self.trials}.")
         if self.epochs < 1:
@@ -95,11 +124,11 @@ class SweepSpec:
         Raises:
             ConfigError: the run holds no spec (not a sweep's or trial's run).
         """
-        missing = [_key(f) for f in fields(cls) if _key(f) not in params]
+        missing = [_key(f) for f in fields(cls) if _key(f) not in params and not f.metadata["since"]]
         if missing:
             raise ConfigError(f"the run has no sweep settings ({', '.join(missing)} missing); it is not a sweep "
                               "or trial run of `sweep`.")
-        return cls(**{f.name: f.metadata["decode"](params[_key(f)]) for f in fields(cls)})
+        return cls(**{f.name: f.metadata["decode"](params[_key(f)]) for f in fields(cls) if _key(f) in params})
 
     @classmethod
     def from_options(cls, family: str, options: dict[str, Any]) -> SweepSpec:

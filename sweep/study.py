@@ -21,7 +21,7 @@ from sweep.errors import SweepError
 from sweep.results import TrialRecord, best_record, record_from_run, trials_csv
 from sweep.spec import DEFAULT_OBJECTIVE, OBJECTIVES, SweepSpec
 from sweep.tuning import ConsecutiveFailures, SweepTuner, build_oracle
-from sweep.weights import checkpoint_size_warning, resolve_weights
+from sweep.weights import image_size_line, resolve_weights
 
 Reporter = Callable[[str], None]
 
@@ -46,9 +46,9 @@ def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, need_weights: 
     check_layout(data_dir)  # fail in a second, before decoding thousands of images
     weights_path = resolve_weights(spec.weights, spec.image_size) if need_weights else None
     experiment_id = tracking.use_experiment(tracking_settings)
-    warning = checkpoint_size_warning(weights_path, spec.image_size)
-    if warning:
-        report(warning)
+    line = image_size_line(spec.family, weights_path, spec.image_size) if need_weights else None
+    if line:
+        report(line)
     report(f"Loading images from {data_dir} ...")
     splits = load_splits(data_dir, spec.image_size, spec.batch_size, spec.seed,
                          source=spec.to_params()["data"])
@@ -143,6 +143,7 @@ def run_sweep(
         try:
             if chief is None:
                 tuner.search(verbose=0)
+                tuner.verify_kept()
             else:
                 tuner.save()
                 chief.serve(tuner.oracle, report, name)

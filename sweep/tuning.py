@@ -19,6 +19,7 @@ from keras_tuner.engine.trial import TrialStatus
 
 from search_spaces import Fitted, HyperFamily, default_values, hyperparameters
 from sweep import compat, plots, tracking
+from sweep.errors import SweepError
 from sweep.results import TrialRecord, accuracy_interval, best_record, format_value
 from sweep.spec import OBJECTIVES, SweepSpec
 
@@ -147,14 +148,21 @@ class SweepHyperband(SweepOracle, kt.oracles.HyperbandOracle):
 
 def build_oracle(spec: SweepSpec) -> kt.Oracle:
     """The oracle for the spec's tuner, scoring trials by its objective; Hyperband's trial count is capped at
-    ``trials`` as well, and ``epochs`` is its maximum."""
+    ``trials`` as well, and ``epochs`` is its maximum. The spec's fixed hyperparameters are held at their
+    values (Keras Tuner's ``hyperparameters`` with ``tune_new_entries``)."""
     score = kt.Objective(spec.objective, direction=OBJECTIVES[spec.objective])
+    space = {}
+    if spec.fixed:
+        hp = kt.HyperParameters()
+        for name, value in spec.fixed:
+            hp.Fixed(name, value)
+        space = {"hyperparameters": hp, "tune_new_entries": True}
     if spec.tuner == "hyperband":
-        oracle = SweepHyperband(objective=score, max_epochs=spec.epochs, seed=spec.seed)
+        oracle = SweepHyperband(objective=score, max_epochs=spec.epochs, seed=spec.seed, **space)
         oracle.max_trials = spec.trials
         return oracle
     cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
-    return cls(objective=score, max_trials=spec.trials, seed=spec.seed)
+    return cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
 
 
 class Heartbeat(keras.callbacks.Callback):
@@ -216,6 +224,7 @@ class SweepTuner(kt.Tuner):
         self.started = time.monotonic()
         self.experiment_id = experiment_id
         self.parent_run_id = ""  # set once the sweep's MLflow run exists
+        self.unverified: tuple[TrialRecord, Fitted] | None = None  # the last kept model scored on cached features
         self.client = tracking.MlflowClient()
         super().__init__(**kwargs)
 
@@ -253,7 +262,7 @@ class SweepTuner(kt.Tuner):
         initial_epoch = int(hp.values.get("tuner/initial_epoch", 0))
         number = int(trial.trial_id) + 1  # Keras Tuner numbers trials from 0, across workers and resumes alike
         seed = spec.seed + number - 1
-        keras.backend.clear_session()
+        self.family.new_session()
         keras.utils.set_random_seed(seed)
         params = {**spec.to_params(), **{name: format_value(value) for name, value in values.items()}}
         tags = {"family": spec.family, "trial_id": trial.trial_id, "trial_number": str(number),
@@ -307,20 +316,46 @@ class SweepTuner(kt.Tuner):
         """Keep what later steps need, and no more.
 
         A trial that improves on the sweep's best objective so far keeps its judged model
-        (``model/model.keras``), so ``sweep best --export`` finds the very model whose scores were logged; a
-        model scored on cached features is first checked end to end on the raw images, and its raw figures
-        are logged beside the cached ones. Hyperband also needs every trial's training weights to continue
-        it in a later round.
+        (``model/model.keras``), so ``sweep best --export`` finds the very model whose scores were logged. A
+        model scored on cached features is checked end to end on the raw images when the search ends
+        (``verify_kept``), once, for the last one kept: a raw pass costs as much as many cached trials.
+        Hyperband also needs every trial's training weights to continue it in a later round.
         """
         if self._improves(record):
-            raw = self.family.evaluate_raw(fitted, self.data, self.spec.batch_size)
-            if raw is not None:
-                run.log_metrics(raw)
-                _check_agreement(fitted, raw, {"val": len(self.data.validation), "test": len(self.data.test)})
             run.log_keras_model(fitted.model, tracking.MODEL_ARTIFACT)
             run.set_tags({"model_kept": "true"})
+            if fitted.scored_on != "raw_images":
+                self.unverified = (record, fitted)
         if self.spec.tuner == "hyperband":
             model.save_weights(self.checkpoint(trial_id))
+
+    def verify_kept(self) -> None:
+        """Evaluate the last model this process kept on the raw validation and test images, log the figures
+        (``raw_*``) to its trial's run and require them to equal its cached score.
+
+        Raises:
+            SweepError: they differ: the feature cache does not match the model.
+        """
+        if self.unverified is None:
+            return
+        record, fitted = self.unverified
+        self.unverified = None
+        started = time.monotonic()
+        raw = self.family.evaluate_raw(fitted, self.data, self.spec.batch_size)
+        if raw is None:
+            return
+        run = tracking.RunLogger(self.client, record.run_id, self.report)
+        run.log_metrics(raw)
+        try:
+            _check_agreement(fitted, raw, {"val": len(self.data.validation), "test": len(self.data.test)})
+        except kt.errors.FailedTrialError as exc:
+            run.set_tags({"raw_check": "failed", "error": str(exc)[:5000]})
+            raise SweepError(f"{self.spec.family} trial {record.number}: {exc}") from None
+        run.set_tags({"raw_check": "passed"})
+        self.report(f"[{self.spec.family}] trial {record.number}'s kept model on raw images: val "
+                    f"{raw['raw_val_accuracy']:.1%} (loss {raw['raw_val_loss']:.4f}), test "
+                    f"{raw['raw_test_accuracy']:.1%}: its cached score, checked end to end "
+                    f"({time.monotonic() - started:.0f}s)")
 
     def _improves(self, record: TrialRecord) -> bool:
         """Whether the trial beats every finished trial of the sweep (the oracle's, so with several workers

@@ -11,6 +11,7 @@ from sweep.errors import WeightsError
 
 WEIGHTS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 IMAGENET_SIZES = (96, 128, 160, 192, 224)
+STUDY_IMAGE_SIZE = (160, 160)
 
 
 def imagenet_weights_name(image_size: tuple[int, int], alpha: float = 1.0) -> str:
@@ -66,12 +67,39 @@ def checkpoint_size(weights_path: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def default_image_size(family: str, weights: str | None) -> tuple[int, int]:
+    """The image size a sweep runs at when ``--image-size`` is not given: for the transfer family with a
+    weights file whose name carries Keras' size (``..._1.0_224_no_top...``), that size, since a checkpoint is
+    most accurate at the size it was trained at; otherwise the study's 160 (with ``--weights imagenet``,
+    Keras' own 160 checkpoint)."""
+    if family == "transfer" and weights and str(weights).lower() not in ("imagenet", "none"):
+        size = checkpoint_size(weights)
+        if size is not None:
+            return size, size
+    return STUDY_IMAGE_SIZE
+
+
+def image_size_line(family: str, weights_path: str | None, image_size: tuple[int, int]) -> str | None:
+    """The line a transfer sweep starts with: which size it runs at and why, or a warning when the weights
+    file's name says it is another size's checkpoint. None for families without a checkpoint."""
+    if family != "transfer":
+        return None
+    warning = checkpoint_size_warning(weights_path, image_size)
+    if warning:
+        return warning
+    size = f"{image_size[0]}x{image_size[1]}"
+    if checkpoint_size(weights_path) is not None:
+        return (f"Image size {size}: {Path(weights_path).name} is MobileNetV2's {size} checkpoint, most accurate "
+                "at its own size (--image-size overrides).")
+    return f"Image size {size} (--image-size overrides)."
+
+
 def checkpoint_size_warning(weights_path: str | None, image_size: tuple[int, int]) -> str | None:
     """A warning when a weights file's name says it is the checkpoint for another input size, else None.
 
     Keras trains one MobileNetV2 checkpoint per input size and names the file after it. A checkpoint runs at
     any size, but is most accurate at its own: the 224 one at 160x160 scored 1-2 points lower on
-    cats_and_dogs_filtered validation than at 224 (README, "Image size and the checkpoint").
+    cats_and_dogs_filtered validation than at 224 (docs/image-size.md).
     """
     size = checkpoint_size(weights_path)
     if size is None or tuple(image_size) == (size, size):

@@ -63,18 +63,22 @@ def runner():
 
 
 @pytest.fixture()
-def keras_cache(tmp_path, monkeypatch) -> Path:
-    """A KERAS_HOME pre-seeded with the shared ImageNet MobileNetV2 weights, so 'imagenet' needs no network."""
+def shared_weights() -> Path:
+    """MobileNetV2's ImageNet 224 checkpoint (no top), passed by path: it runs at any image size."""
     if not SHARED_WEIGHTS.is_file():
         pytest.skip(f"{SHARED_WEIGHTS} is not available")
+    return SHARED_WEIGHTS
+
+
+@pytest.fixture()
+def keras_cache(tmp_path, monkeypatch, shared_weights) -> Path:
+    """A KERAS_HOME pre-seeded with the 224 ImageNet checkpoint under Keras' own 224 file name (what it is),
+    so 'imagenet' at 224 needs no network."""
     from sweep.weights import imagenet_weights_name
 
     home = tmp_path / "keras_home"
     (home / "models").mkdir(parents=True)
-    for size in ((160, 160), (96, 96)):
-        target = home / "models" / imagenet_weights_name(size)
-        if not target.exists():
-            os.symlink(SHARED_WEIGHTS, target)
+    os.symlink(shared_weights, home / "models" / imagenet_weights_name((224, 224)))
     monkeypatch.setenv("KERAS_HOME", str(home))
     return home
 

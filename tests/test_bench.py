@@ -11,9 +11,10 @@ from tests.conftest import runs_in
 
 
 @pytest.mark.slow
-def test_bench_prints_the_side_by_side_table(tiny_data, tracking_env, runner, keras_cache):
+def test_bench_prints_the_side_by_side_table(tiny_data, tracking_env, runner, shared_weights):
     result = runner.invoke(main, ["bench", "--family", "transfer", "--trials", "2", "--epochs", "2", "--data-dir",
-                                  str(tiny_data), "--batch-size", "4", "--image-size", "96", "-q"])
+                                  str(tiny_data), "--batch-size", "4", "--image-size", "96", "-q",
+                                  "--weights", str(shared_weights)])
     assert result.exit_code == 0, result.output
     out = result.output
     for row in ("plain trial 1 (raw images)", "our trial 1 (same hyperparameters)", "our feature cache (cold)",

@@ -66,6 +66,11 @@ BASE = ["run", "--trials", "1", "--epochs", "1", "--batch-size", "4", "--image-s
         ([*BASE, "--family", "scratch", "--data-dir", "{single}"], 1, "has 1 class folder(s) (cats)"),
         ([*BASE, "--family", "transfer", "--data-dir", "{good}", "--weights", "/no/such/weights.h5"], 1,
          "weights file /no/such/weights.h5 does not exist"),
+        ([*BASE, "--family", "transfer", "--data-dir", "{good}", "--hp", "rotation_factor=0.15"], 1,
+         "Error: --hp: rotation_factor takes multiples of 0.1 from 0.0, not '0.15'."),
+        ([*BASE, "--family", "scratch", "--data-dir", "{good}", "--hp", "flip_mode=none"], 1,
+         "Error: --hp: scratch has no hyperparameter 'pooling'; it has"),
+        ([*BASE, "--family", "scratch", "--hp", "dropout"], 2, "'dropout' is not NAME=VALUE (e.g. flip_mode=none)."),
     ],
 )
 def test_bad_input_gets_one_message_and_no_run(runner, tracking_env, data_variants, args, code, message):

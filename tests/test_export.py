@@ -370,6 +370,20 @@ def test_ui_refuses_a_port_in_use(swept, runner, no_exec):
         in result.output
 
 
+def test_ui_prints_the_link_that_opens_the_experiments_training_runs(swept, runner, monkeypatch):
+    started = []
+    monkeypatch.setattr(os, "execv", lambda *args: started.append(args))
+    port = free_port()
+    result = runner.invoke(main, ["ui", "--port", str(port)])
+    assert result.exit_code == 0, result.output
+    experiment = MlflowClient().get_experiment_by_name("test-exp")
+    # MLflow 3's UI opens an experiment on its GenAI overview unless the link asks for the training runs
+    assert (f"Experiment 'test-exp', its runs: http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}"
+            "/runs?workflowType=machine_learning") in result.output
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert started and started[0][1][1:3] == ["ui", "--backend-store-uri"]
+
+
 def test_report_compares_two_families_with_the_baseline(swept, runner, tiny_data):
     assert runner.invoke(main, sweep_args(tiny_data, "preprocessed")).exit_code == 0
     out = swept / "report"

@@ -8,47 +8,78 @@ import numpy as np
 import pytest
 
 from search_spaces import make_hypermodel
-from search_spaces.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, flip, rotate
-from search_spaces.head import ViewSampler, stack_views
+from search_spaces.base import FLIP_MODES
+from search_spaces.features import (FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, flip,
+                                    preprocess, rotate)
+from search_spaces.head import ViewDraws, stack_views
+from sweep.data import decode_images, list_images
 
 SPEC = PoolSpec()
+FACTORS = (0.0, 0.1, 0.2, 0.30000000000000004)  # what hp.Float(0, 0.3, step=0.1) gives
 
 
 def test_pool_layout_and_candidates():
-    assert SPEC.views_per_image == 16  # 4 flip combinations x (unrotated + 3 rotation bands)
-    assert list(SPEC.candidates("none", 0.0)) == [0]
-    assert list(SPEC.candidates("horizontal", 0.0)) == [0, 1]
-    default = SPEC.candidates("horizontal_and_vertical", 0.2)
-    assert list(default) == [SPEC.rotated_view(0, 1, 0), SPEC.rotated_view(0, 2, 0),
-                             SPEC.rotated_view(3, 1, 0), SPEC.rotated_view(3, 2, 0)]
-    assert len(SPEC.candidates("vertical", 0.30000000000000004)) == 6
+    # 4 unrotated flips, 4+1+1 rotations of the unflipped image, one view per band of each other flip
+    assert SPEC.views_per_image == 4 + 6 + 3 * 3 and SPEC.sources == 6
+    views, p = SPEC.candidates("none", 0.0)
+    assert list(views) == [0] and list(p) == [1.0]
+    views, p = SPEC.candidates("horizontal", 0.0)
+    assert list(views) == [0, 1] and list(p) == [0.5, 0.5]
+    views, p = SPEC.candidates("none", 0.1)
+    assert list(views) == [4, 5, 6, 7] and np.allclose(p, 0.25)
     with pytest.raises(ValueError, match="not a multiple of 0.1"):
         SPEC.candidates("none", 0.15)
     with pytest.raises(ValueError, match="unknown flip mode"):
         SPEC.candidates("diagonal", 0.1)
 
 
+@pytest.mark.parametrize("mode", FLIP_MODES)
+@pytest.mark.parametrize("factor", FACTORS)
+def test_every_setting_draws_among_enough_distinct_views(mode, factor):
+    """A rotating setting draws among at least 4 views; one that does not rotate has all its 1 or 2 inputs."""
+    views, p = SPEC.candidates(mode, factor)
+    assert len(set(views)) == len(views) and p.sum() == pytest.approx(1.0) and (p > 0).all()
+    possible_without_rotation = 1 if mode == "none" else 2
+    assert len(views) >= (4 if factor > 0 else possible_without_rotation)
+
+
 def test_drawn_views_carry_their_flips_and_angles():
-    combos, angles = SPEC.draw(500, np.random.default_rng(0))
+    sources, combos, angles = SPEC.draw(500, np.random.default_rng(0))
+    assert sources.shape == (500, 6) and combos.shape == angles.shape == (500, 19)
     for c in range(4):
-        assert (combos[:, SPEC.axis_view(c)] == c).all() and (angles[:, SPEC.axis_view(c)] == 0).all()
+        assert (combos[:, c] == c).all() and (angles[:, c] == 0).all()
         for band in (1, 2, 3):
-            v = SPEC.rotated_view(c, band, 0)
-            assert (combos[:, v] == c).all()
-            magnitude = np.abs(angles[:, v]) / 360
-            assert ((magnitude >= (band - 1) * 0.1 - 1e-6) & (magnitude <= band * 0.1 + 1e-6)).all()
-            assert 0.4 < np.mean(angles[:, v] > 0) < 0.6
+            for v in SPEC.cell(c, band):
+                assert (combos[:, v] == c).all()
+                magnitude = np.abs(angles[:, v]) / 360
+                assert ((magnitude >= (band - 1) * 0.1 - 1e-6) & (magnitude <= band * 0.1 + 1e-6)).all()
+                assert 0.4 < np.mean(angles[:, v] > 0) < 0.6
+
+
+def test_rendered_views_are_the_pipelines_flip_then_rotation():
+    """Each view, however computed (rotation, or the flip of a rotation), is rotate(flip(image)) at its angles."""
+    x = preprocess(np.random.default_rng(3).uniform(0, 255, (2, 24, 24, 3)).astype("float32"))
+    sources, combos, angles = SPEC.draw(2, np.random.default_rng(4))
+    views = SPEC.render(x, sources)
+    assert views.shape == (2, 19, 24, 24, 3)
+    for i in range(2):
+        flipped = flip(np.repeat(x[i:i + 1], 19, axis=0), combos[i])
+        expected = rotate(flipped, angles[i])
+        np.testing.assert_allclose(views[i], expected, atol=1e-4)
+    assert len({views[0, v].tobytes() for v in range(19)}) == 19  # all distinct
 
 
 @pytest.mark.parametrize("mode, factor, flips", [("horizontal_and_vertical", 0.2, {0: 0.5, 3: 0.5}),
-                                                 ("horizontal", 0.3, {0: 0.5, 1: 0.5}), ("none", 0.1, {0: 1.0})])
+                                                 ("horizontal", 0.3, {0: 0.5, 1: 0.5}), ("none", 0.1, {0: 1.0}),
+                                                 ("vertical", 0.2, {0: 0.5, 2: 0.5})])
 def test_sampled_views_follow_the_layers_distribution(mode, factor, flips):
-    """Angles uniform on [-factor, factor] * 360 degrees; RandomFlip's coin: both axes or none at 1/2."""
+    """Angles uniform on [-factor, factor] * 360 degrees; RandomFlip's coin at 1/2; drawn as a trial draws."""
     n = 20000
-    rng = np.random.default_rng(1)
-    combos, angles = SPEC.draw(n, rng)
-    candidates = SPEC.candidates(mode, factor)
-    views = candidates[rng.integers(len(candidates), size=n)]
+    sources, combos, angles = SPEC.draw(n, np.random.default_rng(1))
+    features = np.zeros((n, SPEC.views_per_image, 1), "float32")
+    draws = ViewDraws(TrainPool(SPEC, PooledFeatures(features, features), combos, angles), np.zeros(n), "global_max",
+                      mode, factor, batch_size=32, seed=2)
+    _, views = draws.draw()
     drawn_angles = angles[np.arange(n), views] / 360
     drawn_combos = combos[np.arange(n), views]
     assert np.abs(drawn_angles).max() <= factor + 1e-6
@@ -86,45 +117,75 @@ def small_base():
     return hypermodel
 
 
-def make_cache(directory, hypermodel, weights_id="w1", calls=None, reports=None):
+@pytest.fixture(scope="module")
+def image_files(tiny_data):
+    files, _ = list_images(tiny_data / "train", ("cats", "dogs"))
+    return files
+
+
+def decode32(files):
+    return decode_images(files, (32, 32))
+
+
+def make_cache(directory, hypermodel, weights_id="w1", calls=None, reports=None, size=(32, 32), backend="tensorflow"):
     def factory():
         if calls is not None:
             calls.append(1)
-        return FeatureExtractor(hypermodel.build_base())
+        return FeatureExtractor(hypermodel.build_base(), backend=backend)
 
-    return FeatureCache(directory, factory, weights_id, report=(reports.append if reports is not None else lambda m: None))
+    return FeatureCache(directory, factory, weights_id, size, decode32,
+                        report=(reports.append if reports is not None else lambda m: None))
 
 
-def test_cache_hit_miss_and_keys(tmp_path, small_base):
-    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+def test_cache_hit_miss_and_keys(tmp_path, small_base, image_files, tiny_data):
+    files = image_files[:3]
     calls: list = []
     first = make_cache(tmp_path, small_base, calls=calls)
-    pool = first.pool(images, SPEC)
+    pool = first.pool(files, SPEC)
     assert (first.misses, first.hits, len(calls)) == (1, 0, 1)
-    assert pool.features.max.shape == (3, 16, 1280) and pool.features.avg.shape == (3, 16, 1280)
+    assert pool.features.max.shape == (3, 19, 1280) and pool.features.avg.shape == (3, 19, 1280)
     assert len(list(tmp_path.glob("*.npz"))) == 1
 
     warm = make_cache(tmp_path, small_base, calls=calls)  # a new process: same key, read from disk
-    again = warm.pool(images, SPEC)
+    again = warm.pool(files, SPEC)
     assert (warm.misses, warm.hits, len(calls)) == (0, 1, 1)  # the base was never built
     np.testing.assert_array_equal(again.features.max, pool.features.max)
     np.testing.assert_array_equal(again.angles, pool.angles)
 
     keys = {
-        first.key("pool", images, SPEC),
-        make_cache(tmp_path, small_base, weights_id="w2").key("pool", images, SPEC),  # other weights
-        first.key("pool", images[::-1].copy(), SPEC),  # other images
-        first.key("pool", images, PoolSpec(views_per_cell=2)),  # other augmentation settings
-        first.key("pool", np.zeros((3, 40, 40, 3), "float32"), SPEC),  # other image size
-        first.key("clean", images),
+        first.key("pool", files, SPEC),
+        make_cache(tmp_path, small_base, weights_id="w2").key("pool", files, SPEC),  # other weights
+        first.key("pool", files[::-1], SPEC),  # other order
+        first.key("pool", image_files[3:6], SPEC),  # other images
+        first.key("pool", files, PoolSpec(source_views=(4, 2, 1))),  # other augmentation layout
+        make_cache(tmp_path, small_base, size=(40, 40)).key("pool", files, SPEC),  # other image size
+        first.key("clean", files),
     }
-    assert len(keys) == 6
+    assert len(keys) == 7
+    # the key is the files' content: a copy elsewhere is the same images
+    copies = []
+    for f in files:
+        target = tmp_path / "copies" / f.split("/")[-1]
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(open(f, "rb").read())
+        copies.append(str(target))
+    assert first.key("pool", copies, SPEC) == first.key("pool", files, SPEC)
+
+
+def test_clean_features_and_mirrors_in_the_files_order(small_base, image_files):
+    cache = make_cache(None, small_base)
+    clean, mirrored = cache.clean(image_files[:5], "validation")
+    extractor = FeatureExtractor(small_base.build_base(), backend="tensorflow")
+    images = preprocess(decode32(image_files[:5]))
+    np.testing.assert_allclose(clean.max, extractor.features(images).max, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(mirrored.avg, extractor.features(images[:, :, ::-1]).avg, rtol=1e-5, atol=0)
+    assert not np.allclose(clean.max, mirrored.max, rtol=1e-2, atol=0)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "garbage"])
-def test_corrupt_cache_file_is_rebuilt(tmp_path, small_base, damage):
-    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    good = make_cache(tmp_path, small_base).clean(images, "validation")
+def test_corrupt_cache_file_is_rebuilt(tmp_path, small_base, image_files, damage):
+    files = image_files[:2]
+    good, _ = make_cache(tmp_path, small_base).clean(files, "validation")
     path = next(tmp_path.glob("*.npz"))
     data = bytearray(path.read_bytes())
     if damage == "truncate":
@@ -137,57 +198,79 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path, small_base, damage):
     path.write_bytes(bytes(data))
     reports: list = []
     cache = make_cache(tmp_path, small_base, reports=reports)
-    rebuilt = cache.clean(images, "validation")
+    rebuilt, _ = cache.clean(files, "validation")
     assert cache.misses == 1 and any("unreadable" in r and "rebuilding" in r for r in reports)
     np.testing.assert_allclose(rebuilt.max, good.max, atol=1e-6)
     reread = make_cache(tmp_path, small_base)
-    reread.clean(images, "validation")
+    reread.clean(files, "validation")
     assert reread.hits == 1  # the rebuilt file is whole again
 
 
 @pytest.mark.slow
+def test_litert_features_equal_tensorflows(tmp_path, small_base, image_files):
+    """The LiteRT export of the base computes TensorFlow's features; the converted file is kept and reused."""
+    pytest.importorskip("ai_edge_litert")
+    reports: list = []
+    litert_file = tmp_path / "base.tflite"
+    lite = FeatureExtractor(small_base.build_base(), backend="auto", litert_file=litert_file, report=reports.append)
+    assert lite.backend == "litert" and litert_file.exists() and any("LiteRT" in r for r in reports)
+    tf_path = FeatureExtractor(small_base.build_base(), backend="tensorflow")
+    images = preprocess(decode32(image_files[:40]))  # a full batch and a padded one
+    got, expected = lite.features(images), tf_path.features(images)
+    assert lite.backend == "litert"  # the first batch's check passed
+    np.testing.assert_allclose(got.max, expected.max, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got.avg, expected.avg, atol=1e-4, rtol=1e-4)
+    again = FeatureExtractor(small_base.build_base(), backend="litert", litert_file=litert_file,
+                             report=reports.append)
+    assert sum("Converted" in r for r in reports) == 1  # the second extractor read the kept file
+    np.testing.assert_array_equal(again.features(images[:5]).max, got.max[:5])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("test_time_flip", [False, True])
-def test_head_trained_on_cached_features_predicts_like_the_end_to_end_model(small_base, test_time_flip):
+def test_head_trained_on_cached_features_predicts_like_the_end_to_end_model(small_base, image_files,
+                                                                             test_time_flip):
     hp = kt.HyperParameters()
     hp.Fixed("pooling", "global_avg")
     hp.Fixed("test_time_flip", test_time_flip)
-    rng = np.random.default_rng(2)
-    images = rng.uniform(0, 255, (24, 32, 32, 3)).astype("float32")
-    labels = rng.integers(0, 2, 24)
+    files = image_files[:24]
+    labels = np.random.default_rng(2).integers(0, 2, 24)
     cache = make_cache(None, small_base)
-    pool = cache.pool(images, SPEC)
-    views = [cache.clean(images, "validation")]
-    if test_time_flip:
-        views.append(cache.clean(np.ascontiguousarray(images[:, :, ::-1]), "mirrored validation"))
-    head = small_base.build_head(hp)
-    sampler = ViewSampler(pool, labels, "global_avg", "horizontal_and_vertical", 0.2, batch_size=8, seed=0)
-    head.fit(sampler, epochs=2, verbose=0)
+    pool = cache.pool(files, SPEC)
+    clean, mirrored = cache.clean(files, "validation")
+    views = [clean, mirrored] if test_time_flip else [clean]
+    draws = ViewDraws(pool, labels, "global_avg", "horizontal_and_vertical", 0.2, batch_size=8, seed=0)
+    head = small_base.build_head(hp, steps_per_execution=draws.steps_per_epoch)
+    head.fit(draws.dataset(2), epochs=2, steps_per_epoch=draws.steps_per_epoch, verbose=0)
     model = small_base.build(hp)
     model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
     final = small_base.inference_model(model, hp.values)
     assert (final is model) != test_time_flip
     expected = head.predict(stack_views(views, "global_avg"), verbose=0)
-    np.testing.assert_allclose(final.predict(images, verbose=0), expected, atol=1e-5)
+    np.testing.assert_allclose(final.predict(decode32(files), verbose=0), expected, atol=1e-5)
     # every epoch drew new views, all among those the trial's settings allow
-    assert len(sampler.drawn_views) >= 2
-    allowed = set(SPEC.candidates("horizontal_and_vertical", 0.2))
-    assert all(set(v) <= allowed for v in sampler.drawn_views)
-    assert not np.array_equal(sampler.drawn_views[0], sampler.drawn_views[1])
+    assert len(draws.drawn_views) == 2
+    allowed = set(SPEC.candidates("horizontal_and_vertical", 0.2)[0])
+    assert all(set(v) <= allowed for v in draws.drawn_views)
+    assert not np.array_equal(draws.drawn_views[0], draws.drawn_views[1])
 
 
-def test_sampler_pairs_each_feature_with_its_label():
-    pool_features = np.arange(5 * 16 * 3, dtype="float32").reshape(5, 16, 3)
-
-    combos, angles = SPEC.draw(5, np.random.default_rng(0))
+def test_batches_pair_each_feature_with_its_label():
+    n, v = 5, SPEC.views_per_image
+    pool_features = np.arange(n * v * 3, dtype="float32").reshape(n, v, 3)
+    _, combos, angles = SPEC.draw(n, np.random.default_rng(0))
     pool = TrainPool(SPEC, PooledFeatures(pool_features, pool_features), combos, angles)
     labels = np.array([0, 1, 2, 3, 4])
-    sampler = ViewSampler(pool, labels, "global_max", "none", 0.1, batch_size=2, seed=3)
-    xs, ys = zip(*(sampler[i] for i in range(len(sampler))))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    assert sorted(y) == [0, 1, 2, 3, 4]
-    for row, label in zip(x, y):
-        view = int(row[0, 0] // 3) - label * 16
-        assert view in (SPEC.rotated_view(0, 1, 0),)
+    draws = ViewDraws(pool, labels, "global_max", "none", 0.1, batch_size=2, seed=3)
+    batches = list(draws.dataset(2).as_numpy_iterator())
+    assert [len(y) for _, y in batches] == [2, 2, 1, 2, 2, 1]  # fit's batches of each epoch, the last smaller
+    for epoch in (batches[:3], batches[3:]):
+        x = np.concatenate([b[0] for b in epoch])
+        y = np.concatenate([b[1] for b in epoch])
+        assert sorted(y) == [0, 1, 2, 3, 4]
+        for row, label in zip(x, y):
+            view = int(row[0, 0] // 3) - label * v
+            assert view in set(SPEC.cell(0, 1))
 
 
 @pytest.mark.parametrize("test_time_flip", [pytest.param(False, marks=pytest.mark.slow), True])

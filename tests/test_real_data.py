@@ -18,10 +18,12 @@ def real_sample(tmp_path_factory):
     return copy_sample(REAL_DATA, tmp_path_factory.mktemp("real"), {"train": 100, "validation": 80})
 
 
-def test_transfer_sweep_on_real_images_beats_the_baseline(real_sample, tracking_env, runner, keras_cache):
+def test_transfer_sweep_on_real_images_beats_the_baseline(real_sample, tracking_env, runner, shared_weights):
     result = runner.invoke(main, ["run", "--family", "transfer", "--trials", "2", "--epochs", "3",
-                                  "--data-dir", str(real_sample), "-q", "--seed", "0"])
+                                  "--data-dir", str(real_sample), "-q", "--seed", "0", "--weights", str(shared_weights)])
     assert result.exit_code == 0, result.output
+    # the 224 checkpoint runs at its own size unless --image-size says otherwise, and says so
+    assert f"Image size 224x224: {shared_weights.name} is MobileNetV2's 224x224 checkpoint" in result.output
     runs = runs_in(tracking_env)
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = {int(r.data.tags["trial_number"]): r for r in runs if "mlflow.parentRunId" in r.data.tags}
@@ -30,6 +32,7 @@ def test_transfer_sweep_on_real_images_beats_the_baseline(real_sample, tracking_
     # 160 validation images in batches of 32: the test split is the first of 5 batches, 32 images
     assert baseline in {i / 32 for i in range(33)}
     default = children[1]
+    assert default.data.params["image_size"] == "224x224" and parent.data.params["image_size"] == "224x224"
     assert default.data.params["pooling"] == "global_max" and default.data.params["rotation_factor"] == "0.2"
     # ImageNet features separate cats from dogs after a few epochs on 200 images
     val = MlflowClient().get_metric_history(default.info.run_id, "val_accuracy")

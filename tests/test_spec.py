@@ -26,13 +26,39 @@ def test_params_round_trip_every_field(tmp_path):
     weights = tmp_path / "base.h5"
     spec = SweepSpec(family="transfer", trials=7, tuner="hyperband", objective="val_accuracy", epochs=3, seed=9,
                      batch_size=8, image_size=(224, 200), data_dir=tmp_path / "data", weights=str(weights),
-                     feature_cache=False)
+                     feature_cache=False, fixed=(("rotation_factor", "0.3"), ("flip_mode", "none")))
     params = spec.to_params()
     assert params == {"family": "transfer", "trials": "7", "tuner": "hyperband", "objective": "val_accuracy",
                       "epochs": "3", "seed": "9", "batch_size": "8", "image_size": "224x200",
-                      "data": str(tmp_path / "data"), "weights": str(weights), "feature_cache": "False"}
+                      "data": str(tmp_path / "data"), "weights": str(weights), "feature_cache": "False",
+                      "fixed_hyperparameters": '{"flip_mode": "none", "rotation_factor": 0.30000000000000004}'}
     assert SweepSpec.from_params({**params, "dropout": "0.2", "num_classes": "2"}) == spec
     assert set(params) == SweepSpec.param_names()
+    # a sweep logged before a setting existed had its default
+    older = {k: v for k, v in params.items() if k != "fixed_hyperparameters"}
+    assert SweepSpec.from_params(older).fixed == ()
+
+
+@pytest.mark.parametrize("fixed, message", [
+    ((("rotation", "0.1"),), "transfer has no hyperparameter 'rotation'; it has dropout, learning_rate"),
+    ((("rotation_factor", "0.15"),), "rotation_factor takes multiples of 0.1 from 0.0, not '0.15'"),
+    ((("rotation_factor", "0.9"),), r"rotation_factor takes a value in \[0.0, 0.3\]"),
+    ((("flip_mode", "diagonal"),), "flip_mode takes one of horizontal_and_vertical, horizontal, vertical, none"),
+    ((("test_time_flip", "yes"),), "test_time_flip takes True or False, not 'yes'"),
+])
+def test_fixed_hyperparameters_are_checked_against_the_search_space(fixed, message):
+    with pytest.raises(ConfigError, match=message):
+        SweepSpec(family="transfer", fixed=fixed)
+
+
+def test_fixed_hyperparameters_take_their_types_and_the_oracle_holds_them():
+    from sweep.tuning import build_oracle
+
+    spec = SweepSpec(family="transfer", fixed=(("test_time_flip", "true"), ("learning_rate", "0.0005"),
+                                               ("pooling", "global_avg")))
+    assert dict(spec.fixed) == {"test_time_flip": True, "learning_rate": 0.0005, "pooling": "global_avg"}
+    oracle = build_oracle(spec)
+    assert oracle.hyperparameters.values == dict(spec.fixed)
 
 
 def test_paths_are_absolute_and_the_download_is_named_by_its_url(tmp_path, monkeypatch):

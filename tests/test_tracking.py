@@ -3,6 +3,8 @@ never stops training."""
 
 from __future__ import annotations
 
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -72,7 +74,7 @@ def test_a_store_that_hiccups_is_retried_and_one_that_is_down_does_not_stop_trai
         monkeypatch.setattr(run.client, "log_batch", flaky)
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        logger = run.epoch_logger()
+        logger = tracking.EpochMetricsLogger(run, interval=0)  # every epoch sent on its own
         history = model.fit(np.zeros((8, 3)), np.zeros(8, "int32"), epochs=3, verbose=0, callbacks=[logger])
         monkeypatch.setattr(run.client, "log_batch", real)
     assert len(history.history["loss"]) == 3  # training went on
@@ -81,6 +83,29 @@ def test_a_store_that_hiccups_is_retried_and_one_that_is_down_does_not_stop_trai
     assert len(lines) == 1 and lines[0].startswith("Warning: could not log epoch 3's metrics to MLflow run ")
     assert "ConnectionError: tracking server unreachable" in lines[0] and "training goes on" in lines[0]
     assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_fast_epochs_reach_the_store_together_and_a_slow_trial_s_curve_grows_live(client, experiment, monkeypatch):
+    with tracking.open_run(client, experiment, "trial", {}, {}) as run:
+        real, requests = run.client.log_batch, []
+
+        def counting(run_id, metrics=(), params=(), tags=()):
+            requests.append(sorted({m.step for m in metrics}))
+            return real(run_id, metrics=metrics, params=params, tags=tags)
+
+        monkeypatch.setattr(run.client, "log_batch", counting)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(np.zeros((8, 3)), np.zeros(8, "int32"), epochs=5, verbose=0, callbacks=[run.epoch_logger()])
+        assert requests == [[1, 2, 3, 4, 5]]  # one request at the end of training
+        requests.clear()
+        slow = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: time.sleep(0.06))
+        model.fit(np.zeros((8, 3)), np.zeros(8, "int32"), epochs=3, verbose=0,
+                  callbacks=[slow, tracking.EpochMetricsLogger(run, interval=0.05)])
+        assert requests == [[1], [2], [3]]  # each epoch as it ends
+        monkeypatch.setattr(run.client, "log_batch", real)
+    # both fits' epochs are there (steps 1-5, then 1-3 again)
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [1, 2, 3, 4, 5, 1, 2, 3]
 
 
 class _nothing:
@@ -97,3 +122,33 @@ def _set_event():
     event = threading.Event()
     event.set()
     return event
+
+
+def _store():
+    from sweep.config import load_tracking
+
+    settings = load_tracking()  # tracking_env's mlflow.yaml: a SQLite store under tmp_path
+    return settings, MlflowClient(settings.tracking_uri)
+
+
+def test_a_new_experiment_is_marked_as_model_training_for_the_mlflow_ui(tracking_env):
+    settings, client = _store()
+    experiment_id = tracking.use_experiment(settings)
+    tags = client.get_experiment(experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.use_experiment(settings) == experiment_id  # opening it again changes nothing
+
+
+def test_an_experiment_made_before_the_tag_gets_it_when_sweep_opens_it(tracking_env):
+    settings, client = _store()
+    old = client.create_experiment(settings.experiment, artifact_location=settings.artifact_root.resolve().as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert tracking.use_experiment(settings) == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_experiment_kind_chosen_in_the_ui_is_kept(tracking_env):
+    settings, client = _store()
+    chosen = client.create_experiment(settings.experiment, tags={"mlflow.experimentKind": "genai_development"})
+    assert tracking.use_experiment(settings) == chosen
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"

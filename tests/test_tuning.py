@@ -261,13 +261,14 @@ def test_all_families_run_in_turn(tiny_data, tracking_env, runner):
 
 @pytest.mark.slow
 def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_data, tracking_env, runner,
-                                                                          keras_cache):
-    args = ["run", "--family", "transfer", "--trials", "2", "-q", *tiny_args(tiny_data, image_size="96")]
+                                                                          shared_weights):
+    args = ["run", "--family", "transfer", "--trials", "2", "-q", "--weights", str(shared_weights),
+            *tiny_args(tiny_data, image_size="96")]
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
-    assert "Computing MobileNetV2 features of 32 training images x 16 augmented views" in first.output
-    # the pool, and the validation and test images and their mirrors
-    assert len(list((tracking_env / "mlruns" / "feature_cache").glob("*.npz"))) == 5
+    assert "Computing MobileNetV2 features of 32 training images x 19 augmented views" in first.output
+    # the pool, and the validation folder's images with their mirrors (every seed's validation and test)
+    assert len(list((tracking_env / "mlruns" / "feature_cache").glob("*.npz"))) == 2
     second = runner.invoke(main, args)
     assert second.exit_code == 0, second.output
     assert "Computing" not in second.output  # read from the disk cache
@@ -294,12 +295,34 @@ def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_
         trial = json.loads((project / sweep.data.tags["sweep"] / f"trial_{child.data.tags['trial_id']}" /
                             "trial.json").read_text())
         assert trial["score"] == client.get_metric_history(child.info.run_id, "val_loss")[-1].value
-    # a kept model was checked on raw images, and its raw figures agree with the cached ones
-    kept = [c for c in children if c.data.tags.get("model_kept") == "true"]
-    assert kept and all(c.data.metrics["raw_val_accuracy"] == c.data.metrics["val_accuracy"] for c in kept)
-    assert all(c.data.metrics["raw_val_loss"] == pytest.approx(c.data.metrics["val_loss"], abs=1e-4) for c in kept)
-    assert all(c.data.metrics["raw_test_accuracy"] == c.data.metrics["test_accuracy"] for c in kept)
-    assert not any("raw_val_loss" in c.data.metrics for c in children if c not in kept)
+    # each sweep's last kept model (its best) was checked on raw images once, at the end, and agrees
+    for sweep_trials in (cold, warm):
+        kept = sorted((c for c in sweep_trials.values() if c.data.tags.get("model_kept") == "true"),
+                      key=lambda c: int(c.data.tags["trial_number"]))
+        last = client.get_run(kept[-1].info.run_id)
+        assert last.data.tags["raw_check"] == "passed"
+        assert last.data.metrics["raw_val_accuracy"] == last.data.metrics["val_accuracy"]
+        assert last.data.metrics["raw_val_loss"] == pytest.approx(last.data.metrics["val_loss"], abs=1e-4)
+        assert last.data.metrics["raw_test_accuracy"] == last.data.metrics["test_accuracy"]
+        assert all("raw_check" not in c.data.tags for c in kept[:-1])
+    assert "kept model on raw images" in first.output
+    verified = [c for c in children if "raw_val_loss" in client.get_run(c.info.run_id).data.metrics]
+    assert len(verified) == 2  # one per sweep
+
+    # a cache that no longer matches the model (here: its clean features scaled) fails the sweep at the check
+    cache = tracking_env / "mlruns" / "feature_cache"
+    for path in cache.glob("*.npz"):
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}
+        if "mirrored_max" in arrays:
+            arrays = {name: a * 1.5 if a.dtype == np.float32 else a for name, a in arrays.items()}
+            np.savez(path, **arrays)
+    third = runner.invoke(main, args)
+    assert third.exit_code == 1, third.output
+    assert "Error: transfer trial " in third.output and "the feature cache does not match the model" in third.output
+    assert "Traceback" not in third.output
+    failed = [r for r in runs_in(tracking_env) if r.data.tags.get("raw_check") == "failed"]
+    assert len(failed) == 1 and failed[0].data.metrics["raw_val_loss"] != failed[0].data.metrics["val_loss"]
 
 
 @pytest.mark.slow
@@ -341,7 +364,7 @@ def test_validation_callback_logs_the_score_of_the_flip_averaged_model(tiny_data
 @pytest.mark.slow
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_test_time_flip_trial_logs_keeps_and_exports_the_flip_averaged_model(tiny_data, tracking_env, runner,
-                                                                              keras_cache, monkeypatch, cached):
+                                                                              shared_weights, monkeypatch, cached):
     import keras
 
     from search_spaces.transfer import HyperTransfer
@@ -356,7 +379,7 @@ def test_a_test_time_flip_trial_logs_keeps_and_exports_the_flip_averaged_model(t
     monkeypatch.setattr(HyperTransfer, "declare", flip_first)
     extra = [] if cached else ["--no-cache"]
     result = runner.invoke(main, ["run", "--family", "transfer", "--trials", "1", "-q", *extra,
-                                  *tiny_args(tiny_data, image_size="96")])
+                                  "--weights", str(shared_weights), *tiny_args(tiny_data, image_size="96")])
     assert result.exit_code == 0, result.output
     child = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags)
     assert child.data.params["test_time_flip"] == "True"

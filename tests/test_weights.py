@@ -9,7 +9,9 @@ import pytest
 
 from search_spaces import make_hypermodel
 from sweep.errors import WeightsError
-from sweep.weights import checkpoint_size, checkpoint_size_warning, imagenet_weights_name, resolve_weights
+from sweep.spec import SweepSpec
+from sweep.weights import (checkpoint_size, checkpoint_size_warning, default_image_size, image_size_line,
+                           imagenet_weights_name, resolve_weights)
 
 
 def build(image_size=(160, 160), weights=None):
@@ -18,9 +20,9 @@ def build(image_size=(160, 160), weights=None):
 
 
 def test_resolve_weights_reads_the_keras_cache_without_network(keras_cache):
-    path = resolve_weights("imagenet", (160, 160))
-    assert path == str(keras_cache / "models" / imagenet_weights_name((160, 160)))
-    model, _ = build(weights=path)
+    path = resolve_weights("imagenet", (224, 224))
+    assert path == str(keras_cache / "models" / imagenet_weights_name((224, 224)))
+    model, _ = build(weights=path)  # the 224 checkpoint runs at 160 too
     reference = keras.applications.MobileNetV2(input_shape=(160, 160, 3), include_top=False, weights=path)
     loaded = model.layers[4].get_layer("Conv1").get_weights()[0]
     np.testing.assert_array_equal(loaded, reference.get_layer("Conv1").get_weights()[0])
@@ -73,3 +75,28 @@ def test_checkpoint_size_reads_keras_naming_only():
     assert checkpoint_size(imagenet_weights_name((128, 128))) == 128
     assert checkpoint_size("/w/mobilenet_v2_1.0_300_no_top.h5") is None  # not one of Keras' sizes
     assert checkpoint_size(None) is None
+
+
+@pytest.mark.parametrize("family, weights, size", [
+    ("transfer", f"/w/{SHARED_NAME}", (224, 224)),                  # the checkpoint's own size
+    ("transfer", f"/w/{imagenet_weights_name((128, 128))}", (128, 128)),
+    ("transfer", "imagenet", (160, 160)),                          # the study's size, Keras' 160 file
+    ("transfer", "/w/my_base.h5", (160, 160)),                     # the name says nothing
+    ("transfer", "none", (160, 160)),
+    ("scratch", f"/w/{SHARED_NAME}", (160, 160)),                  # no checkpoint in this family
+])
+def test_the_image_size_follows_the_checkpoint_unless_given(family, weights, size):
+    assert default_image_size(family, weights) == size
+    assert SweepSpec(family=family, weights=weights).image_size == size
+    assert SweepSpec(family=family, weights=weights, image_size=(192, 192)).image_size == (192, 192)
+    assert SweepSpec(family=family, weights=weights).to_params()["image_size"] == f"{size[0]}x{size[1]}"
+
+
+def test_one_line_says_which_size_and_why():
+    path = f"/w/{SHARED_NAME}"
+    assert image_size_line("transfer", path, (224, 224)) == (
+        f"Image size 224x224: {SHARED_NAME} is MobileNetV2's 224x224 checkpoint, most accurate at its own size "
+        "(--image-size overrides).")
+    assert image_size_line("transfer", path, (160, 160)).startswith("Warning:")  # --image-size 160 given
+    assert image_size_line("transfer", "/w/my_base.h5", (160, 160)) == "Image size 160x160 (--image-size overrides)."
+    assert image_size_line("scratch", None, (160, 160)) is None
