@@ -69,7 +69,7 @@ BASE = ["run", "--trials", "1", "--epochs", "1", "--batch-size", "4", "--image-s
         ([*BASE, "--family", "transfer", "--data-dir", "{good}", "--hp", "rotation_factor=0.15"], 1,
          "Error: --hp: rotation_factor takes multiples of 0.1 from 0.0, not '0.15'."),
         ([*BASE, "--family", "scratch", "--data-dir", "{good}", "--hp", "flip_mode=none"], 1,
-         "Error: --hp: scratch has no hyperparameter 'pooling'; it has"),
+         "Error: --hp: scratch has no hyperparameter 'flip_mode'; it has dropout, learning_rate"),
         ([*BASE, "--family", "scratch", "--hp", "dropout"], 2, "'dropout' is not NAME=VALUE (e.g. flip_mode=none)."),
     ],
 )
