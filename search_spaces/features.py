@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -264,7 +265,13 @@ class FeatureExtractor:
         self.backend = "tensorflow"
         self._checked = backend != "auto"
         if backend in ("auto", "litert"):
-            self._litert = self._load_litert(litert_file, required=backend == "litert")
+            try:
+                self._litert = self._load_litert(litert_file, required=backend == "litert")
+            except Exception as exc:  # a converter or runtime that fails here must not stop the sweep
+                if backend == "litert":
+                    raise
+                report(f"Warning: LiteRT could not run the base ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); computing features with TensorFlow.")
             if self._litert is not None:
                 self.backend = "litert"
 
@@ -277,20 +284,31 @@ class FeatureExtractor:
             return None
         import keras
 
-        if litert_file is None or not litert_file.exists():
+        kept_file = litert_file if litert_file is not None and litert_file.exists() else None
+        if kept_file is not None:
+            content = kept_file.read_bytes()
+        else:
             started = time.monotonic()
             inputs = keras.Input(self.base.input_shape[1:])
             maps = self.base(inputs, training=False)
             pooled = keras.Model(inputs, [keras.layers.GlobalMaxPooling2D()(maps),
                                           keras.layers.GlobalAveragePooling2D()(maps)])
-            target = litert_file or Path(os.environ.get("TMPDIR", "/tmp")) / f"sweep-base-{os.getpid()}.tflite"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.stem}.{os.getpid()}.tflite")
-            pooled.export(str(tmp), format="litert", verbose=False)
-            os.replace(tmp, target)
-            litert_file = target
+            with tempfile.TemporaryDirectory() as tmp:
+                pooled.export(str(Path(tmp) / "base.tflite"), format="litert", verbose=False)
+                content = (Path(tmp) / "base.tflite").read_bytes()
+            if litert_file is not None:  # kept beside the feature cache, written whole or not at all
+                litert_file.parent.mkdir(parents=True, exist_ok=True)
+                partial = litert_file.with_name(f".{litert_file.name}.{os.getpid()}.tmp")
+                partial.write_bytes(content)
+                os.replace(partial, litert_file)
             self.report(f"Converted the base to LiteRT in {time.monotonic() - started:.0f}s.")
-        interpreter = Interpreter(model_path=str(litert_file), num_threads=os.cpu_count() or 1)
+        try:
+            interpreter = Interpreter(model_content=content, num_threads=os.cpu_count() or 1)
+        except Exception:  # a kept file that is damaged: convert again, once
+            if kept_file is None:
+                raise
+            kept_file.unlink(missing_ok=True)
+            return self._load_litert(kept_file, required)
         entry = interpreter.get_input_details()[0]
         interpreter.resize_tensor_input(entry["index"], [self.batch_size, *self.base.input_shape[1:]])
         interpreter.allocate_tensors()

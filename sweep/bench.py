@@ -121,14 +121,18 @@ def _settings_from_json(text: str) -> TrackingSettings:
                                for k, v in values.items()})
 
 
-def run_child_sweep(spec: SweepSpec, settings: TrackingSettings, label: str, quiet: bool) -> SweepFigures:
-    """``sweep run``'s sweep in a child process; its wall time, peak RSS and trials (read back from MLflow)."""
+def run_child_sweep(spec: SweepSpec, settings: TrackingSettings, label: str, quiet: bool,
+                    report: Callable[[str], None] = print) -> SweepFigures:
+    """``sweep run``'s sweep in a child process (its lines go to ``report``); its wall time, peak RSS and
+    trials (read back from MLflow)."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         command = [sys.executable, "-m", "sweep.bench", json.dumps(spec.to_params()), _settings_json(settings),
                    out.name, "1" if quiet else "0"]
         started = time.monotonic()
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
+            for line in child.stdout:
+                report(line.rstrip("\n"))
             _, status, usage = os.wait4(child.pid, 0)
         except BaseException:
             child.terminate()
@@ -154,6 +158,7 @@ def _child_main(spec_json: str, settings_json: str, out_path: str, quiet: str) -
     from sweep.study import prepare, run_sweep
 
     quiet_tensorflow()
+    sys.stdout.reconfigure(line_buffering=True)  # the parent shows each line as it comes
     spec = SweepSpec.from_params(json.loads(spec_json))
     settings = _settings_from_json(settings_json)
     prepared = prepare(spec, settings, spec.family == "transfer", report=print)
@@ -175,7 +180,7 @@ def run_bench(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingSe
             phases = [("cold cache", cold), ("warm cache", cold)]
         for label, settings in phases:
             report(f"[bench] ours: {spec.trials} trial(s), {label} ...")
-            sweeps.append(run_child_sweep(spec, settings, label, quiet=verbose == 0))
+            sweeps.append(run_child_sweep(spec, settings, label, quiet=verbose == 0, report=report))
         report(f"[bench] plain Keras Tuner: {plain} trial(s) x {spec.epochs} epoch(s) on raw images ...")
         scores, plain_seconds = plain_trials(spec, prepared.splits, prepared.weights_path, plain, Path(tmp), verbose)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -222,7 +227,7 @@ def format_table(result: BenchResult) -> str:
     rows.append((f"plain {result.trials}-trial sweep (projected {result.trials} x {_duration(per_plain)})",
                  _duration(per_plain * result.trials), "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)).rstrip()
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     if ours_first is not None:

@@ -23,6 +23,7 @@ class FamilyRow:
     trials: int
     train_accuracy: float
     metric: str = DEFAULT_OBJECTIVE
+    image_size: str = ""  # the best trial's sweep's, e.g. "224x224"
 
     @property
     def gain_points(self) -> float:
@@ -54,7 +55,8 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
             continue
         best = best_run(mine, metric)
         rows.append(FamilyRow(family, record_from_run(best), float(best.data.metrics.get("baseline_accuracy", 0)),
-                              len(mine), float(best.data.metrics.get("accuracy", float("nan"))), metric))
+                              len(mine), float(best.data.metrics.get("accuracy", float("nan"))), metric,
+                              best.data.params.get("image_size", "")))
     return rows
 
 
@@ -63,12 +65,13 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
     lines = [f"# Study report: {experiment}", ""]
     lines.append("Baseline (always guess the training split's most frequent class), on the test split: "
                  + ", ".join(f"{b:.1%}" for b in baselines))
-    lines += ["", "| family | trials | best trial | val accuracy | val loss | test accuracy | gain over baseline "
-              "(pts) | overfitting gap (pts) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| family | image size | trials | best trial | val accuracy | val loss | test accuracy | gain over "
+              "baseline (pts) | overfitting gap (pts) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     if len(baselines) == 1:
-        lines.append(f"| baseline | | | | | {baselines[0]:.1%} | 0.0 | |")
+        lines.append(f"| baseline | | | | | | {baselines[0]:.1%} | 0.0 | |")
     for r in rows:
-        lines.append(f"| {r.family} | {r.trials} | {r.best.number} | {r.best.val_accuracy:.1%} | {r.best.val_loss:.3f} | "
+        lines.append(f"| {r.family} | {r.image_size} | {r.trials} | {r.best.number} | {r.best.val_accuracy:.1%} | "
+                     f"{r.best.val_loss:.3f} | "
                      f"{r.best.test_accuracy:.1%}{interval_text(r.best)} | {r.gain_points:+.1f} | {r.gap_points:+.1f} |")
     sizes = sorted({r.best.test_images for r in rows if r.best.test_images})
     one_image = f" (one image of {sizes[0]} is {100 / sizes[0]:.2f} points)" if len(sizes) == 1 else ""

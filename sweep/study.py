@@ -253,10 +253,11 @@ def check_new_name(tracking_settings: TrackingSettings, name: str) -> None:
 
 def run_study(specs: list[SweepSpec], tracking_settings: TrackingSettings, report: Reporter = print,
               verbose: int = 0, resume: bool = False, sweep_name: str | None = None) -> list[SweepResult]:
-    """Run each family's sweep in turn on one decoded copy of the data.
+    """Run each family's sweep in turn, on one copy of the data per image size.
 
     Args:
-        specs: one per family, sharing data options (data dir, image size, batch size, seed).
+        specs: one per family, sharing data options (data dir, batch size, seed); the image size may differ
+            (the transfer family's follows its weights file).
         tracking_settings: the MLflow store and experiment.
         report: receives progress lines.
         verbose: Keras' per-epoch output.
@@ -280,6 +281,13 @@ def run_study(specs: list[SweepSpec], tracking_settings: TrackingSettings, repor
                f"{resumed.objective}, seed {resumed.seed}")
     elif sweep_name:
         check_new_name(tracking_settings, sweep_name)
-    prepared = prepare(specs[0], tracking_settings, any(s.family == "transfer" for s in specs), report)
-    return [run_sweep(s, prepared, tracking_settings, report, verbose, resume_run, name=sweep_name)
+    # Everything is checked before the first sweep starts: a bad weights file must not wait for three sweeps.
+    by_size: dict[tuple[int, int], list[SweepSpec]] = {}
+    for spec in specs:
+        by_size.setdefault(spec.image_size, []).append(spec)
+    prepared = {}
+    for size, group in by_size.items():
+        lead = next((g for g in group if g.family == "transfer"), group[0])
+        prepared[size] = prepare(lead, tracking_settings, lead.family == "transfer", report)
+    return [run_sweep(s, prepared[s.image_size], tracking_settings, report, verbose, resume_run, name=sweep_name)
             for s in specs]

@@ -224,6 +224,11 @@ def test_litert_features_equal_tensorflows(tmp_path, small_base, image_files):
                              report=reports.append)
     assert sum("Converted" in r for r in reports) == 1  # the second extractor read the kept file
     np.testing.assert_array_equal(again.features(images[:5]).max, got.max[:5])
+    litert_file.write_bytes(b"not a flatbuffer")  # damaged: converted again, not trusted
+    repaired = FeatureExtractor(small_base.build_base(), backend="auto", litert_file=litert_file,
+                                report=reports.append)
+    assert repaired.backend == "litert" and sum("Converted" in r for r in reports) == 2
+    np.testing.assert_array_equal(repaired.features(images[:5]).max, got.max[:5])
 
 
 @pytest.mark.slow

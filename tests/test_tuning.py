@@ -249,12 +249,19 @@ def test_a_sweep_warns_when_the_weights_file_is_another_sizes_checkpoint(tiny_da
 
 
 @pytest.mark.slow
-def test_all_families_run_in_turn(tiny_data, tracking_env, runner):
-    result = runner.invoke(main, ["run", "--family", "all", "--trials", "1", "--weights", "none", "-q",
-                                  *tiny_args(tiny_data)])
+def test_all_families_run_in_turn_each_at_its_own_size(tiny_data, tracking_env, runner, tmp_path):
+    import keras
+
+    # a (randomly initialised) 96x96 checkpoint, named the way Keras names its files
+    weights = tmp_path / "mobilenet_v2_1.0_96_no_top.weights.h5"
+    keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False, weights=None).save_weights(weights)
+    args = ["--data-dir", str(tiny_data), "--batch-size", "4", "--epochs", "1", "--seed", "3"]
+    result = runner.invoke(main, ["run", "--family", "all", "--trials", "1", "--weights", str(weights), "-q", *args])
     assert result.exit_code == 0, result.output
     parents = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags]
-    assert sorted(p.data.params["family"] for p in parents) == ["augmented", "preprocessed", "scratch", "transfer"]
+    assert {p.data.params["family"]: p.data.params["image_size"] for p in parents} == {
+        "scratch": "160x160", "augmented": "160x160", "preprocessed": "160x160", "transfer": "96x96"}
+    assert f"Image size 96x96: {weights.name} is MobileNetV2's 96x96 checkpoint" in result.output
     for family in ("scratch", "augmented", "preprocessed", "transfer"):
         assert f"{family}: best trial 1" in result.output
 
