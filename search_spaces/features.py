@@ -262,6 +262,8 @@ class FeatureExtractor:
 
         self._tensorflow = lambda x: tuple(t.numpy() for t in _tensorflow(x))
         self._litert = None
+        self._max_first: bool | None = None
+        self._litert_file = litert_file
         self.backend = "tensorflow"
         self._checked = backend != "auto"
         if backend in ("auto", "litert"):
@@ -297,10 +299,7 @@ class FeatureExtractor:
                 pooled.export(str(Path(tmp) / "base.tflite"), format="litert", verbose=False)
                 content = (Path(tmp) / "base.tflite").read_bytes()
             if litert_file is not None:  # kept beside the feature cache, written whole or not at all
-                litert_file.parent.mkdir(parents=True, exist_ok=True)
-                partial = litert_file.with_name(f".{litert_file.name}.{os.getpid()}.tmp")
-                partial.write_bytes(content)
-                os.replace(partial, litert_file)
+                _write_whole(litert_file, lambda f: f.write(content))
             self.report(f"Converted the base to LiteRT in {time.monotonic() - started:.0f}s.")
         try:
             interpreter = Interpreter(model_content=content, num_threads=os.cpu_count() or 1)
@@ -324,7 +323,9 @@ class FeatureExtractor:
         interpreter.set_tensor(entry, np.ascontiguousarray(x, dtype="float32"))
         interpreter.invoke()
         a, b = (interpreter.get_tensor(i)[:n].copy() for i in outputs)
-        return (a, b) if (a >= b - 1e-6).all() else (b, a)  # max >= mean, element by element
+        if self._max_first is None:  # the converter's output order: max >= mean, element by element
+            self._max_first = bool((a >= b - 1e-6).all())
+        return (a, b) if self._max_first else (b, a)
 
     def _batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._litert is None:
@@ -338,6 +339,8 @@ class FeatureExtractor:
                 self.report(f"Warning: LiteRT's features differ from TensorFlow's by {gap:.1e} (relative); "
                             "computing them with TensorFlow.")
                 self._litert, self.backend = None, "tensorflow"
+                if self._litert_file is not None:  # not kept: the next sweep converts afresh
+                    self._litert_file.unlink(missing_ok=True)
                 return expected
         return got
 
@@ -362,6 +365,19 @@ class TrainPool:
     features: PooledFeatures
     combos: np.ndarray
     angles: np.ndarray
+
+
+def _write_whole(path: Path, write: Callable) -> None:
+    """Write ``path`` through a temporary file renamed into place: a reader never sees half a file, and a
+    failed write (a full disk) leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def file_digests(files: Sequence[str]) -> list[str]:
@@ -427,11 +443,7 @@ class FeatureCache:
         path = self._path(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        _write_whole(path, lambda f: np.savez(f, **arrays))
 
     def clean(self, files: Sequence[str], name: str) -> tuple[PooledFeatures, PooledFeatures]:
         """Un-augmented features of the images in ``files``, and of their mirrors (horizontal flips), in the

@@ -20,8 +20,10 @@ class ViewDraws:
     """
 
     def __init__(self, pool: TrainPool, labels: np.ndarray, pooling: str, flip_mode: str,
-                 rotation_factor: float, batch_size: int, seed: int) -> None:
+                 rotation_factor: float, batch_size: int, seed: int, tensor=None) -> None:
+        """``tensor``: the pooled features already as a TensorFlow constant (made once, shared by trials)."""
         self.features = pool.features.pooled(pooling)
+        self.tensor = tensor
         self.labels = np.asarray(labels, dtype="int32")
         self.candidates, self.probabilities = pool.spec.candidates(flip_mode, rotation_factor)
         self.batch_size = batch_size
@@ -47,7 +49,7 @@ class ViewDraws:
 
         draws = [self.draw() for _ in range(epochs)]
         rows = np.stack([np.stack([order, views[order]], axis=1) for order, views in draws]).astype("int32")
-        features = as_tensor(self.features)
+        features = self.tensor if self.tensor is not None else tf.constant(self.features)
         labels = tf.constant(self.labels)
         batch = self.batch_size
 
@@ -57,20 +59,6 @@ class ViewDraws:
         return (tf.data.Dataset.from_tensor_slices(rows).flat_map(one_epoch)
                 .map(lambda r: (tf.gather_nd(features, r)[:, None], tf.gather(labels, r[:, 0])))
                 .prefetch(2))
-
-
-_TENSORS: dict[int, tuple[np.ndarray, object]] = {}
-
-
-def as_tensor(array: np.ndarray):
-    """``array`` as a TensorFlow constant, made once per array and process: every trial gathers from the same
-    copy of the pool instead of making its own (hundreds of MB at 224)."""
-    import tensorflow as tf
-
-    key = id(array)
-    if key not in _TENSORS or _TENSORS[key][0] is not array:
-        _TENSORS[key] = (array, tf.constant(array))
-    return _TENSORS[key][1]
 
 
 def score(model: keras.Model, x: np.ndarray, y: np.ndarray, logits: np.ndarray | None = None) -> tuple[float, float]:

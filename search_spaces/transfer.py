@@ -6,7 +6,7 @@ with ``training=False``), GlobalMaxPooling2D, Dropout 0.2, Dense(classes) on log
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,11 +106,17 @@ class HyperTransfer(HyperFamily):
     # -- training on cached features -------------------------------------------------------------------
     def new_session(self) -> None:
         """A trial on cached features builds next to nothing (its head is reused): Keras' global state is
-        reset without the full garbage collection, which took longer than such a trial's training."""
+        reset without the full garbage collection, which took longer than such a trial's training.
+
+        The base is built here, before the trial seeds Keras, so that building it (once per process, in
+        whichever trial comes first) never shifts a trial's random draws: a trial's initial weights are the
+        same in a warm or a cold process, first or not.
+        """
         if self.features is None:
             super().new_session()
         else:
             keras.backend.clear_session(free_memory=False)
+        self.build_base()
 
     def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None]) -> None:
         """Load or compute the base's features of every training view, and of the clean validation and test
@@ -151,7 +157,7 @@ class HyperTransfer(HyperFamily):
                                initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose, seed=seed)
         values, f = hp.values, self.features
         draws = ViewDraws(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
-                          values["rotation_factor"], batch_size, seed)
+                          values["rotation_factor"], batch_size, seed, tensor=f.tensor(values["pooling"]))
         head = self.build_head(hp, f.pool.features.max.shape[-1], steps_per_execution=draws.steps_per_epoch,
                                seed=seed)
         head.get_layer("logits").set_weights(model.get_layer("logits").get_weights())  # Hyperband: continue
@@ -211,3 +217,13 @@ class CachedFeatures:
     mirrored_validation: PooledFeatures
     test: PooledFeatures
     mirrored_test: PooledFeatures
+    _tensors: dict = field(default_factory=dict, repr=False)
+
+    def tensor(self, pooling: str):
+        """The pool's features for ``pooling`` as one TensorFlow constant, made once: every trial gathers its
+        batches from the same copy (hundreds of MB at 224) instead of making its own."""
+        if pooling not in self._tensors:
+            import tensorflow as tf
+
+            self._tensors[pooling] = tf.constant(self.pool.features.pooled(pooling))
+        return self._tensors[pooling]

@@ -174,7 +174,7 @@ def run_bench(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingSe
     sweeps = []
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         if warm_only:
-            phases = [("warm cache", tracking_settings)]
+            phases = [("configured cache", tracking_settings)]
         else:
             cold = replace(tracking_settings, cache_dir=Path(tmp) / "feature_cache")
             phases = [("cold cache", cold), ("warm cache", cold)]

@@ -209,10 +209,12 @@ def decode_images(files: Sequence[str], image_size: tuple[int, int]) -> np.ndarr
     return images
 
 
-def _readable(path: str, image_size: tuple[int, int]) -> str | None:
-    """None when ``path`` decodes, else the reason it does not."""
+def _readable(path: str) -> str | None:
+    """None when ``path`` decodes, else the reason it does not (the resize, which cannot fail, is left out)."""
+    import tensorflow as tf
+
     try:
-        decode_image(path, image_size)
+        tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     except Exception as exc:  # corrupt, truncated or not an image at all
         return decode_error(exc, 100)
     return None
@@ -223,7 +225,7 @@ def _decode_folder(folder: Path, class_names: tuple[str, ...], image_size: tuple
     The images are not kept: splits decode them when they are used."""
     paths, labels = list_images(folder, class_names)
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        reasons = list(pool.map(lambda p: _readable(p, image_size), paths))
+        reasons = list(pool.map(_readable, paths))
     kept = [p for p, r in zip(paths, reasons) if r is None]
     kept_labels = [label for label, r in zip(labels, reasons) if r is None]
     skipped = [f"{p} ({r})" for p, r in zip(paths, reasons) if r is not None]

@@ -20,7 +20,7 @@ from sweep.data import Splits, check_layout, download_dataset, load_splits
 from sweep.errors import SweepError
 from sweep.results import TrialRecord, best_record, record_from_run, trials_csv
 from sweep.spec import DEFAULT_OBJECTIVE, OBJECTIVES, SweepSpec
-from sweep.tuning import ConsecutiveFailures, SweepTuner, build_oracle
+from sweep.tuning import ConsecutiveFailures, SweepTuner, build_oracle, verify_best_kept
 from sweep.weights import image_size_line, resolve_weights
 
 Reporter = Callable[[str], None]
@@ -37,7 +37,8 @@ class Prepared:
 
 def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, need_weights: bool,
             report: Reporter = print) -> Prepared:
-    """Check data, weights and the tracking store, then decode the images once.
+    """Check data, weights and the tracking store, and that every image decodes (the splits decode them when
+    they are used).
 
     Raises:
         SweepError: bad data, weights or tracking settings.
@@ -92,7 +93,8 @@ def run_sweep(
 
     Args:
         spec: the sweep.
-        prepared: the decoded data, weights file and experiment (``prepare``); shared by every family of a study.
+        prepared: the splits, weights file and experiment (``prepare``); shared by the families of a study
+            that run at one image size.
         tracking_settings: where Keras Tuner keeps its project folder and the transfer family its cache.
         report: receives one progress line per finished trial.
         verbose: Keras' progress output per epoch (0 none, 1 bar, 2 one line).
@@ -143,11 +145,11 @@ def run_sweep(
         try:
             if chief is None:
                 tuner.search(verbose=0)
-                tuner.verify_kept()
             else:
                 tuner.save()
                 chief.serve(tuner.oracle, report, name)
                 _adopt_finished_trials(tuner, prepared.experiment_id, run.run_id, report)
+            verify_best_kept(spec, tuner.family, splits, prepared.experiment_id, run.run_id, report)
         except ConsecutiveFailures as exc:
             run.set_tags({"stopped": "consecutive_failures"})
             raise SweepError(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import keras
@@ -20,7 +22,7 @@ from keras_tuner.engine.trial import TrialStatus
 from search_spaces import Fitted, HyperFamily, default_values, hyperparameters
 from sweep import compat, plots, tracking
 from sweep.errors import SweepError
-from sweep.results import TrialRecord, accuracy_interval, best_record, format_value
+from sweep.results import TrialRecord, accuracy_interval, best_record, best_run, format_value
 from sweep.spec import OBJECTIVES, SweepSpec
 
 compat.quiet_failed_trials()  # our one line per failed trial names the error; its MLflow run keeps it
@@ -203,6 +205,49 @@ def _check_agreement(fitted: Fitted, raw: dict[str, float], images: dict[str, in
             )
 
 
+def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, experiment_id: str, parent_run_id: str,
+                     report: Reporter) -> None:
+    """Check the sweep's best kept model end to end, when it was scored on cached features: evaluate it on the
+    raw validation and test images, log those figures (``raw_*``) and ``raw_check`` to its trial's run, and
+    require them to equal its cached score.
+
+    It reads the model and its score back from MLflow, so it works the same after a local search, for a
+    chief whose workers trained the trials, and after ``--resume``; a model already checked is not checked
+    again.
+
+    Raises:
+        SweepError: the figures differ: the feature cache does not match the model.
+    """
+    kept = [r for r in tracking.child_runs(experiment_id, parent_run_id)
+            if r.info.status == "FINISHED" and r.data.tags.get("model_kept") == "true"]
+    if not kept:
+        return
+    run = best_run(kept, spec.objective)
+    if run.data.tags.get("training") != "cached_features" or run.data.tags.get("raw_check") == "passed":
+        return
+    started = time.monotonic()
+    metrics = run.data.metrics
+    with tempfile.TemporaryDirectory() as tmp:
+        model = keras.models.load_model(tracking.download(run.info.run_id, tracking.MODEL_ARTIFACT, Path(tmp)))
+    scored = Fitted(model, {}, metrics["val_loss"], metrics["val_accuracy"], metrics["test_loss"],
+                    metrics["test_accuracy"], "cached_features")
+    raw = family.evaluate_raw(scored, data, spec.batch_size)
+    if raw is None:
+        return
+    logger = tracking.RunLogger(tracking.MlflowClient(), run.info.run_id, report)
+    logger.log_metrics(raw)
+    number = run.data.tags.get("trial_number", "?")
+    try:
+        _check_agreement(scored, raw, {"val": len(data.validation), "test": len(data.test)})
+    except kt.errors.FailedTrialError as exc:
+        logger.set_tags({"raw_check": "failed", "error": str(exc)[:5000]})
+        raise SweepError(f"{spec.family} trial {number}: {exc}") from None
+    logger.set_tags({"raw_check": "passed"})
+    report(f"[{spec.family}] trial {number}'s kept model on raw images: val {raw['raw_val_accuracy']:.1%} (loss "
+           f"{raw['raw_val_loss']:.4f}), test {raw['raw_test_accuracy']:.1%}: its cached score, checked end to "
+           f"end ({time.monotonic() - started:.0f}s)")
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -224,7 +269,6 @@ class SweepTuner(kt.Tuner):
         self.started = time.monotonic()
         self.experiment_id = experiment_id
         self.parent_run_id = ""  # set once the sweep's MLflow run exists
-        self.unverified: tuple[TrialRecord, Fitted] | None = None  # the last kept model scored on cached features
         self.client = tracking.MlflowClient()
         super().__init__(**kwargs)
 
@@ -324,38 +368,8 @@ class SweepTuner(kt.Tuner):
         if self._improves(record):
             run.log_keras_model(fitted.model, tracking.MODEL_ARTIFACT)
             run.set_tags({"model_kept": "true"})
-            if fitted.scored_on != "raw_images":
-                self.unverified = (record, fitted)
         if self.spec.tuner == "hyperband":
             model.save_weights(self.checkpoint(trial_id))
-
-    def verify_kept(self) -> None:
-        """Evaluate the last model this process kept on the raw validation and test images, log the figures
-        (``raw_*``) to its trial's run and require them to equal its cached score.
-
-        Raises:
-            SweepError: they differ: the feature cache does not match the model.
-        """
-        if self.unverified is None:
-            return
-        record, fitted = self.unverified
-        self.unverified = None
-        started = time.monotonic()
-        raw = self.family.evaluate_raw(fitted, self.data, self.spec.batch_size)
-        if raw is None:
-            return
-        run = tracking.RunLogger(self.client, record.run_id, self.report)
-        run.log_metrics(raw)
-        try:
-            _check_agreement(fitted, raw, {"val": len(self.data.validation), "test": len(self.data.test)})
-        except kt.errors.FailedTrialError as exc:
-            run.set_tags({"raw_check": "failed", "error": str(exc)[:5000]})
-            raise SweepError(f"{self.spec.family} trial {record.number}: {exc}") from None
-        run.set_tags({"raw_check": "passed"})
-        self.report(f"[{self.spec.family}] trial {record.number}'s kept model on raw images: val "
-                    f"{raw['raw_val_accuracy']:.1%} (loss {raw['raw_val_loss']:.4f}), test "
-                    f"{raw['raw_test_accuracy']:.1%}: its cached score, checked end to end "
-                    f"({time.monotonic() - started:.0f}s)")
 
     def _improves(self, record: TrialRecord) -> bool:
         """Whether the trial beats every finished trial of the sweep (the oracle's, so with several workers

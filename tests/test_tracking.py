@@ -96,7 +96,8 @@ def test_fast_epochs_reach_the_store_together_and_a_slow_trial_s_curve_grows_liv
         monkeypatch.setattr(run.client, "log_batch", counting)
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(np.zeros((8, 3)), np.zeros(8, "int32"), epochs=5, verbose=0, callbacks=[run.epoch_logger()])
+        model.fit(np.zeros((8, 3)), np.zeros(8, "int32"), epochs=5, verbose=0,
+                  callbacks=[tracking.EpochMetricsLogger(run, interval=1e9)])
         assert requests == [[1, 2, 3, 4, 5]]  # one request at the end of training
         requests.clear()
         slow = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: time.sleep(0.06))
