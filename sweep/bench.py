@@ -126,7 +126,7 @@ def run_child_sweep(spec: SweepSpec, settings: TrackingSettings, label: str, qui
     """``sweep run``'s sweep in a child process (its lines go to ``report``); its wall time, peak RSS and
     trials (read back from MLflow)."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        command = [sys.executable, "-m", "sweep.bench", json.dumps(spec.to_params()), _settings_json(settings),
+        command = [sys.executable, "-c", _CHILD, json.dumps(spec.to_params()), _settings_json(settings),
                    out.name, "1" if quiet else "0"]
         started = time.monotonic()
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -152,12 +152,15 @@ def run_child_sweep(spec: SweepSpec, settings: TrackingSettings, label: str, qui
                          for r in finished}, spec.objective)
 
 
+# The child imports TensorFlow quietly (as the CLI does) before this module brings Keras in.
+_CHILD = ("import sys; from sweep.cli_common import quiet_tensorflow; quiet_tensorflow(); "
+          "from sweep.bench import _child_main; _child_main(*sys.argv[1:5])")
+
+
 def _child_main(spec_json: str, settings_json: str, out_path: str, quiet: str) -> None:
     """The child process: prepare and run one sweep, write what the parent reads."""
-    from sweep.cli_common import quiet_tensorflow
     from sweep.study import prepare, run_sweep
 
-    quiet_tensorflow()
     sys.stdout.reconfigure(line_buffering=True)  # the parent shows each line as it comes
     spec = SweepSpec.from_params(json.loads(spec_json))
     settings = _settings_from_json(settings_json)
@@ -238,7 +241,3 @@ def format_table(result: BenchResult) -> str:
                      f"(family {result.family}, {result.epochs} epochs a trial, baseline "
                      f"{result.baseline_accuracy:.1%})")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # the child process of ``run_child_sweep``
-    _child_main(*sys.argv[1:5])

@@ -29,6 +29,7 @@ def test_bench_prints_the_side_by_side_table(tiny_data, tracking_env, runner, sh
     assert cold and 0.3 < float(cold.group(1)) < 8, out  # the child process's own peak, not this one's
     assert re.search(r"per-trial speed-up \(plain trial 1 / our trial 1\): \d+x; whole sweep: cold cache \d+x, "
                      r"warm cache \d+x", out)
+    assert "oneDNN" not in out and "cudart_stub" not in out  # the children start as quietly as the CLI
     # the warm sweep read what the cold one computed, and both are logged like any sweep, tagged as bench runs
     assert out.count("Computing MobileNetV2 features of 32 training images") == 1
     runs = runs_in(tracking_env, experiment="sweep-bench")
