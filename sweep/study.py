@@ -149,7 +149,7 @@ def run_sweep(
                 tuner.save()
                 chief.serve(tuner.oracle, report, name)
                 _adopt_finished_trials(tuner, prepared.experiment_id, run.run_id, report)
-            verify_best_kept(spec, tuner.family, splits, prepared.experiment_id, run.run_id, report)
+            verify_best_kept(spec, tuner.family, splits, prepared.experiment_id, run.run_id, report, tuner.last_kept)
         except ConsecutiveFailures as exc:
             run.set_tags({"stopped": "consecutive_failures"})
             raise SweepError(

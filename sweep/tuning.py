@@ -206,14 +206,15 @@ def _check_agreement(fitted: Fitted, raw: dict[str, float], images: dict[str, in
 
 
 def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, experiment_id: str, parent_run_id: str,
-                     report: Reporter) -> None:
+                     report: Reporter, in_memory: tuple[str, keras.Model] | None = None) -> None:
     """Check the sweep's best kept model end to end, when it was scored on cached features: evaluate it on the
     raw validation and test images, log those figures (``raw_*``) and ``raw_check`` to its trial's run, and
     require them to equal its cached score.
 
     It reads the model and its score back from MLflow, so it works the same after a local search, for a
     chief whose workers trained the trials, and after ``--resume``; a model already checked is not checked
-    again.
+    again. ``in_memory``: (run id, model) of a model this process kept, used instead of its saved copy when it
+    is the one to check.
 
     Raises:
         SweepError: the figures differ: the feature cache does not match the model.
@@ -227,8 +228,11 @@ def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, experiment
         return
     started = time.monotonic()
     metrics = run.data.metrics
-    with tempfile.TemporaryDirectory() as tmp:
-        model = keras.models.load_model(tracking.download(run.info.run_id, tracking.MODEL_ARTIFACT, Path(tmp)))
+    if in_memory is not None and in_memory[0] == run.info.run_id:
+        model = in_memory[1]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = keras.models.load_model(tracking.download(run.info.run_id, tracking.MODEL_ARTIFACT, Path(tmp)))
     scored = Fitted(model, {}, metrics["val_loss"], metrics["val_accuracy"], metrics["test_loss"],
                     metrics["test_accuracy"], "cached_features")
     raw = family.evaluate_raw(scored, data, spec.batch_size)
@@ -269,6 +273,7 @@ class SweepTuner(kt.Tuner):
         self.started = time.monotonic()
         self.experiment_id = experiment_id
         self.parent_run_id = ""  # set once the sweep's MLflow run exists
+        self.last_kept: tuple[str, keras.Model] | None = None  # (run id, model) of the last model kept here
         self.client = tracking.MlflowClient()
         super().__init__(**kwargs)
 
@@ -368,6 +373,7 @@ class SweepTuner(kt.Tuner):
         if self._improves(record):
             run.log_keras_model(fitted.model, tracking.MODEL_ARTIFACT)
             run.set_tags({"model_kept": "true"})
+            self.last_kept = (run.run_id, fitted.model)  # the end-of-sweep check need not load it back
         if self.spec.tuner == "hyperband":
             model.save_weights(self.checkpoint(trial_id))
 
