@@ -366,8 +366,8 @@ class SweepTuner(kt.Tuner):
 
         A trial that improves on the sweep's best objective so far keeps its judged model
         (``model/model.keras``), so ``sweep best --export`` finds the very model whose scores were logged. A
-        model scored on cached features is checked end to end on the raw images when the search ends
-        (``verify_kept``), once, for the last one kept: a raw pass costs as much as many cached trials.
+        model scored on cached features is checked end to end on the raw images when the sweep ends
+        (``verify_best_kept``), once, for the sweep's best: a raw pass costs as much as many cached trials.
         Hyperband also needs every trial's training weights to continue it in a later round.
         """
         if self._improves(record):
