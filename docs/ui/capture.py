@@ -289,6 +289,24 @@ def texts_shown(names: list[str]) -> str:
     return f"(() => {{ const t = document.body ? document.body.innerText : ''; return {json.dumps(names)}.every(n => t.includes(n)); }})()"
 
 
+async def capture(browser, target: Path, width: int, args) -> Path:
+    """Once the page shows what it should: close side panels, fit the window to the page, screenshot."""
+    await browser.settle(args.timeout)
+    await browser.close_side_panels()
+    await browser.settle(args.timeout)
+    await browser.fit(width, args.max_height)
+    await browser.settle(args.timeout)
+    await browser.screenshot(target)
+    return target
+
+
+async def failed(browser, out: Path, page: str, exc: Exception) -> Failure:
+    """Keep what a page showed when it failed, and say where."""
+    shot = out / f"{page}.failed.png"
+    await browser.screenshot(shot)
+    return Failure(f"{page} page: {exc} (what the page showed: {shot})")
+
+
 async def shoot(args, experiment_id: str, parent: dict, trials: list) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,15 +352,9 @@ async def shoot(args, experiment_id: str, parent: dict, trials: list) -> list[Pa
                 }})()""")
             await browser.wait_for(texts_shown([parent_name, trial_names[0]]),
                                    f"trial run {trial_names[0]!r} under {parent_name!r}", args.timeout)
-            await browser.settle(args.timeout)
-            await browser.close_side_panels()
-            await browser.fit(width, args.max_height)  # the runs grid: taller, never wider
-            await browser.settle(args.timeout)
-            await browser.screenshot(target)
-            written.append(target)
+            written.append(await capture(browser, target, width, args))  # the runs grid: taller, never wider
         except Failure as exc:
-            await browser.screenshot(out / "experiment.failed.png")
-            raise Failure(f"experiment page: {exc} (what the page showed: {out / 'experiment.failed.png'})")
+            raise await failed(browser, out, "experiment", exc)
         # (b) the Compare page of the trial runs (the UI's route: #/compare-runs?runs=[...]&experiments=[...])
         target = out / "compare.png"
         await browser.resize(height)
@@ -351,16 +363,9 @@ async def shoot(args, experiment_id: str, parent: dict, trials: list) -> list[Pa
         try:
             await browser.goto(f"{args.base}/#/compare-runs?{query}")
             await browser.wait_for(texts_shown(trial_names), "the trial runs on the Compare page", args.timeout)
-            await browser.settle(args.timeout)
-            await browser.close_side_panels()
-            await browser.settle(args.timeout)
-            await browser.fit(args.max_width or width, args.max_height)
-            await browser.settle(args.timeout)
-            await browser.screenshot(target)
-            written.append(target)
+            written.append(await capture(browser, target, args.max_width or width, args))
         except Failure as exc:
-            await browser.screenshot(out / "compare.failed.png")
-            raise Failure(f"compare page: {exc} (what the page showed: {out / 'compare.failed.png'})")
+            raise await failed(browser, out, "compare", exc)
     return written
 
 
