@@ -80,7 +80,8 @@ def fix_hyperparameters(family: str, assignments: dict[str, str]) -> dict[str, A
 
 
 def describe(family: str) -> list[dict[str, Any]]:
-    """Each hyperparameter of a family: name, type, range or choices, default. Builds no model."""
+    """Each hyperparameter of a family: name, type, range or choices, default, and ``when`` it is active
+    (a conditional one, e.g. the fine-tuning settings; empty when always). Builds no model."""
     hp = kt.HyperParameters()
     FAMILIES[family]().declare(hp)
     rows = []
@@ -98,7 +99,9 @@ def describe(family: str) -> list[dict[str, Any]]:
                 domain += f" step {config['step']}"
             if config.get("sampling") not in (None, "linear"):
                 domain += f" ({config['sampling']})"
-        rows.append({"name": item.name, "type": type(item).__name__, "domain": domain, "default": item.default})
+        when = "; ".join(f"when {c.name} is {' or '.join(map(str, c.values))}" for c in item.conditions)
+        rows.append({"name": item.name, "type": type(item).__name__, "domain": domain, "default": item.default,
+                     "when": when})
     return rows
 
 

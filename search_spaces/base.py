@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -31,6 +31,7 @@ class Fitted:
     test_loss: float
     test_accuracy: float
     scored_on: str = "raw_images"  # or "cached_features"
+    stages: dict[str, int] = field(default_factory=dict)  # a later training stage -> its first epoch
 
 
 class Validation(keras.callbacks.Callback):
@@ -89,9 +90,10 @@ class HyperFamily(kt.HyperModel):
         """Called before each trial: release the previous trial's Keras state (and collect its garbage)."""
         keras.backend.clear_session()
 
-    def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None]) -> None:
-        """Called once per process that trains, before its first trial, when the sweep caches features.
-        Families without a frozen part have nothing to cache."""
+    def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None],
+                fixed: dict[str, Any] | None = None) -> None:
+        """Called once per process that trains, before its first trial, when the sweep caches features
+        (``fixed``: the sweep's fixed hyperparameters). Families without a frozen part have nothing to cache."""
 
     def fit(self, hp: kt.HyperParameters, model: keras.Model, *, data: Any, batch_size: int, epochs: int,
             initial_epoch: int = 0, callbacks: list | None = None, verbose: int = 0, seed: int = 0) -> Fitted:

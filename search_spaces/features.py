@@ -42,7 +42,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -58,6 +58,8 @@ MODE_COMBOS = {"horizontal_and_vertical": (0, 3), "horizontal": (0, 1), "vertica
 FLIP_ANGLE_SIGN = {1: -1.0, 2: -1.0, 3: 1.0}
 # Largest relative gap between LiteRT's and TensorFlow's features that still counts as the same numbers.
 BACKEND_TOLERANCE = 1e-3
+# Cut activations are stored as float16: half the disk and memory of float32.
+ACTIVATION_DTYPE = "float16"
 Reporter = Callable[[str], None]
 Decoder = Callable[[Sequence[str]], np.ndarray]
 
@@ -166,16 +168,18 @@ class PoolSpec:
 
 @dataclass
 class PooledFeatures:
-    """Global-max and global-average pooled base features; leading axes are (image[, view])."""
+    """Global-max and global-average pooled base features; leading axes are (image[, view]). ``cuts``: the
+    activations at each fine-tuning cut point, with the same leading axes (float16)."""
 
     max: np.ndarray
     avg: np.ndarray
+    cuts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def pooled(self, pooling: str) -> np.ndarray:
         return {"global_max": self.max, "global_avg": self.avg}[pooling]
 
     def take(self, rows: np.ndarray) -> PooledFeatures:
-        return PooledFeatures(self.max[rows], self.avg[rows])
+        return PooledFeatures(self.max[rows], self.avg[rows], {name: a[rows] for name, a in self.cuts.items()})
 
 
 def digest(*parts: object) -> str:
@@ -250,15 +254,24 @@ class FeatureExtractor:
     """
 
     def __init__(self, base, batch_size: int = 32, backend: str = "auto", litert_file: Path | None = None,
-                 report: Reporter = print) -> None:
+                 report: Reporter = print, cuts: dict[str, str] | None = None) -> None:
+        """``cuts``: name -> layer of ``base`` whose output is wanted too (the input of a fine-tuned top)."""
+        import keras
         import tensorflow as tf
 
         self.base, self.batch_size, self.report = base, batch_size, report
+        self.cuts = dict(cuts or {})
+        self.cut_shapes = {name: tuple(base.get_layer(layer).output.shape[1:]) for name, layer in self.cuts.items()}
+        if len(set(self.cut_shapes.values())) < len(self.cut_shapes):
+            raise ValueError(f"cut outputs must differ in shape to be told apart: {self.cut_shapes}")
+        # One model gives the base's output and every cut's: the cuts cost no extra pass.
+        self._outputs = keras.Model(base.input, [base.output, *(base.get_layer(layer).output
+                                                                for layer in self.cuts.values())])
 
         @tf.function(reduce_retracing=True)
         def _tensorflow(x):
-            maps = base(x, training=False)
-            return tf.reduce_max(maps, axis=[1, 2]), tf.reduce_mean(maps, axis=[1, 2])
+            maps, *cut = self._outputs(x, training=False)
+            return (tf.reduce_max(maps, axis=[1, 2]), tf.reduce_mean(maps, axis=[1, 2]), *cut)
 
         self._tensorflow = lambda x: tuple(t.numpy() for t in _tensorflow(x))
         self._litert = None
@@ -292,9 +305,9 @@ class FeatureExtractor:
         else:
             started = time.monotonic()
             inputs = keras.Input(self.base.input_shape[1:])
-            maps = self.base(inputs, training=False)
+            maps, *cut = self._outputs(inputs, training=False)
             pooled = keras.Model(inputs, [keras.layers.GlobalMaxPooling2D()(maps),
-                                          keras.layers.GlobalAveragePooling2D()(maps)])
+                                          keras.layers.GlobalAveragePooling2D()(maps), *cut])
             with tempfile.TemporaryDirectory() as tmp:
                 pooled.export(str(Path(tmp) / "base.tflite"), format="litert", verbose=False)
                 content = (Path(tmp) / "base.tflite").read_bytes()
@@ -315,19 +328,24 @@ class FeatureExtractor:
         outputs = [o["index"] for o in interpreter.get_output_details()]
         return interpreter, entry["index"], outputs
 
-    def _run_litert(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_litert(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         interpreter, entry, outputs = self._litert
         n = len(x)
         if n < self.batch_size:  # the interpreter's batch is fixed: pad the last one
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), dtype=x.dtype)])
         interpreter.set_tensor(entry, np.ascontiguousarray(x, dtype="float32"))
         interpreter.invoke()
-        a, b = (interpreter.get_tensor(i)[:n].copy() for i in outputs)
-        if self._max_first is None:  # the converter's output order: max >= mean, element by element
+        got = [interpreter.get_tensor(i)[:n].copy() for i in outputs]
+        # The outputs' order in the flatbuffer is the converter's: cuts are told apart by their shapes, the
+        # two pooled vectors by their values (max >= mean, element by element).
+        by_shape = {g.shape[1:]: g for g in got if g.ndim == 4}
+        a, b = (g for g in got if g.ndim == 2)
+        if self._max_first is None:
             self._max_first = bool((a >= b - 1e-6).all())
-        return (a, b) if self._max_first else (b, a)
+        pooled = (a, b) if self._max_first else (b, a)
+        return (*pooled, *(by_shape[shape] for shape in self.cut_shapes.values()))
 
-    def _batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _batch(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         if self._litert is None:
             return self._tensorflow(x)
         got = self._run_litert(x)
@@ -346,25 +364,37 @@ class FeatureExtractor:
 
     def features(self, x: np.ndarray) -> PooledFeatures:
         """Pooled features of preprocessed images ``x`` [n, h, w, 3]."""
-        maxes, avgs = [], []
-        for i in range(0, len(x), self.batch_size):
-            m, a = self._batch(x[i:i + self.batch_size])
-            maxes.append(m)
-            avgs.append(a)
+        return self.outputs(x)[0]
+
+    def outputs(self, x: np.ndarray) -> tuple[PooledFeatures, dict[str, np.ndarray]]:
+        """Pooled features of preprocessed images ``x`` [n, h, w, 3], and each cut's activations."""
+        parts = [self._batch(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
         dim = self.base.output_shape[-1]
-        if not maxes:
-            return PooledFeatures(np.empty((0, dim), "float32"), np.empty((0, dim), "float32"))
-        return PooledFeatures(np.concatenate(maxes), np.concatenate(avgs))
+        if not parts:
+            empty = np.empty((0, dim), "float32")
+            return PooledFeatures(empty, empty), {n: np.empty((0, *s), "float32") for n, s in self.cut_shapes.items()}
+        columns = [np.concatenate(column) for column in zip(*parts)]
+        return PooledFeatures(columns[0], columns[1]), dict(zip(self.cuts, columns[2:]))
 
 
 @dataclass
 class TrainPool:
-    """Every training image's view pool: features [n, views, dim], flip combination and angle per view."""
+    """Every training image's view pool: features [n, views, dim], flip combination and angle per view.
+
+    ``cut_files``: each cut's activations [n, views, h, w, c], as a ``.npy`` file (or, without a disk cache,
+    an array); ``activations`` maps one into memory for a trial, so only the views a trial reads take memory,
+    and only while it runs.
+    """
 
     spec: PoolSpec
     features: PooledFeatures
     combos: np.ndarray
     angles: np.ndarray
+    cut_files: dict[str, Path | np.ndarray] = field(default_factory=dict)
+
+    def activations(self, cut: str) -> np.ndarray:
+        source = self.cut_files[cut]
+        return np.load(source, mmap_mode="r") if isinstance(source, Path) else source
 
 
 def _write_whole(path: Path, write: Callable) -> None:
@@ -394,8 +424,10 @@ class FeatureCache:
 
     def __init__(self, directory: Path | None, extractor_factory: Callable[[], FeatureExtractor],
                  weights_id: str, image_size: tuple[int, int], decode: Decoder, feature_dim: int = 1280,
-                 report: Reporter = print, chunk: int = 16) -> None:
+                 report: Reporter = print, chunk: int = 16, cut_shapes: dict[str, tuple] | None = None) -> None:
+        """``cut_shapes``: the activation shape of each cut the extractor also outputs (``cuts``)."""
         self.directory = Path(directory) if directory is not None else None
+        self.cut_shapes = {name: tuple(shape) for name, shape in (cut_shapes or {}).items()}
         self._factory = extractor_factory
         self._extractor: FeatureExtractor | None = None
         self.weights_id = weights_id
@@ -445,60 +477,149 @@ class FeatureCache:
             return
         _write_whole(path, lambda f: np.savez(f, **arrays))
 
+    def _cut_path(self, key: str, cut: str) -> Path | None:
+        return self.directory / f"{key}-{cut}.npy" if self.directory is not None else None
+
+    def _load_cuts(self, key: str, leading: tuple[int, ...]) -> dict[str, Path | np.ndarray] | None:
+        """Each cut's activations file (checked by its header, never read whole), or None when one is missing
+        or damaged: then everything is computed again, in one pass."""
+        found = {}
+        for cut, shape in self.cut_shapes.items():
+            memory = self._memory.get(f"{key}-{cut}")
+            if memory is not None:
+                found[cut] = memory["activations"]
+                continue
+            path = self._cut_path(key, cut)
+            if path is None or not path.exists():
+                return None
+            try:
+                array = np.load(path, mmap_mode="r")
+                if array.shape != (*leading, *shape) or array.dtype != np.dtype(ACTIVATION_DTYPE):
+                    raise ValueError("unexpected shape")
+                del array
+            except Exception as exc:
+                self.report(f"Feature cache file {path.name} is unreadable ({type(exc).__name__}); rebuilding it.")
+                return None
+            found[cut] = path
+        return found
+
     def clean(self, files: Sequence[str], name: str) -> tuple[PooledFeatures, PooledFeatures]:
         """Un-augmented features of the images in ``files``, and of their mirrors (horizontal flips), in the
-        order of ``files``."""
+        order of ``files``, each with its activations at the cuts."""
         key = self.key("clean", files)
         n, dim = len(files), self.feature_dim
         arrays = self._load(key, {name: (n, dim) for name in ("max", "avg", "mirrored_max", "mirrored_avg")})
-        if arrays is not None:
+        cuts = self._load_cuts(key, (n, 2)) if arrays is not None else None
+        if arrays is not None and cuts is not None:
             self.hits += 1
         else:
             self.misses += 1
-            arrays = self._compute(files, f"{n} {name} images and their mirrors", 2, lambda x, _: np.stack(
-                [x, flip_combo(x, 1)], axis=1), {})
+            arrays, cuts = self._compute(key, files, f"{n} {name} images and their mirrors", 2,
+                                         lambda x, _: np.stack([x, flip_combo(x, 1)], axis=1), {})
             arrays = {"max": arrays["max"][:, 0], "avg": arrays["avg"][:, 0],
                       "mirrored_max": arrays["max"][:, 1], "mirrored_avg": arrays["avg"][:, 1]}
             self._store(key, arrays)
-        return (PooledFeatures(arrays["max"], arrays["avg"]),
-                PooledFeatures(arrays["mirrored_max"], arrays["mirrored_avg"]))
+        loaded = {cut: np.load(c) if isinstance(c, Path) else c for cut, c in cuts.items()}  # small: read whole
+        return (PooledFeatures(arrays["max"], arrays["avg"], {cut: a[:, 0] for cut, a in loaded.items()}),
+                PooledFeatures(arrays["mirrored_max"], arrays["mirrored_avg"], {cut: a[:, 1] for cut, a in loaded.items()}))
 
     def pool(self, files: Sequence[str], spec: PoolSpec) -> TrainPool:
         """The view pool of every training image, computed with a progress line every ~10 %."""
         key = self.key("pool", files, spec)
         n, v, dim = len(files), spec.views_per_image, self.feature_dim
         arrays = self._load(key, {"max": (n, v, dim), "avg": (n, v, dim), "combos": (n, v), "angles": (n, v)})
-        if arrays is not None:
+        cuts = self._load_cuts(key, (n, v)) if arrays is not None else None
+        if arrays is not None and cuts is not None:
             self.hits += 1
         else:
             self.misses += 1
             sources, combos, angles = spec.draw(n, np.random.default_rng(spec.seed))
-            arrays = self._compute(files, f"{n} training images x {v} augmented views", v,
-                                   lambda x, rows: spec.render(x, sources[rows]), {"combos": combos, "angles": angles})
+            arrays, cuts = self._compute(key, files, f"{n} training images x {v} augmented views", v,
+                                         lambda x, rows: spec.render(x, sources[rows]),
+                                         {"combos": combos, "angles": angles})
             self._store(key, arrays)
-        return TrainPool(spec, PooledFeatures(arrays["max"], arrays["avg"]), arrays["combos"], arrays["angles"])
+        return TrainPool(spec, PooledFeatures(arrays["max"], arrays["avg"]), arrays["combos"], arrays["angles"], cuts)
 
-    def _compute(self, files: Sequence[str], what: str, views: int,
-                 render: Callable[[np.ndarray, slice], np.ndarray], extra: dict) -> dict[str, np.ndarray]:
-        """Decode ``files`` a chunk at a time, render each image's ``views`` views, featurise, drop."""
+    def _compute(self, key: str, files: Sequence[str], what: str, views: int,
+                 render: Callable[[np.ndarray, slice], np.ndarray],
+                 extra: dict) -> tuple[dict[str, np.ndarray], dict[str, Path | np.ndarray]]:
+        """Decode ``files`` a chunk at a time, render each image's ``views`` views, featurise, drop.
+
+        The cuts' activations are streamed to their ``.npy`` files chunk by chunk (in memory without a disk
+        cache), so they never sit in memory whole: at 224 they are gigabytes.
+        """
         n, dim = len(files), self.feature_dim
         maxes = np.empty((n, views, dim), dtype="float32")
         avgs = np.empty((n, views, dim), dtype="float32")
+        writers = {cut: _ArrayWriter(self._cut_path(key, cut), (n, views, *shape))
+                   for cut, shape in self.cut_shapes.items()}
         extractor = self.extractor
         started, next_report = time.monotonic(), 0.1
         self.report(f"Computing MobileNetV2 features of {what} ({n * views} forward passes through "
                     f"{extractor.backend}, once; cached on disk) ...")
-        for i in range(0, n, self.chunk):
-            rows = slice(i, min(i + self.chunk, n))
-            x = render(preprocess(self.decode(files[rows])), rows)
-            count = len(x)
-            feats = extractor.features(x.reshape(count * views, *x.shape[2:]))
-            maxes[rows] = feats.max.reshape(count, views, dim)
-            avgs[rows] = feats.avg.reshape(count, views, dim)
-            done = rows.stop / n
-            if done >= next_report or rows.stop == n:
-                elapsed = time.monotonic() - started
-                self.report(f"  features: {rows.stop}/{n} images ({elapsed:.0f}s, "
-                            f"~{elapsed / done * (1 - done):.0f}s left)")
-                next_report = done + 0.1
-        return {"max": maxes, "avg": avgs, **extra}
+        try:
+            for i in range(0, n, self.chunk):
+                rows = slice(i, min(i + self.chunk, n))
+                x = render(preprocess(self.decode(files[rows])), rows)
+                count = len(x)
+                feats, cut_maps = extractor.outputs(x.reshape(count * views, *x.shape[2:]))
+                maxes[rows] = feats.max.reshape(count, views, dim)
+                avgs[rows] = feats.avg.reshape(count, views, dim)
+                for cut, writer in writers.items():
+                    writer.write(cut_maps[cut].reshape(count, views, *cut_maps[cut].shape[1:]))
+                done = rows.stop / n
+                if done >= next_report or rows.stop == n:
+                    elapsed = time.monotonic() - started
+                    self.report(f"  features: {rows.stop}/{n} images ({elapsed:.0f}s, "
+                                f"~{elapsed / done * (1 - done):.0f}s left)")
+                    next_report = done + 0.1
+            cuts = {cut: writer.close() for cut, writer in writers.items()}
+        finally:
+            for writer in writers.values():
+                writer.discard()
+        for cut, value in cuts.items():
+            if isinstance(value, np.ndarray):
+                self._memory[f"{key}-{cut}"] = {"activations": value}
+        return {"max": maxes, "avg": avgs, **extra}, cuts
+
+
+class _ArrayWriter:
+    """An array written row block by row block, in order: into a ``.npy`` file through a temporary file
+    renamed into place when complete (as ``_write_whole``), or, without a path, into memory."""
+
+    def __init__(self, path: Path | None, shape: tuple[int, ...]) -> None:
+        self.path, self.shape = path, shape
+        self._array = np.empty(shape, dtype=ACTIVATION_DTYPE) if path is None else None
+        self._rows = 0
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            self._file = open(self._tmp, "wb")
+            np.lib.format.write_array_header_1_0(self._file, {"descr": np.dtype(ACTIVATION_DTYPE).str,
+                                                              "fortran_order": False, "shape": shape})
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=ACTIVATION_DTYPE)
+        if self._file is None:
+            self._array[self._rows:self._rows + len(rows)] = rows
+        else:
+            self._file.write(rows.data)
+        self._rows += len(rows)
+
+    def close(self) -> Path | np.ndarray:
+        if self._rows != self.shape[0]:
+            raise RuntimeError(f"wrote {self._rows} of {self.shape[0]} rows")
+        if self._file is None:
+            return self._array
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """After ``close`` nothing; after a failure, the partial file goes."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._tmp.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """The transfer family: a frozen ImageNet MobileNetV2 base with a small trainable head.
 
 The study's model: preprocess_input, RandomFlip, RandomRotation(0.2), MobileNetV2 (no top, frozen, called
-with ``training=False``), GlobalMaxPooling2D, Dropout 0.2, Dense(classes) on logits.
+with ``training=False``), GlobalMaxPooling2D, Dropout 0.2, Dense(classes) on logits. A trial may then
+fine-tune the top of the base with the head (``fine_tune_from``, search_spaces/finetune.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 
 from search_spaces.base import Fitted, HyperFamily, fitted
 from search_spaces.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
+from search_spaces.finetune import (CUTS, FINE_TUNE_FROM, ActivationDraws, ScoreViewsEachEpoch, TopTrainer,
+                                    trainable_names, view_logits)
 from search_spaces.head import ScoreEachEpoch, ViewDraws, score, stack_views
 from sweep.errors import WeightsError
 
@@ -26,7 +29,8 @@ LITERT_MIN_PASSES = 4000
 
 class HyperTransfer(HyperFamily):
     name = "transfer"
-    description = "frozen ImageNet MobileNetV2 base + pooling/dropout/dense head (study: ~95-98 %)"
+    description = ("frozen ImageNet MobileNetV2 base + pooling/dropout/dense head, optionally then fine-tuned from "
+                   "a cut point (study: ~95-98 %)")
 
     def __init__(
         self,
@@ -39,12 +43,19 @@ class HyperTransfer(HyperFamily):
         self.weights = weights
         self._base: keras.Model | None = None
         self._heads: dict[tuple[int, int], keras.Model] = {}
+        self._trainers: dict[tuple[str, int], TopTrainer] = {}
         self.features: CachedFeatures | None = None  # set by ``prepare``
 
     def declare(self, hp: kt.HyperParameters) -> dict[str, Any]:
         values = super().declare(hp)
         values["pooling"] = hp.Choice("pooling", ["global_max", "global_avg"], default="global_max")
         values.update(self.declare_augmentation(hp))
+        # Fine-tuning: after the head's epochs, train the base from the cut upwards with the head, at the
+        # head's learning rate times the factor. "none" is the study's model.
+        values["fine_tune_from"] = hp.Choice("fine_tune_from", list(FINE_TUNE_FROM), default="none")
+        with hp.conditional_scope("fine_tune_from", list(CUTS)):
+            values["fine_tune_epochs"] = hp.Int("fine_tune_epochs", 2, 8, step=2, default=4)
+            values["fine_tune_lr_factor"] = hp.Float("fine_tune_lr_factor", 0.01, 0.3, sampling="log", default=0.1)
         return values
 
     def build_base(self) -> keras.Model:
@@ -100,8 +111,18 @@ class HyperTransfer(HyperFamily):
     def build_layers(self, inputs: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
         x = self.preprocess(inputs)
         x = self.augment(x, values)
-        x = self.build_base()(x, training=False)
+        x = self.trial_base(values)(x, training=False)
         return self.head(x, values)
+
+    def trial_base(self, values: dict[str, Any]) -> keras.Model:
+        """The shared frozen base, or for a trial that fine-tunes its own copy (its top will change)."""
+        shared = self.build_base()
+        if values.get("fine_tune_from", "none") == "none":
+            return shared
+        own = keras.models.clone_model(shared)
+        own.set_weights(shared.get_weights())
+        own.trainable = False  # as the study's base: what trains is chosen by the fine-tuning stage
+        return own
 
     # -- training on cached features -------------------------------------------------------------------
     def new_session(self) -> None:
@@ -118,24 +139,33 @@ class HyperTransfer(HyperFamily):
             keras.backend.clear_session(free_memory=False)
         self.build_base()
 
-    def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None]) -> None:
+    def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None],
+                fixed: dict[str, Any] | None = None) -> None:
         """Load or compute the base's features of every training view, and of the clean validation and test
-        images and their mirrors; trials then train and score only the head. The disk cache is used only
-        with a weights file (random weights differ per process).
+        images and their mirrors; trials then train and score only the head. The same pass keeps the
+        activations at every cut point a trial may fine-tune from (only the fixed one, with ``fixed``
+        holding ``fine_tune_from``). The disk cache is used only with a weights file (random weights differ
+        per process).
 
         ``data`` gives the splits' ``files`` and ``labels``, and ``decode(files)`` (float32 0-255 images).
         """
+        fixed_cut = (fixed or {}).get("fine_tune_from")
+        cuts = [c for c in CUTS if fixed_cut in (None, c)]
+        base = self.build_base()
+        cut_shapes = {c: tuple(base.get_layer(CUTS[c]).output.shape[1:]) for c in cuts}
         weights_id = digest(Path(self.weights)) if self.weights else None
         directory = Path(cache_dir) if (cache_dir and weights_id) else None
-        litert_file = (directory / f"base-{weights_id}-{self.image_size[0]}x{self.image_size[1]}.tflite"
+        outputs = "-".join(["pooled", *cuts])
+        litert_file = (directory / f"base-{weights_id}-{self.image_size[0]}x{self.image_size[1]}-{outputs}.tflite"
                        if directory else None)
         held_out = sorted(set(data.validation.files) | set(data.test.files))
         passes = len(data.train.files) * PoolSpec().views_per_image + 2 * len(held_out)
         # Converting the base to LiteRT takes ~10 s: worth it for a real dataset, not for a handful of images.
         backend = "auto" if passes >= LITERT_MIN_PASSES else "tensorflow"
-        cache = FeatureCache(directory, lambda: FeatureExtractor(self.build_base(), backend=backend,
-                                                                 litert_file=litert_file, report=report),
-                             weights_id or "random-init", self.image_size, data.decode, report=report)
+        cache = FeatureCache(directory, lambda: FeatureExtractor(base, backend=backend, litert_file=litert_file,
+                                                                 report=report, cuts={c: CUTS[c] for c in cuts}),
+                             weights_id or "random-init", self.image_size, data.decode, report=report,
+                             cut_shapes=cut_shapes)
         pool = cache.pool(data.train.files, PoolSpec())
         # Validation and test are cut from one folder by the seed: cache the folder, so every seed is warm.
         clean, mirrored = cache.clean(held_out, "validation-folder")
@@ -151,11 +181,21 @@ class HyperTransfer(HyperFamily):
             initial_epoch: int = 0, callbacks: list | None = None, verbose: int = 0, seed: int = 0) -> Fitted:
         """With cached features (``prepare``), train only the head, one freshly drawn view per image and epoch,
         and score it on the clean validation and test features (with their mirrors for ``test_time_flip``);
-        the trained head then goes into ``model``. Without, train end to end on raw images."""
+        the trained head then goes into ``model``. Without, train end to end on raw images.
+
+        A trial with ``fine_tune_from`` then fine-tunes the top of its own base with the head for
+        ``fine_tune_epochs`` more epochs (on the cut's cached activations, or on raw images), on the same
+        epoch axis: its score is the fine-tuned model's, and ``Fitted.stages`` says where fine-tuning began.
+        """
+        values = hp.values
         if self.features is None:
-            return super().fit(hp, model, data=data, batch_size=batch_size, epochs=epochs,
-                               initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose, seed=seed)
-        values, f = hp.values, self.features
+            head_stage = super().fit(hp, model, data=data, batch_size=batch_size, epochs=epochs,
+                                     initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose, seed=seed)
+            if values.get("fine_tune_from", "none") == "none":
+                return head_stage
+            return fine_tune_raw(self, values, model, head_stage, data=data, batch_size=batch_size, epochs=epochs,
+                                 callbacks=callbacks, verbose=verbose)
+        f = self.features
         draws = ViewDraws(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
                           values["rotation_factor"], batch_size, seed, tensor=f.tensor(values["pooling"]))
         head = self.build_head(hp, f.pool.features.max.shape[-1], steps_per_execution=draws.steps_per_epoch,
@@ -166,11 +206,43 @@ class HyperTransfer(HyperFamily):
         history = head.fit(draws.dataset(epochs - initial_epoch), epochs=epochs, initial_epoch=initial_epoch,
                            steps_per_epoch=draws.steps_per_epoch, shuffle=False, verbose=verbose,  # drawn shuffled
                            callbacks=[ScoreEachEpoch(validation, data.validation.labels), *(callbacks or [])])
+        model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
+        if values.get("fine_tune_from", "none") != "none":
+            return self.fine_tune_cached(values, model, history.history, data=data, batch_size=batch_size,
+                                         epochs=epochs, callbacks=callbacks, verbose=verbose, seed=seed)
         test = stack_views([f.test, f.mirrored_test][:views], values["pooling"])
         test_loss, test_accuracy = score(head, test, data.test.labels)
-        model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
         return fitted(self.inference_model(model, values), history.history, test_loss, test_accuracy,
                       "cached_features")
+
+    def fine_tune_cached(self, values: dict[str, Any], model: keras.Model, head_history: dict, *, data: Any,
+                         batch_size: int, epochs: int, callbacks: list | None, verbose: int, seed: int) -> Fitted:
+        """The fine-tuning stage on the cut's cached activations: the top (a copy of the base's, from its
+        ImageNet weights) and the trained head train together; the result goes into ``model``'s own base."""
+        cut, f = values["fine_tune_from"], self.features
+        draws = ViewDraws(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
+                          values["rotation_factor"], batch_size, [seed, 1])  # its own stream of view draws
+        batches = ActivationDraws(f.pool.activations(cut), data.train.labels, draws, batch_size)
+        key = (cut, batches.steps_per_epoch)
+        if key not in self._trainers:
+            self._trainers[key] = TopTrainer(self.build_base(), cut, self.num_classes, batches.steps_per_epoch,
+                                             self.compile)
+        trainer = self._trainers[key]
+        tuned = trainer.reset(model.get_layer("logits").get_weights(), values, seed)
+        views = 2 if values["test_time_flip"] else 1
+        validation = [f.validation.cuts[cut], f.mirrored_validation.cuts[cut]][:views]
+        more = values["fine_tune_epochs"]
+        history = tuned.fit(batches.dataset(more), epochs=epochs + more, initial_epoch=epochs,
+                            steps_per_epoch=batches.steps_per_epoch, shuffle=False, verbose=verbose,
+                            callbacks=[ScoreViewsEachEpoch(validation, data.validation.labels), *(callbacks or [])])
+        test_logits = view_logits(tuned, [f.test.cuts[cut], f.mirrored_test.cuts[cut]][:views])
+        test_loss, test_accuracy = score(tuned, None, data.test.labels, test_logits)
+        trainer.copy_into(own_base(model))
+        model.get_layer("logits").set_weights(tuned.get_layer("logits").get_weights())
+        both = {name: head_history.get(name, []) + history.history.get(name, []) for name in head_history}
+        result = fitted(self.inference_model(model, values), both, test_loss, test_accuracy, "cached_features")
+        result.stages = {"fine_tune": epochs + 1}
+        return result
 
     def evaluate_raw(self, result: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
         """The end-to-end model on the raw validation and test images: a check of the cached score. Images
@@ -185,6 +257,36 @@ class HyperTransfer(HyperFamily):
             loss, accuracy = score(result.model, None, split.labels, logits)
             figures.update({f"raw_{name}_loss": loss, f"raw_{name}_accuracy": accuracy})
         return figures
+
+
+def own_base(model: keras.Model) -> keras.Model:
+    """The MobileNetV2 inside an end-to-end transfer model."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Model, head_stage: Fitted, *,
+                  data: Any, batch_size: int, epochs: int, callbacks: list | None, verbose: int) -> Fitted:
+    """The fine-tuning stage end to end on raw images (a sweep without the feature cache): the layers of
+    ``model``'s own base above the cut train with the head, BatchNormalization still in inference mode."""
+    from search_spaces.base import Validation
+
+    base = own_base(model)
+    top = set(trainable_names(base, values["fine_tune_from"]))
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = layer.name in top
+    family.compile(model, {"learning_rate": values["learning_rate"] * values["fine_tune_lr_factor"]})
+    final = family.inference_model(model, values)
+    more = values["fine_tune_epochs"]
+    history = model.fit(data.train.images, data.train.labels, batch_size=batch_size, epochs=epochs + more,
+                        initial_epoch=epochs, shuffle=True, verbose=verbose,
+                        callbacks=[Validation(final, data.validation.images, data.validation.labels, batch_size),
+                                   *(callbacks or [])])
+    test_loss, test_accuracy = final.evaluate(data.test.images, data.test.labels, batch_size=batch_size, verbose=0)
+    both = {name: head_stage.history[name] + list(history.history.get(name, [])) for name in head_stage.history}
+    result = fitted(final, both, test_loss, test_accuracy, "raw_images")
+    result.stages = {"fine_tune": epochs + 1}
+    return result
 
 
 class RateDropout(keras.layers.Layer):

@@ -208,7 +208,8 @@ def families() -> None:
     for name, cls in FAMILIES.items():
         click.echo(f"{name}: {cls.description}")
         for row in describe(name):
-            click.echo(f"  {row['name']:<16} {row['type']:<7} {row['domain']:<58} default {row['default']}")
+            when = f" ({row['when']})" if row["when"] else ""
+            click.echo(f"  {row['name']:<20} {row['type']:<7} {row['domain']:<44} default {row['default']}{when}")
         click.echo("")
 
 

@@ -25,6 +25,9 @@ def plot_accuracy(record: TrialRecord, baseline: float) -> Figure:
     ax.plot(_epochs(train, record.first_epoch), train, marker="o", markersize=3, label="training accuracy")
     ax.plot(_epochs(val, record.first_epoch), val, marker="o", markersize=3, label="validation accuracy")
     _baseline(ax, baseline)
+    for stage, epoch in record.stages.items():
+        ax.axvline(epoch - 0.5, color="tab:purple", linestyle="--", linewidth=1,
+                   label=f"{stage.replace('_', '-')} from epoch {epoch}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)

@@ -28,6 +28,7 @@ class TrialRecord:
     test_images: int = 0  # how many images test_accuracy was measured on
     seconds: float = 0.0
     run_id: str = ""
+    stages: dict[str, int] = field(default_factory=dict)  # a later training stage (fine_tune) -> its first epoch
 
     @property
     def scores(self) -> dict[str, float]:
@@ -146,4 +147,5 @@ def record_from_run(run: Any, history: dict[str, list[float]] | None = None) -> 
         test_images=int(metrics.get("test_images", 0)),
         seconds=float(metrics.get("train_seconds", 0.0)),
         run_id=run.info.run_id,
+        stages={name[:-len("_first_epoch")]: int(value) for name, value in tags.items() if name.endswith("_first_epoch")},
     )

@@ -181,7 +181,7 @@ def build_tuner(spec: SweepSpec, splits: Splits, tracking_settings: TrackingSett
     )
     started = time.monotonic()
     if spec.feature_cache and trains_here:
-        hypermodel.prepare(splits, tracking_settings.cache_dir, report)
+        hypermodel.prepare(splits, tracking_settings.cache_dir, report, fixed=dict(spec.fixed))
     setup_seconds = time.monotonic() - started
     tuner = SweepTuner(
         spec=spec, data=splits, report=report, verbose=verbose, oracle=build_oracle(spec), hypermodel=hypermodel,

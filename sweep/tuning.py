@@ -340,13 +340,15 @@ class SweepTuner(kt.Tuner):
                     val_accuracy=fitted.val_accuracy, val_loss=fitted.val_loss,
                     test_accuracy=fitted.test_accuracy, test_loss=fitted.test_loss,
                     test_images=len(self.data.test), seconds=time.monotonic() - started, run_id=run.run_id,
+                    stages=dict(fitted.stages),
                 )
                 low, high = accuracy_interval(record.test_accuracy, record.test_images)
                 run.log_metrics({"test_accuracy": record.test_accuracy, "test_loss": record.test_loss,
                                  "test_accuracy_ci_low": low, "test_accuracy_ci_high": high,
                                  "test_images": record.test_images,
                                  "baseline_accuracy": self.data.baseline_accuracy, "train_seconds": record.seconds})
-                run.set_tags({"training": fitted.scored_on})
+                run.set_tags({"training": fitted.scored_on,  # and where each later stage began, e.g. fine_tune_first_epoch
+                              **{f"{stage}_first_epoch": str(epoch) for stage, epoch in fitted.stages.items()}})
                 run.log_figure(plots.plot_accuracy(record, self.data.baseline_accuracy), "accuracy.png")
                 self._keep(trial.trial_id, record, model, fitted, run)
                 heartbeat.beat()  # a trial the chief failed meanwhile is not finished here either
