@@ -79,6 +79,30 @@ def fix_hyperparameters(family: str, assignments: dict[str, str]) -> dict[str, A
     return fixed
 
 
+def fixed_space(family: str, fixed: dict[str, Any]) -> kt.HyperParameters:
+    """Keras Tuner hyperparameters holding ``fixed`` (checked by ``fix_hyperparameters``) at their values, each
+    declared under the same conditions as in the family's space (a fine-tuning setting exists only when
+    ``fine_tune_from`` is a cut), so that the family's own declaration finds the fixed one instead of adding
+    a second, drawn one."""
+    space = kt.HyperParameters()
+    FAMILIES[family]().declare(space)
+    parents = {c.name for item in space.space if item.name in fixed for c in item.conditions}
+    hp = kt.HyperParameters()
+    for item in space.space:  # in the family's order: a parent before what it conditions
+        if item.name in fixed:
+            scopes = [hp.conditional_scope(c.name, list(c.values)) for c in item.conditions]
+            for scope in scopes:
+                scope.__enter__()
+            try:
+                hp.Fixed(item.name, fixed[item.name])
+            finally:
+                for scope in reversed(scopes):
+                    scope.__exit__(None, None, None)
+        elif item.name in parents:  # drawn as usual, declared so the fixed one can be conditioned on it
+            hp.merge([item])
+    return hp
+
+
 def describe(family: str) -> list[dict[str, Any]]:
     """Each hyperparameter of a family: name, type, range or choices, default, and ``when`` it is active
     (a conditional one, e.g. the fine-tuning settings; empty when always). Builds no model."""
@@ -105,4 +129,5 @@ def describe(family: str) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["FAMILIES", "Fitted", "HyperFamily", "default_values", "describe", "hyperparameters", "make_hypermodel"]
+__all__ = ["FAMILIES", "Fitted", "HyperFamily", "default_values", "describe", "fixed_space", "hyperparameters",
+           "make_hypermodel"]

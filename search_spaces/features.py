@@ -265,12 +265,12 @@ class FeatureExtractor:
         if len(set(self.cut_shapes.values())) < len(self.cut_shapes):
             raise ValueError(f"cut outputs must differ in shape to be told apart: {self.cut_shapes}")
         # One model gives the base's output and every cut's: the cuts cost no extra pass.
-        self._outputs = keras.Model(base.input, [base.output, *(base.get_layer(layer).output
-                                                                for layer in self.cuts.values())])
+        self._model = keras.Model(base.input, [base.output, *(base.get_layer(layer).output
+                                                              for layer in self.cuts.values())])
 
         @tf.function(reduce_retracing=True)
         def _tensorflow(x):
-            maps, *cut = self._outputs(x, training=False)
+            maps, *cut = self._outputs(x)
             return (tf.reduce_max(maps, axis=[1, 2]), tf.reduce_mean(maps, axis=[1, 2]), *cut)
 
         self._tensorflow = lambda x: tuple(t.numpy() for t in _tensorflow(x))
@@ -290,6 +290,11 @@ class FeatureExtractor:
             if self._litert is not None:
                 self.backend = "litert"
 
+    def _outputs(self, x) -> list:
+        """The base's feature maps, then each cut's activations."""
+        out = self._model(x, training=False)
+        return list(out) if isinstance(out, (list, tuple)) else [out]  # a one-output model returns a tensor
+
     def _load_litert(self, litert_file: Path | None, required: bool):
         try:
             from ai_edge_litert.interpreter import Interpreter
@@ -305,7 +310,7 @@ class FeatureExtractor:
         else:
             started = time.monotonic()
             inputs = keras.Input(self.base.input_shape[1:])
-            maps, *cut = self._outputs(inputs, training=False)
+            maps, *cut = self._outputs(inputs)
             pooled = keras.Model(inputs, [keras.layers.GlobalMaxPooling2D()(maps),
                                           keras.layers.GlobalAveragePooling2D()(maps), *cut])
             with tempfile.TemporaryDirectory() as tmp:
@@ -392,9 +397,45 @@ class TrainPool:
     angles: np.ndarray
     cut_files: dict[str, Path | np.ndarray] = field(default_factory=dict)
 
-    def activations(self, cut: str) -> np.ndarray:
-        source = self.cut_files[cut]
-        return np.load(source, mmap_mode="r") if isinstance(source, Path) else source
+    def activations(self, cut: str) -> ActivationRows:
+        return ActivationRows(self.cut_files[cut])
+
+
+class ActivationRows:
+    """A pool's activations at one cut, [images, views, h, w, c], read one (image, view) block at a time.
+
+    From a ``.npy`` file, each block is read with a plain file read: only the batch in hand takes memory
+    (a memory map would count every page it touched, and the whole file soon, as the process's own). From
+    an array (no disk cache), it is indexed.
+    """
+
+    def __init__(self, source: Path | np.ndarray) -> None:
+        self._file = None
+        if isinstance(source, Path):
+            self._file = open(source, "rb")
+            if np.lib.format.read_magic(self._file) != (1, 0):
+                raise ValueError(f"{source.name}: not a version 1.0 .npy file")
+            self.shape, _, self.dtype = np.lib.format.read_array_header_1_0(self._file)
+            self._start = self._file.tell()
+            self._block = int(np.prod(self.shape[2:])) * self.dtype.itemsize
+            self._array = None
+        else:
+            self._array, self.shape, self.dtype = source, source.shape, source.dtype
+
+    def take(self, images: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """The blocks of (``images[k]``, ``views[k]``), as float32 [k, h, w, c]."""
+        if self._array is not None:
+            return np.asarray(self._array[images, views], dtype="float32")
+        out = np.empty((len(images), *self.shape[2:]), dtype=self.dtype)
+        for k, (image, view) in enumerate(zip(images, views)):
+            self._file.seek(self._start + (int(image) * self.shape[1] + int(view)) * self._block)
+            self._file.readinto(memoryview(out[k]).cast("B"))
+        return out.astype("float32")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _write_whole(path: Path, write: Callable) -> None:

@@ -18,17 +18,22 @@ from typing import Any
 import keras
 import numpy as np
 
-# cut point -> the layer of MobileNetV2 whose output the trainable top takes (cached per image and view)
-CUTS = {
-    "conv_1": "block_16_project_BN",  # Conv_1 (320 -> 1280, 1x1) and its BatchNormalization
+# cut point -> the layer of MobileNetV2 whose output the trainable top takes (cached per image and view).
+# All measured by ``sweep bench --cut-costs``; ``CUTS`` are those a sweep offers.
+CUT_LAYERS = {
+    "conv_1": "block_16_project_BN",  # Conv_1 (320 -> 1280, 1x1)
     "block_16": "block_15_add",  # block 16 (expand, depthwise, project: 160 -> 320) and Conv_1
+    "block_15": "block_14_add",
+    "block_14": "block_13_project_BN",
+    "block_13": "block_12_add",  # 14x14 maps at 224: a cache 2.4x larger per view
 }
+CUTS = {cut: CUT_LAYERS[cut] for cut in ("conv_1", "block_16")}
 FINE_TUNE_FROM = ("none", *CUTS)
 
 
 def top_layers(base: keras.Model, cut: str) -> keras.Model:
     """The part of ``base`` from the cut to its output, sharing ``base``'s layers and weights."""
-    return keras.Model(base.get_layer(CUTS[cut]).output, base.output, name=f"top_from_{cut}")
+    return keras.Model(base.get_layer(CUT_LAYERS[cut]).output, base.output, name=f"top_from_{cut}")
 
 
 def trainable_names(base: keras.Model, cut: str) -> list[str]:
@@ -108,8 +113,8 @@ class PoolingSwitch(keras.layers.Layer):
 class ActivationDraws:
     """Batches of cached activations, one drawn view per training image and epoch (``ViewDraws``'s draws)."""
 
-    def __init__(self, activations: np.ndarray, labels: np.ndarray, draws, batch_size: int) -> None:
-        """``activations``: [images, views, h, w, c] (a memory map is fine); ``draws``: a ``ViewDraws``."""
+    def __init__(self, activations, labels: np.ndarray, draws, batch_size: int) -> None:
+        """``activations``: an ``ActivationRows`` [images, views, h, w, c]; ``draws``: a ``ViewDraws``."""
         self.activations, self.labels = activations, np.asarray(labels, dtype="int32")
         self.draws, self.batch_size = draws, batch_size
 
@@ -125,8 +130,8 @@ class ActivationDraws:
                 order, views = self.draws.draw()
                 for i in range(0, len(order), self.batch_size):
                     rows = order[i:i + self.batch_size]
-                    picked = np.sort(rows)  # reads the memory map in file order; the batch order is immaterial
-                    yield (np.asarray(self.activations[picked, views[picked]], dtype="float32"), self.labels[picked])
+                    picked = np.sort(rows)  # reads the file in order; the order within a batch is immaterial
+                    yield self.activations.take(picked, views[picked]), self.labels[picked]
 
         shape = self.activations.shape[2:]
         return tf.data.Dataset.from_generator(batches, output_signature=(

@@ -232,9 +232,12 @@ class HyperTransfer(HyperFamily):
         views = 2 if values["test_time_flip"] else 1
         validation = [f.validation.cuts[cut], f.mirrored_validation.cuts[cut]][:views]
         more = values["fine_tune_epochs"]
-        history = tuned.fit(batches.dataset(more), epochs=epochs + more, initial_epoch=epochs,
-                            steps_per_epoch=batches.steps_per_epoch, shuffle=False, verbose=verbose,
-                            callbacks=[ScoreViewsEachEpoch(validation, data.validation.labels), *(callbacks or [])])
+        try:
+            history = tuned.fit(batches.dataset(more), epochs=epochs + more, initial_epoch=epochs,
+                                steps_per_epoch=batches.steps_per_epoch, shuffle=False, verbose=verbose,
+                                callbacks=[ScoreViewsEachEpoch(validation, data.validation.labels), *(callbacks or [])])
+        finally:
+            batches.activations.close()
         test_logits = view_logits(tuned, [f.test.cuts[cut], f.mirrored_test.cuts[cut]][:views])
         test_loss, test_accuracy = score(tuned, None, data.test.labels, test_logits)
         trainer.copy_into(own_base(model))

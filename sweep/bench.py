@@ -241,3 +241,56 @@ def format_table(result: BenchResult) -> str:
                      f"(family {result.family}, {result.epochs} epochs a trial, baseline "
                      f"{result.baseline_accuracy:.1%})")
     return "\n".join(lines)
+
+
+def cut_costs(family, train_images: int, validation_images: int, batch_size: int, views: int,
+              report: Callable[[str], None] = print) -> list[dict]:
+    """What fine-tuning from each cut point costs at the family's image size: the cached activations of
+    ``train_images`` x ``views`` (float16), and the seconds of one fine-tuning epoch over ``train_images``
+    (after a first, tracing epoch) and of scoring ``validation_images``. The activations are random: the
+    cost depends on their shape only."""
+    import numpy as np
+
+    from search_spaces.finetune import CUT_LAYERS, CUTS, TopTrainer, view_logits
+
+    base = family.build_base()
+    rng = np.random.default_rng(0)
+    values = {"pooling": "global_max", "dropout": 0.2, "learning_rate": 1e-3, "fine_tune_lr_factor": 0.1}
+    rows = []
+    for cut in CUT_LAYERS:
+        shape = tuple(base.get_layer(CUT_LAYERS[cut]).output.shape[1:])
+        steps = -(-train_images // batch_size)
+        trainer = TopTrainer(base, cut, family.num_classes, steps, family.compile)
+        head = [rng.normal(0, 0.02, (base.output_shape[-1], family.num_classes)).astype("float32"),
+                np.zeros(family.num_classes, "float32")]
+        model = trainer.reset(head, values, 0)
+        x = rng.normal(size=(train_images, *shape)).astype("float32")
+        y = rng.integers(0, family.num_classes, train_images)
+        model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)  # traces the training step
+        started = time.monotonic()
+        model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+        epoch = time.monotonic() - started
+        view_logits(model, [x[:validation_images]])
+        started = time.monotonic()
+        view_logits(model, [x[:validation_images]])
+        scoring = time.monotonic() - started
+        row = {"cut": cut, "offered": cut in CUTS, "activation": "x".join(map(str, shape)),
+               "trained_parameters": sum(int(np.prod(v.shape)) for v in trainer.top.trainable_variables),
+               "cache_gib": train_images * views * int(np.prod(shape)) * 2 / 2 ** 30,
+               "epoch_seconds": epoch, "validation_seconds": scoring}
+        rows.append(row)
+        report(f"  {cut}: {row['activation']}, {row['cache_gib']:.2f} GiB, epoch {epoch:.1f}s, validation {scoring:.1f}s")
+        del x
+    return rows
+
+
+def format_cut_costs(rows: list[dict], image_size: tuple[int, int], train_images: int, views: int) -> str:
+    lines = [f"Fine-tuning cut points at {image_size[0]}x{image_size[1]} ({train_images} training images x {views} "
+             "views cached, float16):", "",
+             "| cut point | offered | activation per view | top's trained parameters | cache | s per epoch | "
+             "s per validation |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['cut']} | {'yes' if r['offered'] else 'no'} | {r['activation']} | "
+                     f"{r['trained_parameters'] / 1e6:.2f} M | {r['cache_gib']:.2f} GiB | {r['epoch_seconds']:.1f} | "
+                     f"{r['validation_seconds']:.1f} |")
+    return "\n".join(lines)

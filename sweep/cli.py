@@ -182,10 +182,13 @@ def worker(chief_address, sweep_name, tuner_id, experiment, config_path) -> None
 @CONFIG
 @click.option("--warm", is_flag=True,
               help="One sweep on the configured feature cache (default: a cold, temporary cache, then warm).")
+@click.option("--cut-costs", is_flag=True,
+              help="transfer only: instead, time one fine-tuning epoch from each cut point and size its cache.")
 @click.option("-q", "--quiet", is_flag=True)
 def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, image_size, weights, fixed, experiment,
-          config_path, warm, quiet) -> None:
-    """Time the same trial the plain way and ours, and our whole sweep cold and warm; print a table."""
+          config_path, warm, cut_costs, quiet) -> None:
+    """Time the same trial the plain way and ours, and our whole sweep cold and warm; print a table. With
+    --cut-costs, what fine-tuning from each cut point costs instead."""
     quiet_tensorflow()
     from sweep.bench import format_table, run_bench
     from sweep.study import prepare
@@ -193,6 +196,21 @@ def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, imag
     tracking_settings = tracking_settings_for(config_path, experiment)
     spec = SweepSpec.from_options(family, locals())
     prepared = prepare(spec, tracking_settings, family == "transfer", report=click.echo)
+    if cut_costs:
+        from search_spaces import make_hypermodel
+        from search_spaces.features import PoolSpec
+        from sweep.bench import cut_costs as measure, format_cut_costs
+
+        if family != "transfer":
+            raise click.BadParameter("only the transfer family fine-tunes.", param_hint="--cut-costs")
+        hypermodel = make_hypermodel("transfer", len(prepared.splits.class_names), prepared.splits.image_size,
+                                     prepared.weights_path)
+        views = PoolSpec().views_per_image
+        rows = measure(hypermodel, len(prepared.splits.train), len(prepared.splits.validation), spec.batch_size,
+                       views, report=click.echo)
+        click.echo("")
+        click.echo(format_cut_costs(rows, prepared.splits.image_size, len(prepared.splits.train), views))
+        return
     result = run_bench(spec, prepared, tracking_settings, plain_trials, warm_only=warm, report=click.echo,
                        verbose=keras_verbosity(quiet))
     click.echo("")

@@ -24,6 +24,22 @@ class FamilyRow:
     train_accuracy: float
     metric: str = DEFAULT_OBJECTIVE
     image_size: str = ""  # the best trial's sweep's, e.g. "224x224"
+    frozen: TrialRecord | None = None  # transfer with fine-tuning trials: the best trial without,
+    fine_tuned: TrialRecord | None = None  # and the best with
+
+    @property
+    def fine_tuning_verdict(self) -> str:
+        """Whether the best fine-tuned trial beat the best frozen-base one, on validation loss and accuracy."""
+        if self.frozen is None or self.fine_tuned is None:
+            return ""
+        loss = self.fine_tuned.val_loss < self.frozen.val_loss
+        accuracy = self.fine_tuned.val_accuracy > self.frozen.val_accuracy
+        if loss and accuracy:
+            return "Fine-tuning beat the frozen base on validation loss and accuracy."
+        if loss or accuracy:
+            return (f"Fine-tuning beat the frozen base on validation {'loss' if loss else 'accuracy'} only, not on "
+                    f"{'accuracy' if loss else 'loss'}.")
+        return "Fine-tuning did not beat the frozen base on validation loss or accuracy."
 
     @property
     def gain_points(self) -> float:
@@ -54,9 +70,14 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
         if not mine:
             continue
         best = best_run(mine, metric)
-        rows.append(FamilyRow(family, record_from_run(best), float(best.data.metrics.get("baseline_accuracy", 0)),
-                              len(mine), float(best.data.metrics.get("accuracy", float("nan"))), metric,
-                              best.data.params.get("image_size", "")))
+        row = FamilyRow(family, record_from_run(best), float(best.data.metrics.get("baseline_accuracy", 0)),
+                        len(mine), float(best.data.metrics.get("accuracy", float("nan"))), metric,
+                        best.data.params.get("image_size", ""))
+        tuned = [r for r in mine if r.data.params.get("fine_tune_from", "none") != "none"]
+        frozen = [r for r in mine if r.data.params.get("fine_tune_from", "none") == "none"]
+        if tuned and frozen:
+            row.frozen, row.fine_tuned = record_from_run(best_run(frozen, metric)), record_from_run(best_run(tuned, metric))
+        rows.append(row)
     return rows
 
 
@@ -80,6 +101,16 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
               "validation accuracy of that trial (flip-averaged validation for a test_time_flip trial); 95% CI: "
               f"Wilson score interval over the test images{one_image}. MLflow runs: "
               + ", ".join(f"{r.family} `{r.best.run_id}`" for r in rows), ""]
+    for r in (r for r in rows if r.fine_tuning_verdict):
+        lines += [f"## Fine-tuning ({r.family})", "", "| | trial | fine-tuned | val accuracy | val loss | test accuracy |",
+                  "|---|---:|---|---:|---:|---:|"]
+        for label, record in (("best frozen-base trial", r.frozen), ("best fine-tuned trial", r.fine_tuned)):
+            hp = record.hyperparameters
+            how = (f"from {hp['fine_tune_from']}, {hp.get('fine_tune_epochs', '?')} epochs, learning rate x "
+                   f"{hp.get('fine_tune_lr_factor', '?')}" if hp.get("fine_tune_from", "none") != "none" else "no")
+            lines.append(f"| {label} | {record.number} | {how} | {record.val_accuracy:.1%} | {record.val_loss:.3f} | "
+                         f"{record.test_accuracy:.1%}{interval_text(record)} |")
+        lines += ["", r.fine_tuning_verdict, ""]
     return "\n".join(lines)
 
 

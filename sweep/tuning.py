@@ -19,7 +19,7 @@ import keras
 import keras_tuner as kt
 from keras_tuner.engine.trial import TrialStatus
 
-from search_spaces import Fitted, HyperFamily, default_values, hyperparameters
+from search_spaces import Fitted, HyperFamily, default_values, fixed_space, hyperparameters
 from sweep import compat, plots, tracking
 from sweep.errors import SweepError
 from sweep.results import TrialRecord, accuracy_interval, best_record, best_run, format_value
@@ -155,10 +155,7 @@ def build_oracle(spec: SweepSpec) -> kt.Oracle:
     score = kt.Objective(spec.objective, direction=OBJECTIVES[spec.objective])
     space = {}
     if spec.fixed:
-        hp = kt.HyperParameters()
-        for name, value in spec.fixed:
-            hp.Fixed(name, value)
-        space = {"hyperparameters": hp, "tune_new_entries": True}
+        space = {"hyperparameters": fixed_space(spec.family, dict(spec.fixed)), "tune_new_entries": True}
     if spec.tuner == "hyperband":
         oracle = SweepHyperband(objective=score, max_epochs=spec.epochs, seed=spec.seed, **space)
         oracle.max_trials = spec.trials

@@ -36,7 +36,9 @@ def test_families_prints_hyperparameters_and_defaults(runner):
     assert result.exit_code == 0, result.output
     for family in ("scratch", "augmented", "preprocessed", "transfer"):
         assert f"{family}: " in result.output
-    assert "rotation_factor  Float   [0.0, 0.3] step 0.1" in result.output
+    assert "rotation_factor      Float   [0.0, 0.3] step 0.1" in result.output
+    assert "fine_tune_from       Choice  {none, conv_1, block_16}" in result.output
+    assert "default 4 (when fine_tune_from is conv_1 or block_16)" in result.output
     assert "{global_max, global_avg}" in result.output
     assert "default flatten" in result.output
 

@@ -347,3 +347,47 @@ def test_a_cached_trial_scores_what_the_end_to_end_model_scores_on_raw_images(ti
         assert "test_time_flip" in [layer.name for layer in fitted.model.layers]
     else:
         assert fitted.model is model
+
+
+def test_cut_activations_are_streamed_to_files_and_read_back_block_by_block(tmp_path, small_base, image_files):
+    from search_spaces.features import ActivationRows, flip_combo
+    from search_spaces.finetune import CUTS
+
+    base = small_base.build_base()
+    shapes = {cut: tuple(base.get_layer(layer).output.shape[1:]) for cut, layer in CUTS.items()}
+    calls, reports = [], []
+
+    def cache():
+        def factory():
+            calls.append(1)
+            return FeatureExtractor(base, backend="tensorflow", cuts=CUTS)
+        return FeatureCache(tmp_path, factory, "w1", (32, 32), decode32, cut_shapes=shapes, report=reports.append)
+
+    files = image_files[:3]
+    cold = cache()
+    pool = cold.pool(files, SPEC)
+    images = preprocess(decode32(files))
+    for cut, shape in shapes.items():
+        stored = np.load(pool.cut_files[cut])
+        assert stored.shape == (3, 19, *shape) and stored.dtype == np.float16
+        for combo in range(4):  # the unrotated views: the base's activations of the flipped images
+            expected = FeatureExtractor(base, backend="tensorflow", cuts=CUTS).outputs(flip_combo(images, combo))[1][cut]
+            np.testing.assert_allclose(stored[:, combo].astype("float32"), expected, rtol=2e-3, atol=2e-3)
+        rows = pool.activations(cut)
+        assert rows.shape == stored.shape
+        np.testing.assert_array_equal(rows.take(np.array([2, 0, 2]), np.array([5, 18, 0])),
+                                      stored[[2, 0, 2], [5, 18, 0]].astype("float32"))
+        rows.close()
+        in_memory = ActivationRows(stored)
+        np.testing.assert_array_equal(in_memory.take(np.array([1]), np.array([3])), stored[[1], [3]].astype("float32"))
+    assert not list(tmp_path.glob(".*.tmp"))  # written through temporary files, renamed when whole
+
+    warm = cache()
+    warm.pool(files, SPEC)
+    assert (warm.hits, warm.misses, len(calls)) == (1, 0, 1)  # nothing computed: both cut files found
+    pool.cut_files["block_16"].write_bytes(b"\x93NUMPY damaged")  # a damaged file is rebuilt, never trusted
+    again = cache()
+    again.pool(files, SPEC)
+    assert (again.hits, again.misses) == (0, 1)
+    assert any("block_16.npy is unreadable" in r for r in reports)
+    assert np.load(pool.cut_files["block_16"]).shape == (3, 19, *shapes["block_16"])

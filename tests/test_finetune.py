@@ -40,6 +40,7 @@ def weights_by_layer(model: keras.Model) -> dict[str, list[np.ndarray]]:
     return {layer.name: [np.array(w) for w in layer.get_weights()] for layer in model.layers if layer.weights}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut,test_time_flip,pooling", [("conv_1", False, "global_max"),
                                                         ("block_16", True, "global_avg")])
 def test_fine_tuning_on_cached_activations_is_the_end_to_end_model(splits, shared_weights, cut, test_time_flip,
@@ -88,6 +89,7 @@ def test_fine_tuning_on_cached_activations_is_the_end_to_end_model(splits, share
     assert raw["raw_test_accuracy"] == pytest.approx(result.test_accuracy, abs=1 / len(splits.test) + 1e-9)
 
 
+@pytest.mark.slow
 def test_a_trial_that_fine_tunes_starts_from_the_imagenet_top_whatever_ran_before(splits, shared_weights):
     """One top model is reused by every trial of a process: a trial's result must not depend on earlier ones."""
     family = make_hypermodel("transfer", image_size=SIZE, weights=str(shared_weights))
@@ -105,6 +107,7 @@ def test_a_trial_that_fine_tunes_starts_from_the_imagenet_top_whatever_ran_befor
     assert again.test_loss == first.test_loss
 
 
+@pytest.mark.slow
 def test_fine_tuning_without_the_cache_trains_the_top_end_to_end(splits, shared_weights):
     family = make_hypermodel("transfer", image_size=SIZE, weights=str(shared_weights))
     hp = fine_tune_hp("conv_1")
@@ -147,3 +150,29 @@ def test_a_fine_tuning_sweep_logs_both_stages_and_keeps_the_fine_tuned_model(tin
     logits = model.predict(splits.validation.images, verbose=0)
     accuracy = float(np.mean(np.argmax(logits, axis=-1) == splits.validation.labels))
     assert accuracy == pytest.approx(run.data.metrics["val_accuracy"], abs=1 / len(splits.validation) + 1e-9)
+
+
+@pytest.mark.parametrize("tuned_loss,tuned_accuracy,verdict", [
+    (0.02, 0.99, "Fine-tuning beat the frozen base on validation loss and accuracy."),
+    (0.02, 0.98, "Fine-tuning beat the frozen base on validation loss only, not on accuracy."),
+    (0.05, 0.97, "Fine-tuning did not beat the frozen base on validation loss or accuracy."),
+])
+def test_the_report_says_whether_fine_tuning_beat_the_frozen_best(tuned_loss, tuned_accuracy, verdict):
+    from sweep.report import FamilyRow, to_markdown
+    from sweep.results import TrialRecord
+
+    def record(number, loss, accuracy, **hp):
+        return TrialRecord("transfer", str(number - 1), number, {"fine_tune_from": "none", **hp}, val_loss=loss,
+                           val_accuracy=accuracy, test_accuracy=0.975, test_images=192, run_id=f"run{number}")
+
+    frozen = record(13, 0.04, 0.98)
+    tuned = record(4, tuned_loss, tuned_accuracy, fine_tune_from="block_16", fine_tune_epochs=4, fine_tune_lr_factor=0.1)
+    best = tuned if tuned_loss < 0.04 else frozen
+    row = FamilyRow("transfer", best, 0.474, 20, 0.99, frozen=frozen, fine_tuned=tuned)
+    assert row.fine_tuning_verdict == verdict
+    text = to_markdown([row], "exp")
+    assert "## Fine-tuning (transfer)" in text and verdict in text
+    assert "| best frozen-base trial | 13 | no | 98.0% | 0.040 |" in text
+    assert f"| best fine-tuned trial | 4 | from block_16, 4 epochs, learning rate x 0.1 | {tuned_accuracy:.1%} |" in text
+    assert FamilyRow("transfer", frozen, 0.474, 20, 0.99).fine_tuning_verdict == ""  # no fine-tuning trial: no section
+    assert "Fine-tuning" not in to_markdown([FamilyRow("transfer", frozen, 0.474, 20, 0.99)], "exp")
