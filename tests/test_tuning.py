@@ -270,6 +270,7 @@ def test_all_families_run_in_turn_each_at_its_own_size(tiny_data, tracking_env, 
 def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_data, tracking_env, runner,
                                                                           shared_weights):
     args = ["run", "--family", "transfer", "--trials", "2", "-q", "--weights", str(shared_weights),
+            "--hp", "fine_tune_from=none",  # the frozen head's path (fine-tuning: tests/test_finetune.py)
             *tiny_args(tiny_data, image_size="96")]
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
