@@ -61,6 +61,9 @@ class HyperFamily(kt.HyperModel):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # (hyperparameter, value that leaves it off) of a costly optional stage, searched only on the best trials
+    # without it (sweep/staging.py); None: every hyperparameter is drawn jointly.
+    stage_switch: ClassVar[tuple[str, Any] | None] = None
 
     def __init__(self, num_classes: int = 2, image_size: tuple[int, int] = (160, 160)) -> None:
         super().__init__(name=self.name, tunable=True)

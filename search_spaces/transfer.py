@@ -17,8 +17,8 @@ import numpy as np
 
 from search_spaces.base import Fitted, HyperFamily, fitted
 from search_spaces.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
-from search_spaces.finetune import (CUTS, FINE_TUNE_FROM, ActivationDraws, ScoreViewsEachEpoch, TopTrainer,
-                                    trainable_names, view_logits)
+from search_spaces.finetune import (CUT_LAYERS, CUTS, FINE_TUNE_FROM, ActivationDraws, ScoreViewsEachEpoch,
+                                    TopTrainer, trainable_names, view_logits)
 from search_spaces.head import ScoreEachEpoch, ViewDraws, score, stack_views
 from sweep.errors import WeightsError
 
@@ -31,6 +31,7 @@ class HyperTransfer(HyperFamily):
     name = "transfer"
     description = ("frozen ImageNet MobileNetV2 base + pooling/dropout/dense head, optionally then fine-tuned from "
                    "a cut point (study: ~95-98 %)")
+    stage_switch = ("fine_tune_from", "none")  # fine-tuning is spent on the best frozen-base heads
 
     def __init__(
         self,
@@ -111,18 +112,23 @@ class HyperTransfer(HyperFamily):
     def build_layers(self, inputs: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
         x = self.preprocess(inputs)
         x = self.augment(x, values)
-        x = self.trial_base(values)(x, training=False)
+        x = self.build_base()(x, training=False)
         return self.head(x, values)
 
-    def trial_base(self, values: dict[str, Any]) -> keras.Model:
-        """The shared frozen base, or for a trial that fine-tunes its own copy (its top will change)."""
+    def with_own_base(self, model: keras.Model) -> keras.Model:
+        """``model`` (built by ``build``) on its own copy of the shared base, every other layer (and so the
+        trained head) shared with it: what a trial fine-tunes, keeps and exports.
+
+        Made when the fine-tuning stage begins, not when the trial's model is built: copying the base draws
+        from Keras' random stream (its layers are initialised before the weights are copied in), and a trial
+        that fine-tunes must draw its head stage exactly as a frozen trial with the same seed does (the staged
+        search fine-tunes the very model that led, sweep/staging.py).
+        """
         shared = self.build_base()
-        if values.get("fine_tune_from", "none") == "none":
-            return shared
         own = keras.models.clone_model(shared)
         own.set_weights(shared.get_weights())
         own.trainable = False  # as the study's base: what trains is chosen by the fine-tuning stage
-        return own
+        return keras.models.clone_model(model, clone_function=lambda layer: own if layer is shared else layer)
 
     # -- training on cached features -------------------------------------------------------------------
     def new_session(self) -> None:
@@ -240,12 +246,11 @@ class HyperTransfer(HyperFamily):
             batches.activations.close()
         test_logits = view_logits(tuned, [f.test.cuts[cut], f.mirrored_test.cuts[cut]][:views])
         test_loss, test_accuracy = score(tuned, None, data.test.labels, test_logits)
+        model = self.with_own_base(model)
         trainer.copy_into(own_base(model))
         model.get_layer("logits").set_weights(tuned.get_layer("logits").get_weights())
-        both = {name: head_history.get(name, []) + history.history.get(name, []) for name in head_history}
-        result = fitted(self.inference_model(model, values), both, test_loss, test_accuracy, "cached_features")
-        result.stages = {"fine_tune": epochs + 1}
-        return result
+        return fine_tuned(self.inference_model(model, values), head_history, history.history, test_loss,
+                          test_accuracy, "cached_features", epochs + 1)
 
     def evaluate_raw(self, result: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
         """The end-to-end model on the raw validation and test images: a check of the cached score. Images
@@ -263,8 +268,13 @@ class HyperTransfer(HyperFamily):
 
 
 def own_base(model: keras.Model) -> keras.Model:
-    """The MobileNetV2 inside an end-to-end transfer model."""
-    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    """The MobileNetV2 inside an end-to-end transfer model (or inside its test-time-flip wrapper)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            if any(inner.name == CUT_LAYERS["conv_1"] for inner in layer.layers):
+                return layer
+            return own_base(layer)
+    raise ValueError(f"{model.name} holds no MobileNetV2 base")
 
 
 def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Model, head_stage: Fitted, *,
@@ -273,6 +283,7 @@ def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Mo
     ``model``'s own base above the cut train with the head, BatchNormalization still in inference mode."""
     from search_spaces.base import Validation
 
+    model = family.with_own_base(model)
     base = own_base(model)
     top = set(trainable_names(base, values["fine_tune_from"]))
     base.trainable = True
@@ -286,9 +297,16 @@ def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Mo
                         callbacks=[Validation(final, data.validation.images, data.validation.labels, batch_size),
                                    *(callbacks or [])])
     test_loss, test_accuracy = final.evaluate(data.test.images, data.test.labels, batch_size=batch_size, verbose=0)
-    both = {name: head_stage.history[name] + list(history.history.get(name, [])) for name in head_stage.history}
-    result = fitted(final, both, test_loss, test_accuracy, "raw_images")
-    result.stages = {"fine_tune": epochs + 1}
+    return fine_tuned(final, head_stage.history, history.history, test_loss, test_accuracy, "raw_images", epochs + 1)
+
+
+def fine_tuned(model: keras.Model, head_history: dict[str, list[float]], tune_history: dict[str, list[float]],
+               test_loss: float, test_accuracy: float, scored_on: str, first_epoch: int) -> Fitted:
+    """A fine-tuning trial's result: both stages' curves on one epoch axis, fine-tuning from ``first_epoch``,
+    and the fine-tuned model's score (its last epoch's validation figures)."""
+    both = {name: list(series) + list(tune_history.get(name, [])) for name, series in head_history.items()}
+    result = fitted(model, both, test_loss, test_accuracy, scored_on)
+    result.stages = {"fine_tune": first_epoch}
     return result
 
 

@@ -26,6 +26,7 @@ class FamilyRow:
     image_size: str = ""  # the best trial's sweep's, e.g. "224x224"
     frozen: TrialRecord | None = None  # transfer with fine-tuning trials: the best trial without,
     fine_tuned: TrialRecord | None = None  # and the best with
+    fine_tuned_head: int | None = None  # the frozen trial whose model it fine-tuned (the staged search)
 
     @property
     def fine_tuning_verdict(self) -> str:
@@ -76,7 +77,10 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
         tuned = [r for r in mine if r.data.params.get("fine_tune_from", "none") != "none"]
         frozen = [r for r in mine if r.data.params.get("fine_tune_from", "none") == "none"]
         if tuned and frozen:
-            row.frozen, row.fine_tuned = record_from_run(best_run(frozen, metric)), record_from_run(best_run(tuned, metric))
+            best_tuned = best_run(tuned, metric)
+            row.frozen, row.fine_tuned = record_from_run(best_run(frozen, metric)), record_from_run(best_tuned)
+            leader = best_tuned.data.tags.get("refines_trial")  # the frozen trial whose model it fine-tuned
+            row.fine_tuned_head = int(leader) if leader else None
         rows.append(row)
     return rows
 
@@ -108,6 +112,8 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
             hp = record.hyperparameters
             how = (f"from {hp['fine_tune_from']}, {hp.get('fine_tune_epochs', '?')} epochs, learning rate x "
                    f"{hp.get('fine_tune_lr_factor', '?')}" if hp.get("fine_tune_from", "none") != "none" else "no")
+            if record is r.fine_tuned and r.fine_tuned_head is not None:
+                how += f", on trial {r.fine_tuned_head}'s model"
             lines.append(f"| {label} | {record.number} | {how} | {record.val_accuracy:.1%} | {record.val_loss:.3f} | "
                          f"{record.test_accuracy:.1%}{interval_text(record)} |")
         lines += ["", r.fine_tuning_verdict, ""]

@@ -20,10 +20,11 @@ import keras_tuner as kt
 from keras_tuner.engine.trial import TrialStatus
 
 from search_spaces import Fitted, HyperFamily, default_values, fixed_space, hyperparameters
-from sweep import compat, plots, tracking
+from sweep import compat, plots, staging, tracking
 from sweep.errors import SweepError
 from sweep.results import TrialRecord, accuracy_interval, best_record, best_run, format_value
 from sweep.spec import OBJECTIVES, SweepSpec
+from sweep.staging import LeaderStaging
 
 compat.quiet_failed_trials()  # our one line per failed trial names the error; its MLflow run keeps it
 
@@ -56,6 +57,7 @@ class SweepOracle:
         self.expired: set[str] = set()
         self.failure: ConsecutiveFailures | None = None
         self.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
+        self.staging: LeaderStaging | None = None  # set by build_oracle for a family with a costly stage
 
     # Hyperband's first draw opens a bracket: its tuner/* values must come from Hyperband itself.
     defaults_inside_draw = False
@@ -70,7 +72,18 @@ class SweepOracle:
         values = response.get("values")
         if pending and response["status"] == TrialStatus.RUNNING and values and "tuner/trial_id" not in values:
             values.update(defaults)
+        elif self.staging is not None and response["status"] == TrialStatus.RUNNING and values:
+            response["values"] = self.staging.propose(int(trial_id), values, self.hyperparameters, self._leaders(),
+                                                      self._tried, self.seed)
         return response
+
+    def _leaders(self) -> list[dict[str, Any]]:
+        """The values of the finished trials with the staged part off, best first (for ``staging``)."""
+        switch, off = self.staging.switch, self.staging.off
+        done = [t for t in self.trials.values() if t.status == TrialStatus.COMPLETED and t.score is not None
+                and t.hyperparameters.values.get(switch) == off]
+        done.sort(key=lambda t: t.score, reverse=self.objective.direction == "max")
+        return [hyperparameters(t.hyperparameters.values) for t in done]
 
     def _tried(self, values: dict[str, Any]) -> bool:
         return any(all(trial.hyperparameters.values.get(name) == value for name, value in values.items())
@@ -151,7 +164,8 @@ class SweepHyperband(SweepOracle, kt.oracles.HyperbandOracle):
 def build_oracle(spec: SweepSpec) -> kt.Oracle:
     """The oracle for the spec's tuner, scoring trials by its objective; Hyperband's trial count is capped at
     ``trials`` as well, and ``epochs`` is its maximum. The spec's fixed hyperparameters are held at their
-    values (Keras Tuner's ``hyperparameters`` with ``tune_new_entries``)."""
+    values (Keras Tuner's ``hyperparameters`` with ``tune_new_entries``). A family with a costly stage (the
+    transfer family's fine-tuning) is searched in two phases (``sweep.staging``), except by Hyperband."""
     score = kt.Objective(spec.objective, direction=OBJECTIVES[spec.objective])
     space = {}
     if spec.fixed:
@@ -161,7 +175,9 @@ def build_oracle(spec: SweepSpec) -> kt.Oracle:
         oracle.max_trials = spec.trials
         return oracle
     cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
-    return cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
+    oracle = cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
+    oracle.staging = LeaderStaging.for_sweep(spec.family, spec.trials, spec.tuner, dict(spec.fixed))
+    return oracle
 
 
 class Heartbeat(keras.callbacks.Callback):
@@ -307,12 +323,13 @@ class SweepTuner(kt.Tuner):
         epochs = int(hp.values.get("tuner/epochs", spec.epochs))
         initial_epoch = int(hp.values.get("tuner/initial_epoch", 0))
         number = int(trial.trial_id) + 1  # Keras Tuner numbers trials from 0, across workers and resumes alike
-        seed = spec.seed + number - 1
+        leader = self.leader_of(hp)
+        seed = spec.seed + (leader or number) - 1  # a refinement reproduces its leader's first stage
         self.family.new_session()
         keras.utils.set_random_seed(seed)
         params = {**spec.to_params(), **{name: format_value(value) for name, value in values.items()}}
         tags = {"family": spec.family, "trial_id": trial.trial_id, "trial_number": str(number),
-                "tuner_id": self.tuner_id}
+                "tuner_id": self.tuner_id, **({"refines_trial": str(leader)} if leader else {})}
         started = time.monotonic()
         with tracking.open_run(self.client, self.experiment_id, f"{spec.family}-trial-{number}", params, tags,
                                parent_run_id=self.parent_run_id, report=self.report) as run:
@@ -358,6 +375,15 @@ class SweepTuner(kt.Tuner):
         self.records.append(record)
         self.report(self.progress_line(record))
         return record.scores
+
+    def leader_of(self, hp: kt.HyperParameters) -> int | None:
+        """The trial whose first stage this one refines (sweep/staging.py), read from the sweep's MLflow runs
+        so that workers and ``--resume`` find it too; None for most trials."""
+        switch = self.family.stage_switch
+        if switch is None or hp.values.get(switch[0], switch[1]) == switch[1] or not self.parent_run_id:
+            return None
+        runs = tracking.child_runs(self.experiment_id, self.parent_run_id)
+        return staging.leader_of(runs, hyperparameters(hp.values), hp, switch)
 
     def _keep(self, trial_id: str, record: TrialRecord, model: keras.Model, fitted: Fitted,
               run: tracking.RunLogger) -> None:

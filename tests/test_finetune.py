@@ -23,8 +23,9 @@ SIZE = (64, 64)  # MobileNetV2's top sees 2x2 maps: max and average pooling diff
 def fine_tune_hp(cut: str, test_time_flip: bool = False, pooling: str = "global_max") -> kt.HyperParameters:
     hp = kt.HyperParameters()
     hp.Fixed("fine_tune_from", cut)
-    hp.Fixed("fine_tune_epochs", 2)
-    hp.Fixed("fine_tune_lr_factor", 0.3)
+    if cut != "none":
+        hp.Fixed("fine_tune_epochs", 2)
+        hp.Fixed("fine_tune_lr_factor", 0.3)
     hp.Fixed("test_time_flip", test_time_flip)
     hp.Fixed("pooling", pooling)
     hp.Fixed("learning_rate", 0.01)
@@ -51,8 +52,8 @@ def test_fine_tuning_on_cached_activations_is_the_end_to_end_model(splits, share
     shared = weights_by_layer(family.build_base())
     hp = fine_tune_hp(cut, test_time_flip, pooling)
     model = family.build(hp)
-    assert own_base(model) is not family.build_base()  # a fine-tuning trial has its own copy of the base
     result = family.fit(hp, model, data=splits, batch_size=4, epochs=2, seed=3)
+    assert own_base(result.model) is not family.build_base()  # the fine-tuned model has its own copy of the base
 
     # both stages on one epoch axis, the boundary recorded
     assert result.stages == {"fine_tune": 3}
@@ -60,7 +61,7 @@ def test_fine_tuning_on_cached_activations_is_the_end_to_end_model(splits, share
     assert result.scored_on == "cached_features"
 
     # the layers below the cut are unchanged; every layer above it trained; the shared base never changed
-    tuned = weights_by_layer(own_base(model))
+    tuned = weights_by_layer(own_base(result.model))
     above = set(trainable_names(family.build_base(), cut))
     top = [layer for layer in top_layers(family.build_base(), cut).layers[1:] if layer.weights]
     assert above == {layer.name for layer in top if not isinstance(layer, keras.layers.BatchNormalization)}
@@ -108,6 +109,26 @@ def test_a_trial_that_fine_tunes_starts_from_the_imagenet_top_whatever_ran_befor
 
 
 @pytest.mark.slow
+def test_a_fine_tuning_trials_head_stage_is_the_frozen_trials_with_the_same_seed(splits, shared_weights):
+    """The staged search fine-tunes the very model that led (sweep/staging.py): with the leader's seed, the
+    head stage of a fine-tuning trial must reproduce the frozen trial, epoch for epoch."""
+    family = make_hypermodel("transfer", image_size=SIZE, weights=str(shared_weights))
+    family.prepare(splits, None, lambda message: None)
+
+    def run(hp, seed=5):
+        family.new_session()
+        keras.utils.set_random_seed(seed)
+        return family.fit(hp, family.build(hp), data=splits, batch_size=4, epochs=2, seed=seed)
+
+    leader = run(fine_tune_hp("none"))
+    tuned = run(fine_tune_hp("conv_1"))
+    assert len(tuned.history["val_loss"]) == 4
+    for name, series in leader.history.items():
+        assert tuned.history[name][:2] == series, name
+    assert run(fine_tune_hp("conv_1"), seed=6).history["val_loss"][:2] != leader.history["val_loss"]
+
+
+@pytest.mark.slow
 def test_fine_tuning_without_the_cache_trains_the_top_end_to_end(splits, shared_weights):
     family = make_hypermodel("transfer", image_size=SIZE, weights=str(shared_weights))
     hp = fine_tune_hp("conv_1")
@@ -116,7 +137,8 @@ def test_fine_tuning_without_the_cache_trains_the_top_end_to_end(splits, shared_
     result = family.fit(hp, model, data=splits, batch_size=4, epochs=1, seed=0)
     assert result.scored_on == "raw_images" and result.stages == {"fine_tune": 2}
     assert len(result.history["val_loss"]) == 3
-    after = weights_by_layer(own_base(model))
+    assert own_base(model) is family.build_base() and own_base(result.model) is not own_base(model)
+    after = weights_by_layer(own_base(result.model))
     above = set(trainable_names(family.build_base(), "conv_1"))
     for name, weights in before.items():
         assert all(np.array_equal(a, b) for a, b in zip(weights, after[name])) == (name not in above), name
@@ -150,6 +172,35 @@ def test_a_fine_tuning_sweep_logs_both_stages_and_keeps_the_fine_tuned_model(tin
     logits = model.predict(splits.validation.images, verbose=0)
     accuracy = float(np.mean(np.argmax(logits, axis=-1) == splits.validation.labels))
     assert accuracy == pytest.approx(run.data.metrics["val_accuracy"], abs=1 / len(splits.validation) + 1e-9)
+
+
+@pytest.mark.slow
+def test_a_staged_sweep_fine_tunes_the_leading_frozen_head_and_the_report_names_it(tiny_data, tracking_env, runner,
+                                                                                   shared_weights):
+    """Three trials: the study's model first (frozen), then two fine-tuning trials on its head (sweep/staging.py)."""
+    args = ["run", "--family", "transfer", "--trials", "3", "-q", "--weights", str(shared_weights),
+            "--hp", "fine_tune_epochs=2", *tiny_args(tiny_data, image_size="96")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    trials = sorted((r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags),
+                    key=lambda r: int(r.data.tags["trial_number"]))
+    assert [r.data.tags["trial_number"] for r in trials] == ["1", "2", "3"]
+    head = lambda run: {k: v for k, v in run.data.params.items() if not k.startswith("fine_tune")}  # noqa: E731
+    assert trials[0].data.params["fine_tune_from"] == "none"
+    epochs = int(trials[0].data.params["epochs"])
+    client = MlflowClient()
+    curve = lambda run: [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"),  # noqa: E731
+                                                 key=lambda m: m.step)]
+    for tuned in trials[1:]:
+        assert tuned.data.params["fine_tune_from"] in CUTS and head(tuned) == head(trials[0])
+        assert tuned.data.tags["refines_trial"] == "1"
+        assert tuned.data.tags["fine_tune_first_epoch"] == str(epochs + 1)
+        assert curve(tuned)[:epochs] == curve(trials[0])  # its head stage is trial 1's model, epoch for epoch
+        assert len(curve(tuned)) == epochs + 2
+    report = runner.invoke(main, ["report", "--out", str(tracking_env / "report")])
+    assert report.exit_code == 0, report.output
+    text = (tracking_env / "report" / "report.md").read_text()
+    assert "| best frozen-base trial | 1 | no |" in text and "on trial 1's model |" in text
 
 
 @pytest.mark.parametrize("tuned_loss,tuned_accuracy,verdict", [
