@@ -7,6 +7,7 @@ fine-tune the top of the base with the head (``fine_tune_from``, search_spaces/f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +19,7 @@ import numpy as np
 from search_spaces.base import Fitted, HyperFamily, fitted
 from search_spaces.features import FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, digest
 from search_spaces.finetune import (CUT_LAYERS, CUTS, FINE_TUNE_FROM, ActivationDraws, ScoreViewsEachEpoch,
-                                    TopTrainer, trainable_names, view_logits)
+                                    TopTrainer, fine_tune_rate, trainable_names, view_logits)
 from search_spaces.head import ScoreEachEpoch, ViewDraws, score, stack_views
 from sweep.errors import WeightsError
 
@@ -189,7 +190,7 @@ class HyperTransfer(HyperFamily):
         and score it on the clean validation and test features (with their mirrors for ``test_time_flip``);
         the trained head then goes into ``model``. Without, train end to end on raw images.
 
-        A trial with ``fine_tune_from`` then fine-tunes the top of its own base with the head for
+        A trial with ``fine_tune_from`` then fine-tunes the top of a copy of the base with the head for
         ``fine_tune_epochs`` more epochs (on the cut's cached activations, or on raw images), on the same
         epoch axis: its score is the fine-tuned model's, and ``Fitted.stages`` says where fine-tuning began.
         """
@@ -224,7 +225,8 @@ class HyperTransfer(HyperFamily):
     def fine_tune_cached(self, values: dict[str, Any], model: keras.Model, head_history: dict, *, data: Any,
                          batch_size: int, epochs: int, callbacks: list | None, verbose: int, seed: int) -> Fitted:
         """The fine-tuning stage on the cut's cached activations: the top (a copy of the base's, from its
-        ImageNet weights) and the trained head train together; the result goes into ``model``'s own base."""
+        ImageNet weights) and the trained head train together; the result is ``model`` on its own copy of the
+        base (``with_own_base``) holding the fine-tuned top, and ``model``'s head (shared) holds the tuned head."""
         cut, f = values["fine_tune_from"], self.features
         draws = ViewDraws(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
                           values["rotation_factor"], batch_size, [seed, 1])  # its own stream of view draws
@@ -234,10 +236,11 @@ class HyperTransfer(HyperFamily):
             self._trainers[key] = TopTrainer(self.build_base(), cut, self.num_classes, batches.steps_per_epoch,
                                              self.compile)
         trainer = self._trainers[key]
-        tuned = trainer.reset(model.get_layer("logits").get_weights(), values, seed)
+        more = values["fine_tune_epochs"]
+        tuned = trainer.reset(model.get_layer("logits").get_weights(), values, seed,
+                              steps=more * batches.steps_per_epoch)
         views = 2 if values["test_time_flip"] else 1
         validation = [f.validation.cuts[cut], f.mirrored_validation.cuts[cut]][:views]
-        more = values["fine_tune_epochs"]
         try:
             history = tuned.fit(batches.dataset(more), epochs=epochs + more, initial_epoch=epochs,
                                 steps_per_epoch=batches.steps_per_epoch, shuffle=False, verbose=verbose,
@@ -279,8 +282,9 @@ def own_base(model: keras.Model) -> keras.Model:
 
 def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Model, head_stage: Fitted, *,
                   data: Any, batch_size: int, epochs: int, callbacks: list | None, verbose: int) -> Fitted:
-    """The fine-tuning stage end to end on raw images (a sweep without the feature cache): the layers of
-    ``model``'s own base above the cut train with the head, BatchNormalization still in inference mode."""
+    """The fine-tuning stage end to end on raw images (a sweep without the feature cache): the base's layers
+    above the cut train with the head, in ``model`` on its own copy of the base (``with_own_base``; the
+    shared base never trains), BatchNormalization still in inference mode."""
     from search_spaces.base import Validation
 
     model = family.with_own_base(model)
@@ -289,9 +293,9 @@ def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Mo
     base.trainable = True
     for layer in base.layers:
         layer.trainable = layer.name in top
-    family.compile(model, {"learning_rate": values["learning_rate"] * values["fine_tune_lr_factor"]})
-    final = family.inference_model(model, values)
     more = values["fine_tune_epochs"]
+    family.compile(model, {"learning_rate": fine_tune_rate(values, more * math.ceil(len(data.train) / batch_size))})
+    final = family.inference_model(model, values)
     history = model.fit(data.train.images, data.train.labels, batch_size=batch_size, epochs=epochs + more,
                         initial_epoch=epochs, shuffle=True, verbose=verbose,
                         callbacks=[Validation(final, data.validation.images, data.validation.labels, batch_size),

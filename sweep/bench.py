@@ -263,7 +263,7 @@ def cut_costs(family, train_images: int, validation_images: int, batch_size: int
         trainer = TopTrainer(base, cut, family.num_classes, steps, family.compile)
         head = [rng.normal(0, 0.02, (base.output_shape[-1], family.num_classes)).astype("float32"),
                 np.zeros(family.num_classes, "float32")]
-        model = trainer.reset(head, values, 0)
+        model = trainer.reset(head, values, 0, steps=steps)
         x = rng.normal(size=(train_images, *shape)).astype("float32")
         y = rng.integers(0, family.num_classes, train_images)
         model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)  # traces the training step

@@ -36,39 +36,46 @@ class LeaderStaging:
     switch: str
     off: Any
     explore: int
+    seed: int = 0
     leaders: int = LEADERS
 
     @classmethod
-    def for_sweep(cls, family: str, trials: int, tuner: str, fixed: dict[str, Any]) -> LeaderStaging | None:
+    def for_sweep(cls, family: str, trials: int, tuner: str, fixed: dict[str, Any],
+                  seed: int = 0) -> LeaderStaging | None:
         """The plan for a sweep, or None where the search draws everything jointly: a family without a staged
         hyperparameter, a sweep that fixes it (``--hp fine_tune_from=...``), Hyperband (its brackets decide
         which trials go on) and a sweep of one trial."""
         switch = getattr(FAMILIES.get(family), "stage_switch", None)
         if switch is None or tuner == "hyperband" or switch[0] in fixed or trials < 2:
             return None
-        return cls(switch=switch[0], off=switch[1], explore=max(1, trials // 2))
+        return cls(switch=switch[0], off=switch[1], explore=max(1, trials // 2), seed=seed)
 
     def propose(self, number: int, drawn: dict[str, Any], space: kt.HyperParameters,
-                leaders: list[dict[str, Any]], tried, seed: int) -> dict[str, Any]:
+                leaders: list[dict[str, Any]] | None, tried) -> dict[str, Any]:
         """The values for trial ``number`` (counting from 0).
 
         Args:
             drawn: what the oracle drew for it (used as it is, with the stage off, while exploring).
             space: the oracle's hyperparameters (its Fixed ones hold: a fixed stage setting stays fixed).
-            leaders: the values of the finished stage-off trials, best first.
+            leaders: the values of the finished stage-off trials, best first; None while a trial of the first
+                phase still runs (with several workers): this trial then explores too, rather than refine a
+                leader chosen from half the field.
             tried: a predicate, whether values repeat an earlier trial's.
-            seed: seeds the stage's draws, so a sweep's plan is reproducible.
         """
-        rng = random.Random(f"{seed}-{number}")
-        top = leaders[:self.leaders]
+        rng = random.Random(f"{self.seed}-{number}")
+        top = (leaders or [])[:self.leaders]
         if number >= self.explore and top:
             for attempt in range(MAX_REDRAWS):
                 leader = top[(number - self.explore + attempt) % len(top)]
-                values = {**leader, self.switch: self._stage_on(space, rng)}
-                values = complete(space, values, rng)
+                values = complete(space, {**leader, self.switch: self._stage_on(space, rng)}, rng)
                 if not tried(values):
                     return values
-        return complete(space, {**drawn, self.switch: self.off}, rng)
+        values = complete(space, {**drawn, self.switch: self.off}, rng)
+        for _ in range(MAX_REDRAWS):  # the draw with the stage forced off may repeat an earlier frozen trial
+            if not tried(values):
+                break
+            values = complete(space, {self.switch: self.off}, rng)
+        return values
 
     def _stage_on(self, space: kt.HyperParameters, rng: random.Random) -> Any:
         item = next(item for item in space.space if item.name == self.switch)
@@ -97,10 +104,11 @@ def stage_names(space: kt.HyperParameters, switch: str) -> set[str]:
     return {switch} | {item.name for item in space.space if any(c.name == switch for c in item.conditions)}
 
 
-def leader_of(runs: list, values: dict[str, Any], space: kt.HyperParameters, switch: tuple[str, Any]) -> int | None:
+def leader_of(runs: list, values: dict[str, Any], space: kt.HyperParameters, switch: tuple[str, Any],
+              objective: str = "val_loss", direction: str = "min") -> int | None:
     """The trial number of the finished stage-off trial among ``runs`` (a sweep's MLflow trial runs) whose
-    first stage a trial with ``values`` refines: same values but the stage's; None if it has none (its stage
-    is off, or it was drawn jointly).
+    first stage a trial with ``values`` refines: same values but the stage's (the best by ``objective`` if
+    several match, as the oracle ranked them; the earlier on a tie); None if there is none.
 
     The refining trial takes that trial's seed, so its first stage reproduces the leader's model exactly and
     the costly stage starts from the very model that earned the lead.
@@ -110,9 +118,12 @@ def leader_of(runs: list, values: dict[str, Any], space: kt.HyperParameters, swi
         return None
     stage = stage_names(space, name)
     head = {k: format_value(v) for k, v in values.items() if k not in stage}
-    for run in runs:
-        params = run.data.params
-        if (run.info.status == "FINISHED" and params.get(name) == str(off) and "trial_number" in run.data.tags
-                and all(params.get(k) == v for k, v in head.items())):
-            return int(run.data.tags["trial_number"])
-    return None
+    matches = [run for run in runs
+               if run.info.status == "FINISHED" and run.data.params.get(name) == str(off)
+               and "trial_number" in run.data.tags and objective in run.data.metrics
+               and all(run.data.params.get(k) == v for k, v in head.items())]
+    if not matches:
+        return None
+    sign = 1 if direction == "min" else -1
+    best = min(matches, key=lambda r: (sign * r.data.metrics[objective], int(r.data.tags["trial_number"])))
+    return int(best.data.tags["trial_number"])

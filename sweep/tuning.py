@@ -74,12 +74,16 @@ class SweepOracle:
             values.update(defaults)
         elif self.staging is not None and response["status"] == TrialStatus.RUNNING and values:
             response["values"] = self.staging.propose(int(trial_id), values, self.hyperparameters, self._leaders(),
-                                                      self._tried, self.seed)
+                                                      self._tried)
         return response
 
-    def _leaders(self) -> list[dict[str, Any]]:
-        """The values of the finished trials with the staged part off, best first (for ``staging``)."""
+    def _leaders(self) -> list[dict[str, Any]] | None:
+        """The values of the finished trials with the staged part off, best first (for ``staging``); None
+        while a trial of the first phase is still running (on another worker)."""
         switch, off = self.staging.switch, self.staging.off
+        if any(t.status == TrialStatus.RUNNING and int(t.trial_id) < self.staging.explore
+               for t in self.trials.values()):
+            return None
         done = [t for t in self.trials.values() if t.status == TrialStatus.COMPLETED and t.score is not None
                 and t.hyperparameters.values.get(switch) == off]
         done.sort(key=lambda t: t.score, reverse=self.objective.direction == "max")
@@ -176,7 +180,7 @@ def build_oracle(spec: SweepSpec) -> kt.Oracle:
         return oracle
     cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
     oracle = cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
-    oracle.staging = LeaderStaging.for_sweep(spec.family, spec.trials, spec.tuner, dict(spec.fixed))
+    oracle.staging = LeaderStaging.for_sweep(spec.family, spec.trials, spec.tuner, dict(spec.fixed), spec.seed)
     return oracle
 
 
@@ -379,11 +383,13 @@ class SweepTuner(kt.Tuner):
     def leader_of(self, hp: kt.HyperParameters) -> int | None:
         """The trial whose first stage this one refines (sweep/staging.py), read from the sweep's MLflow runs
         so that workers and ``--resume`` find it too; None for most trials."""
-        switch = self.family.stage_switch
-        if switch is None or hp.values.get(switch[0], switch[1]) == switch[1] or not self.parent_run_id:
+        s = self.spec
+        plan = LeaderStaging.for_sweep(s.family, s.trials, s.tuner, dict(s.fixed), s.seed)
+        if plan is None or hp.values.get(plan.switch, plan.off) == plan.off or not self.parent_run_id:
             return None
         runs = tracking.child_runs(self.experiment_id, self.parent_run_id)
-        return staging.leader_of(runs, hyperparameters(hp.values), hp, switch)
+        return staging.leader_of(runs, hyperparameters(hp.values), hp, (plan.switch, plan.off), s.objective,
+                                 OBJECTIVES[s.objective])
 
     def _keep(self, trial_id: str, record: TrialRecord, model: keras.Model, fitted: Fitted,
               run: tracking.RunLogger) -> None:

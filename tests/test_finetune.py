@@ -72,8 +72,12 @@ def test_fine_tuning_on_cached_activations_is_the_end_to_end_model(splits, share
     assert all(all(np.array_equal(a, b) for a, b in zip(w, weights_by_layer(family.build_base())[n]))
                for n, w in shared.items())
 
-    # the same weights give the same logits on cached activations as the end-to-end model on raw images
+    # the learning rate decayed from learning_rate x fine_tune_lr_factor to zero over the stage
     trainer = family._trainers[next(k for k in family._trainers if k[0] == cut)]
+    assert float(trainer.schedule(0)) == pytest.approx(0.01 * 0.3)
+    assert float(trainer.model.optimizer.learning_rate) == pytest.approx(0.0, abs=1e-9)
+
+    # the same weights give the same logits on cached activations as the end-to-end model on raw images
     images = splits.validation.images
     end_to_end = np.asarray(result.model.predict(images, verbose=0))
     exact = FeatureExtractor(family.build_base(), backend="tensorflow", cuts={cut: CUTS[cut]})

@@ -95,18 +95,20 @@ def test_a_refinement_finds_the_frozen_trial_it_refines_among_the_sweeps_runs():
     space = kt.HyperParameters()
     HyperTransfer().declare(space)
 
-    def run(number, status="FINISHED", **params):
+    def run(number, loss=0.03, status="FINISHED", **params):
         return SimpleNamespace(info=SimpleNamespace(status=status),
                                data=SimpleNamespace(params={k: str(v) for k, v in params.items()},
-                                                    tags={"trial_number": str(number)}))
+                                                    tags={"trial_number": str(number)}, metrics={"val_loss": loss}))
 
     head = {"dropout": 0.25, "learning_rate": 0.0003628, "pooling": "global_max"}
     runs = [run(1, dropout=0.2, learning_rate=0.001, pooling="global_max", fine_tune_from="none"),
-            run(2, status="FAILED", **head, fine_tune_from="none"),
-            run(3, **head, fine_tune_from="none"),
-            run(4, **head, fine_tune_from="conv_1", fine_tune_epochs=4, fine_tune_lr_factor=0.1)]
+            run(2, 0.01, status="FAILED", **head, fine_tune_from="none"),
+            run(6, 0.04, **head, fine_tune_from="none"),  # the same head drawn twice (say, --hp fixed the rest)
+            run(3, 0.02, **head, fine_tune_from="none"),
+            run(4, 0.01, **head, fine_tune_from="conv_1", fine_tune_epochs=4, fine_tune_lr_factor=0.1)]
     tuned = {**head, "fine_tune_from": "block_16", "fine_tune_epochs": 2, "fine_tune_lr_factor": 0.05}
     switch = HyperTransfer.stage_switch
-    assert leader_of(runs, tuned, space, switch) == 3  # finished, frozen, the same head
+    assert leader_of(runs, tuned, space, switch) == 3  # finished, frozen, the same head, the better of two
+    assert leader_of(runs, tuned, space, switch, "val_accuracy", "max") is None  # no such metric logged
     assert leader_of(runs, {**tuned, "dropout": 0.3}, space, switch) is None  # drawn jointly: its own seed
     assert leader_of(runs, {**head, "fine_tune_from": "none"}, space, switch) is None  # a frozen trial
