@@ -56,7 +56,7 @@ class HyperTransfer(HyperFamily):
         # head's learning rate times the factor. "none" is the study's model.
         values["fine_tune_from"] = hp.Choice("fine_tune_from", list(FINE_TUNE_FROM), default="none")
         with hp.conditional_scope("fine_tune_from", list(CUTS)):
-            values["fine_tune_epochs"] = hp.Int("fine_tune_epochs", 2, 8, step=2, default=4)
+            values["fine_tune_epochs"] = hp.Int("fine_tune_epochs", 2, 6, step=2, default=4)
             values["fine_tune_lr_factor"] = hp.Float("fine_tune_lr_factor", 0.01, 0.3, sampling="log", default=0.1)
         return values
 

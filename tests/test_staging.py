@@ -49,7 +49,7 @@ def test_the_first_half_searches_the_head_then_each_trial_fine_tunes_a_leading_h
     explore, refine = trials[:10], trials[10:]
     assert all(t["fine_tune_from"] == "none" and "fine_tune_epochs" not in t for t in explore)
     assert all(t["fine_tune_from"] in CUTS for t in refine)
-    assert all(2 <= t["fine_tune_epochs"] <= 8 and 0.01 <= t["fine_tune_lr_factor"] <= 0.3 for t in refine)
+    assert all(2 <= t["fine_tune_epochs"] <= 6 and 0.01 <= t["fine_tune_lr_factor"] <= 0.3 for t in refine)
     # Every refinement takes the head (all but the fine-tuning settings) of one of the three best frozen heads.
     leaders = sorted(explore, key=lambda t: t["learning_rate"])[:3]
     strip = lambda t: {k: v for k, v in t.items() if not k.startswith("fine_tune")}  # noqa: E731
