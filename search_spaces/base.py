@@ -61,9 +61,15 @@ class HyperFamily(kt.HyperModel):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    study_range: ClassVar[tuple[float, float] | None] = None  # the study's published validation accuracy
     # (hyperparameter, value that leaves it off) of a costly optional stage, searched only on the best trials
     # without it (sweep/staging.py); None: every hyperparameter is drawn jointly.
     stage_switch: ClassVar[tuple[str, Any] | None] = None
+    # Whether a sweep may stop this family's hopeless trials early (sweep/pruning.py).
+    prunable: ClassVar[bool] = True
+    # Whether its trials may compute in mixed bfloat16 (sweep/precision.py); ``dtype_policy`` is the one they use.
+    mixed_precision: ClassVar[bool] = True
+    dtype_policy: str = "float32"
 
     def __init__(self, num_classes: int = 2, image_size: tuple[int, int] = (160, 160)) -> None:
         super().__init__(name=self.name, tunable=True)
@@ -188,16 +194,17 @@ class HyperFamily(kt.HyperModel):
 
     def head(self, x: keras.KerasTensor, values: dict[str, Any]) -> keras.KerasTensor:
         pooling = values["pooling"]
+        policy = self.dtype_policy
         if pooling == "flatten":
-            x = keras.layers.Flatten(name="flatten")(x)
+            x = keras.layers.Flatten(name="flatten", dtype=policy)(x)
         elif pooling == "global_max":
-            x = keras.layers.GlobalMaxPooling2D(name="global_max_pooling")(x)
+            x = keras.layers.GlobalMaxPooling2D(name="global_max_pooling", dtype=policy)(x)
         elif pooling == "global_avg":
-            x = keras.layers.GlobalAveragePooling2D(name="global_avg_pooling")(x)
+            x = keras.layers.GlobalAveragePooling2D(name="global_avg_pooling", dtype=policy)(x)
         else:  # hp.Choice guards this; a hand-made HyperParameters may not
             raise ValueError(f"unknown pooling {pooling!r}")
-        x = keras.layers.Dropout(values["dropout"], name="dropout")(x)
-        return keras.layers.Dense(self.num_classes, name="logits")(x)
+        x = keras.layers.Dropout(values["dropout"], name="dropout", dtype=policy)(x)
+        return keras.layers.Dense(self.num_classes, name="logits", dtype="float32")(x)  # logits and loss in float32
 
 
 def fitted(final: keras.Model, history: dict, test_loss: float, test_accuracy: float, scored_on: str) -> Fitted:

@@ -36,26 +36,30 @@ class HyperConv(HyperFamily):
             x = self.preprocess(x)
         if self.use_augmentation:
             x = self.augment(x, values)
-        x = keras.layers.Conv2D(values["conv1_filters"], 3, activation="relu", name="conv1")(x)
-        x = keras.layers.MaxPooling2D(name="pool1")(x)
-        x = keras.layers.Conv2D(values["conv2_filters"], 3, activation="relu", name="conv2")(x)
-        x = keras.layers.MaxPooling2D(name="pool2")(x)
-        x = keras.layers.Conv2D(values["conv3_filters"], 3, activation="relu", name="conv3")(x)
+        policy = self.dtype_policy  # float32, or mixed_bfloat16 (sweep/precision.py); the logits stay float32
+        x = keras.layers.Conv2D(values["conv1_filters"], 3, activation="relu", name="conv1", dtype=policy)(x)
+        x = keras.layers.MaxPooling2D(name="pool1", dtype=policy)(x)
+        x = keras.layers.Conv2D(values["conv2_filters"], 3, activation="relu", name="conv2", dtype=policy)(x)
+        x = keras.layers.MaxPooling2D(name="pool2", dtype=policy)(x)
+        x = keras.layers.Conv2D(values["conv3_filters"], 3, activation="relu", name="conv3", dtype=policy)(x)
         return self.head(x, values)
 
 
 class HyperScratch(HyperConv):
     name = "scratch"
     description = "small CNN on raw pixels (study: ~58-62 % validation)"
+    study_range = (0.58, 0.62)
 
 
 class HyperAugmented(HyperConv):
     name = "augmented"
     description = "small CNN behind RandomFlip + RandomRotation (study: ~58-64 %)"
+    study_range = (0.58, 0.64)
     use_augmentation = True
 
 
 class HyperPreprocessed(HyperConv):
     name = "preprocessed"
     description = "small CNN behind MobileNetV2 preprocess_input scaling (study: ~68-73 %)"
+    study_range = (0.68, 0.73)
     use_preprocessing = True

@@ -32,7 +32,10 @@ class HyperTransfer(HyperFamily):
     name = "transfer"
     description = ("frozen ImageNet MobileNetV2 base + pooling/dropout/dense head, optionally then fine-tuned from "
                    "a cut point (study: ~95-98 %)")
+    study_range = (0.95, 0.98)
     stage_switch = ("fine_tune_from", "none")  # fine-tuning is spent on the best frozen-base heads
+    prunable = False  # a trial on cached features takes seconds: nothing to save
+    mixed_precision = False  # its head trains on cached features in float32
 
     def __init__(
         self,
@@ -198,7 +201,7 @@ class HyperTransfer(HyperFamily):
         if self.features is None:
             head_stage = super().fit(hp, model, data=data, batch_size=batch_size, epochs=epochs,
                                      initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose, seed=seed)
-            if values.get("fine_tune_from", "none") == "none":
+            if values.get("fine_tune_from", "none") == "none" or model.stop_training:  # stopped: no next stage
                 return head_stage
             return fine_tune_raw(self, values, model, head_stage, data=data, batch_size=batch_size, epochs=epochs,
                                  callbacks=callbacks, verbose=verbose)
@@ -214,7 +217,8 @@ class HyperTransfer(HyperFamily):
                            steps_per_epoch=draws.steps_per_epoch, shuffle=False, verbose=verbose,  # drawn shuffled
                            callbacks=[ScoreEachEpoch(validation, data.validation.labels), *(callbacks or [])])
         model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
-        if values.get("fine_tune_from", "none") != "none":
+        # a trial the oracle stopped (at the time budget) ends with its head stage
+        if values.get("fine_tune_from", "none") != "none" and not head.stop_training:
             return self.fine_tune_cached(values, model, history.history, data=data, batch_size=batch_size,
                                          epochs=epochs, callbacks=callbacks, verbose=verbose, seed=seed)
         test = stack_views([f.test, f.mirrored_test][:views], values["pooling"])

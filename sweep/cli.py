@@ -6,6 +6,7 @@ TensorFlow and MLflow are imported inside the commands so ``sweep --help`` answe
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ from sweep.cli_common import (
     DEFAULTS,
     FIXED,
     FAMILY_NAMES,
+    TIME_BUDGET,
     TRACKING_OPTIONS,
     WEIGHTS,
     SweepGroup,
@@ -26,6 +28,7 @@ from sweep.cli_common import (
     tracking_settings_for,
 )
 from sweep.cli_results import COMMANDS
+from sweep.precision import PRECISIONS
 from sweep.results import interval_text
 from sweep.spec import OBJECTIVES, TUNERS, SweepSpec
 
@@ -53,6 +56,12 @@ SWEEP_OPTIONS = options(
     click.option("--no-cache", "feature_cache", flag_value=False, default=True,
                  help="transfer only: train every trial on raw images through the full model (the study's way, "
                       "much slower) instead of on cached base features."),
+    click.option("--prune/--no-prune", default=DEFAULTS["prune"], show_default=True,
+                 help="Stop a from-scratch trial at epoch 2, 6 or 18 when it is not in the best third of the "
+                      "sweep's trials there (successive halving; random and Bayesian search). Trial 1 runs in full."),
+    click.option("--precision", default=DEFAULTS["precision"], show_default=True, type=click.Choice(PRECISIONS),
+                 help="From-scratch families: mixed_bfloat16 computes the convolutions in bfloat16 (weights, logits "
+                      "and loss stay float32); auto uses it where the CPU (AVX512_BF16, AMX) or GPU has it."),
     click.option("-q", "--quiet", is_flag=True, help="No per-epoch Keras progress; one line per trial only."),
 )
 
@@ -95,7 +104,8 @@ def _print_results(results, tracking_settings) -> None:
               help="The new sweep's name (default: family, tuner and time); with --resume, the sweep to continue.")
 @click.option("--workers", default=0, type=click.IntRange(min=0),
               help="Run trials in N worker processes on this machine, under a Keras Tuner chief.")
-def run(family, resume, sweep_name, workers, **o) -> None:
+@TIME_BUDGET
+def run(family, resume, sweep_name, workers, time_budget, **o) -> None:
     """Run a sweep and log every trial to MLflow.
 
     Example: sweep run --family transfer --trials 20
@@ -112,21 +122,25 @@ def run(family, resume, sweep_name, workers, **o) -> None:
         from sweep.distributed import Chief, LocalWorkers, free_port
 
         result = _serve(_specs(families, o)[0], tracking_settings, sweep_name,
-                        Chief("127.0.0.1", free_port(), workers=LocalWorkers(workers, _tracking_args(o))))
+                        Chief("127.0.0.1", free_port(), workers=LocalWorkers(workers, _tracking_args(o))),
+                        time_budget)
         _print_results([result], tracking_settings)
         return
     results = run_study(_specs(families, o), tracking_settings, report=click.echo,
-                        verbose=keras_verbosity(o["quiet"]), resume=resume, sweep_name=sweep_name)
+                        verbose=keras_verbosity(o["quiet"]), resume=resume, sweep_name=sweep_name,
+                        time_budget=time_budget)
     _print_results(results, tracking_settings)
 
 
-def _serve(spec: SweepSpec, tracking_settings, sweep_name, chief):
+def _serve(spec: SweepSpec, tracking_settings, sweep_name, chief, time_budget: float | None = None):
     from sweep.study import check_new_name, default_name, prepare, run_sweep
 
     name = sweep_name or default_name(spec)
     check_new_name(tracking_settings, name)
+    started = time.time()  # the budget counts from the command's start, data loading included
     prepared = prepare(spec, tracking_settings, spec.family == "transfer", click.echo)
-    return run_sweep(spec, prepared, tracking_settings, click.echo, name=name, chief=chief)
+    return run_sweep(spec, prepared, tracking_settings, click.echo, name=name, chief=chief,
+                     deadline=None if time_budget is None else started + time_budget)
 
 
 @main.command()
@@ -138,14 +152,16 @@ def _serve(spec: SweepSpec, tracking_settings, sweep_name, chief):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--trial-timeout", default=None, type=click.FloatRange(min=1),
               help="Seconds without a heartbeat (workers send one per epoch) after which a trial is FAILED.")
-def chief(family, sweep_name, host, port, trial_timeout, **o) -> None:
+@TIME_BUDGET
+def chief(family, sweep_name, host, port, trial_timeout, time_budget, **o) -> None:
     """Serve a sweep's oracle to `sweep worker` processes (Keras Tuner's distributed mode)."""
     quiet_tensorflow()
     stop_on_sigterm()
     from sweep.distributed import Chief
 
     tracking_settings = tracking_settings_for(o["config_path"], o["experiment"])
-    result = _serve(_specs([family], o)[0], tracking_settings, sweep_name, Chief(host, port, trial_timeout))
+    result = _serve(_specs([family], o)[0], tracking_settings, sweep_name, Chief(host, port, trial_timeout),
+                    time_budget)
     _print_results([result], tracking_settings)
 
 

@@ -166,3 +166,29 @@ WEIGHTS = click.option("--weights", default=DEFAULTS["weights"], show_default=Tr
                        help="transfer only: 'imagenet' (Keras cache or download), a local MobileNetV2 .h5, or 'none'.")
 
 
+
+
+def parse_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``45m``, ``1h30m``, ``90s`` or plain seconds, as seconds."""
+    if value is None:
+        return None
+    import re
+
+    text = value.strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        text += "s"  # plain seconds
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not text or not match or not any(match.groups()):
+        raise click.BadParameter(f"{value!r} is not a duration; write it as 45m, 1h30m, 90s or seconds.")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise click.BadParameter(f"{value!r}: the budget must be more than zero.")
+    return total
+
+
+TIME_BUDGET = click.option(
+    "--time-budget", default=None, callback=parse_duration, metavar="DURATION",
+    help="Wall time for the whole command (e.g. 45m, 1h30m): no trial starts that could not finish within it, "
+         "a trial still running at the end stops as a pruned one; --resume continues. With --family all, each "
+         "family gets an equal share of what is left when it starts.")

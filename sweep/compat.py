@@ -9,8 +9,11 @@ they were checked against and fails on an upgrade, so whoever upgrades re-checks
   ``keras_tuner.src.protos``: the chief's gRPC service. Keras Tuner's public ``start_server`` blocks forever
   with no hook to fail stale trials, stop on failures or notice a finished search, so the chief serves the same
   servicer itself.
+* ``Oracle._project_dir``: the folder the tuner gave the oracle (``_set_project_dir``), where the pruning
+  journal is kept beside the oracle's own state (``sweep.oracles.SweepOracle.pruner``); the oracle is built
+  before the tuner that names the folder.
 
-Public but undocumented, and used by ``sweep.tuning.SweepOracle``: the oracle's ``trials``, ``ongoing_trials``
+Public but undocumented, and used by ``sweep.oracles.SweepOracle``: the oracle's ``trials``, ``ongoing_trials``
 and ``tuner_ids`` attributes, and that ``Oracle.end_trial`` raises a RuntimeError when too many trials failed
 in a row (``test_compat`` checks these too).
 """
@@ -18,6 +21,11 @@ in a row (``test_compat`` checks these too).
 from __future__ import annotations
 
 CHECKED_WITH = {"keras_tuner": "1.4.8"}
+
+
+def oracle_folder(oracle) -> str:
+    """The oracle's project folder (its ``oracle.json`` is there), once a tuner has set it."""
+    return oracle._project_dir
 
 
 def quiet_failed_trials() -> None:

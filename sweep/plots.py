@@ -80,6 +80,21 @@ def plot_report(rows: list[tuple[str, float, float]], baseline: float, title: st
     return fig
 
 
+def plot_importances(importances: dict[str, dict[str, float]], title: str) -> Figure:
+    """One panel per family: its hyperparameters' importance (fANOVA share), largest at the top."""
+    fig = Figure(figsize=(4 * len(importances), 3.6), dpi=100)
+    for i, (family, shares) in enumerate(importances.items()):
+        ax = fig.add_subplot(1, len(importances), i + 1)
+        names = list(shares)[::-1]
+        ax.barh(names, [shares[n] for n in names], color="tab:blue")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of the variance")
+        ax.set_title(family)
+    fig.suptitle(f"{title}: which hyperparameters mattered (fANOVA)")
+    fig.tight_layout()
+    return fig
+
+
 def plot_samples(images, labels, class_names, per_class: int = 3) -> Figure:
     """A row per class with its first ``per_class`` images (the study's two-row grid for two classes)."""
     import numpy as np

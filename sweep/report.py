@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from search_spaces import FAMILIES
 from sweep import plots, tracking
 from sweep.config import TrackingSettings
 from sweep.errors import SweepError
-from sweep.results import TrialRecord, best_run, interval_text, objective_of, record_from_run
+from sweep.importance import param_importances
+from sweep.results import (PRUNED_TAG, TrialRecord, best_run, format_duration, interval_text, objective_of,
+                           record_from_run)
 from sweep.spec import DEFAULT_OBJECTIVE
 
 
@@ -27,6 +29,15 @@ class FamilyRow:
     frozen: TrialRecord | None = None  # transfer with fine-tuning trials: the best trial without,
     fine_tuned: TrialRecord | None = None  # and the best with
     fine_tuned_head: int | None = None  # the frozen trial whose model it fine-tuned (the staged search)
+    pruned: int = 0  # of ``trials``, how many stopped early (sweep/pruning.py)
+    wall_seconds: float = 0.0  # the family's sweeps, start to end, summed
+    importances: dict[str, float] = field(default_factory=dict)  # hyperparameter -> fANOVA share, largest first
+
+    @property
+    def study_range(self) -> tuple[float, float] | None:
+        """The study's published validation accuracy for the family (None for a family it did not have)."""
+        cls = FAMILIES.get(self.family)
+        return cls.study_range if cls else None
 
     @property
     def fine_tuning_verdict(self) -> str:
@@ -60,11 +71,13 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
     Raises:
         SweepError: the experiment has no finished trial.
     """
-    runs = tracking.finished_trials(tracking.experiment_id_of(settings))
+    experiment_id = tracking.experiment_id_of(settings)
+    runs = tracking.finished_trials(experiment_id)
     if not runs:
         raise SweepError(f"experiment {settings.experiment!r} has no finished trial; run `sweep run` first.")
     metric = metric or objective_of(runs)
     rows = []
+    sweeps = tracking.sweep_runs(experiment_id)
     order = list(FAMILIES) + sorted({r.data.tags.get("family", "?") for r in runs} - set(FAMILIES))
     for family in order:
         mine = [r for r in runs if r.data.tags.get("family") == family]
@@ -74,6 +87,11 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
         row = FamilyRow(family, record_from_run(best), float(best.data.metrics.get("baseline_accuracy", 0)),
                         len(mine), float(best.data.metrics.get("accuracy", float("nan"))), metric,
                         best.data.params.get("image_size", ""))
+        row.pruned = sum(PRUNED_TAG in r.data.tags for r in mine)
+        row.wall_seconds = sum((r.info.end_time - r.info.start_time) / 1000 for r in sweeps
+                               if r.data.tags.get("family") == family and r.info.end_time)
+        if family in FAMILIES:
+            row.importances = param_importances(mine, family, metric)
         tuned = [r for r in mine if r.data.params.get("fine_tune_from", "none") != "none"]
         frozen = [r for r in mine if r.data.params.get("fine_tune_from", "none") == "none"]
         if tuned and frozen:
@@ -90,13 +108,15 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
     lines = [f"# Study report: {experiment}", ""]
     lines.append("Baseline (always guess the training split's most frequent class), on the test split: "
                  + ", ".join(f"{b:.1%}" for b in baselines))
-    lines += ["", "| family | image size | trials | best trial | val accuracy | val loss | test accuracy | gain over "
-              "baseline (pts) | overfitting gap (pts) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| family | image size | trials (pruned) | wall time | best trial | val accuracy | study's val "
+              "accuracy | val loss | test accuracy | gain over baseline (pts) | overfitting gap (pts) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     if len(baselines) == 1:
-        lines.append(f"| baseline | | | | | | {baselines[0]:.1%} | 0.0 | |")
+        lines.append(f"| baseline | | | | | | | | {baselines[0]:.1%} | 0.0 | |")
     for r in rows:
-        lines.append(f"| {r.family} | {r.image_size} | {r.trials} | {r.best.number} | {r.best.val_accuracy:.1%} | "
-                     f"{r.best.val_loss:.3f} | "
+        study = f"{r.study_range[0]:.0%}-{r.study_range[1]:.0%}" if r.study_range else ""
+        lines.append(f"| {r.family} | {r.image_size} | {r.trials} ({r.pruned}) | {format_duration(r.wall_seconds)} | "
+                     f"{r.best.number} | {r.best.val_accuracy:.1%} | {study} | {r.best.val_loss:.3f} | "
                      f"{r.best.test_accuracy:.1%}{interval_text(r.best)} | {r.gain_points:+.1f} | {r.gap_points:+.1f} |")
     sizes = sorted({r.best.test_images for r in rows if r.best.test_images})
     one_image = f" (one image of {sizes[0]} is {100 / sizes[0]:.2f} points)" if len(sizes) == 1 else ""
@@ -105,6 +125,16 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
               "validation accuracy of that trial (flip-averaged validation for a test_time_flip trial); 95% CI: "
               f"Wilson score interval over the test images{one_image}. MLflow runs: "
               + ", ".join(f"{r.family} `{r.best.run_id}`" for r in rows), ""]
+    important = [r for r in rows if r.importances]
+    if important:
+        lines += ["## Which hyperparameters mattered", "",
+                  f"Share of the variance of the final {chosen_by} across each family's full trials (fANOVA, "
+                  "Optuna's importance evaluator; pruned trials and conditional hyperparameters left out), largest "
+                  "first:", "", "| family | importances |", "|---|---|"]
+        for r in important:
+            lines.append(f"| {r.family} | " + ", ".join(f"{name} {share:.2f}" for name, share in r.importances.items())
+                         + " |")
+        lines.append("")
     for r in (r for r in rows if r.fine_tuning_verdict):
         lines += [f"## Fine-tuning ({r.family})", "", "| | trial | fine-tuned | val accuracy | val loss | test accuracy |",
                   "|---|---:|---|---:|---:|---:|"]
@@ -128,11 +158,16 @@ def write_report(rows: list[FamilyRow], settings: TrackingSettings, out_dir: Pat
     figure = out_dir / "report.png"
     plots.plot_report([(r.family, r.best.val_accuracy, r.best.test_accuracy) for r in rows],
                       rows[0].baseline, settings.experiment).savefig(figure)
+    files = [markdown, figure]
+    if any(r.importances for r in rows):
+        files.append(out_dir / "importance.png")
+        plots.plot_importances({r.family: r.importances for r in rows if r.importances},
+                               settings.experiment).savefig(files[-1])
     metrics = {f"{r.family}_best_test_accuracy": r.best.test_accuracy for r in rows}
     metrics["baseline_accuracy"] = rows[0].baseline
-    run_id = tracking.log_report_run(tracking.experiment_id_of(settings), "report", [markdown, figure], metrics,
+    run_id = tracking.log_report_run(tracking.experiment_id_of(settings), "report", files, metrics,
                                      {"kind": "report"})
-    return [markdown, figure], run_id
+    return files, run_id
 
 
 def write_data_overview(splits, settings: TrackingSettings, out_dir: Path, seed: int = 0) -> tuple[list[Path], str]:

@@ -29,6 +29,7 @@ class TrialRecord:
     seconds: float = 0.0
     run_id: str = ""
     stages: dict[str, int] = field(default_factory=dict)  # a later training stage (fine_tune) -> its first epoch
+    pruned_at: int | None = None  # the epoch a pruned trial stopped after (sweep/pruning.py); None: it ran in full
 
     @property
     def scores(self) -> dict[str, float]:
@@ -62,6 +63,8 @@ def interval_text(record: TrialRecord) -> str:
     return f" (95% CI {low:.1%}-{high:.1%}, {record.test_images} images)"
 
 
+# The tag of a pruned trial's run: the epoch it stopped after.
+PRUNED_TAG = "pruned_at_epoch"
 # What `sweep best` and `sweep report` can rank logged trials by, and which way is better.
 RANKINGS = {**OBJECTIVES, "test_accuracy": "max"}
 
@@ -82,13 +85,16 @@ def best_record(records: list[TrialRecord], objective: str = DEFAULT_OBJECTIVE) 
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     sign = _sign(objective)
     finished = [r for r in records if getattr(r, objective) == getattr(r, objective)]  # drop NaN
+    finished = [r for r in finished if r.pruned_at is None] or finished  # a pruned trial is scored at fewer epochs
     return min(finished, key=lambda r: (sign * getattr(r, objective), r.number), default=None)
 
 
 def best_run(runs: list[Any], metric: str = DEFAULT_OBJECTIVE) -> Any:
-    """The MLflow run with the best final ``metric`` (see ``RANKINGS``); the earliest wins a tie, and runs
-    without the metric (or with NaN) come last."""
+    """The MLflow run with the best final ``metric`` (see ``RANKINGS``) among the trials that ran every epoch
+    (a pruned trial's figures are from fewer epochs); the earliest wins a tie, and runs without the metric (or
+    with NaN) come last."""
     sign = _sign(metric)
+    runs = [r for r in runs if PRUNED_TAG not in r.data.tags] or runs
 
     def key(run):
         value = run.data.metrics.get(metric, float("nan"))
@@ -102,6 +108,14 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def format_duration(seconds: float) -> str:
+    """1m05s, 1h02m."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def trials_csv(records: list[TrialRecord]) -> str:
@@ -148,4 +162,5 @@ def record_from_run(run: Any, history: dict[str, list[float]] | None = None) -> 
         seconds=float(metrics.get("train_seconds", 0.0)),
         run_id=run.info.run_id,
         stages={name[:-len("_first_epoch")]: int(value) for name, value in tags.items() if name.endswith("_first_epoch")},
+        pruned_at=int(tags[PRUNED_TAG]) if PRUNED_TAG in tags else None,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.errors import ConfigError
+from sweep.precision import PRECISIONS
 
 # What a sweep can optimise (the final model's figure on the validation split) and which way is better.
 OBJECTIVES = {"val_loss": "min", "val_accuracy": "max"}
@@ -50,9 +51,10 @@ def _fixed_from_text(text: str) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(json.loads(text).items()))
 
 
-def _param(key: str | None = None, encode=str, decode=str, since: bool = False) -> dict[str, Any]:
-    """``since``: a setting added after sweeps were already logged; a run without it had the default."""
-    return {"param": key, "encode": encode, "decode": decode, "since": since}
+def _param(key: str | None = None, encode=str, decode=str, since: bool = False, legacy: Any = None) -> dict[str, Any]:
+    """``since``: a setting added after sweeps were already logged; a run without it had the default, or
+    ``legacy`` where that differs (what such a sweep did)."""
+    return {"param": key, "encode": encode, "decode": decode, "since": since, "legacy": legacy}
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,12 @@ class SweepSpec:
     # Hyperparameters held at one value (``--hp NAME=VALUE``); the search draws the others.
     fixed: tuple[tuple[str, Any], ...] = field(default=(), metadata=_param("fixed_hyperparameters", _fixed_to_text,
                                                                          _fixed_from_text, since=True))
+    # Stop hopeless trials at successive halving's rungs (sweep/pruning.py), in families that allow it (the
+    # from-scratch ones) and under random or Bayesian search; sweeps logged before it existed did not.
+    prune: bool = field(default=True, metadata=_param(decode=_bool_from_text, since=True, legacy=False))
+    # The number format of a from-scratch trial (sweep/precision.py): auto is mixed bfloat16 where the hardware
+    # computes it natively; sweeps logged before it existed computed in float32.
+    precision: str = field(default="auto", metadata=_param(since=True, legacy="float32"))
 
     def __post_init__(self) -> None:
         # Absolute paths, so resume, workers and export find the files from any working directory.
@@ -110,6 +118,8 @@ class SweepSpec:
             raise ConfigError(f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}.")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         if min(self.image_size) < 32:
             raise ConfigError(f"image size must be at least 32x32, got {self.image_size}.")
 
@@ -128,7 +138,10 @@ class SweepSpec:
         if missing:
             raise ConfigError(f"the run has no sweep settings ({', '.join(missing)} missing); it is not a sweep "
                               "or trial run of `sweep`.")
-        return cls(**{f.name: f.metadata["decode"](params[_key(f)]) for f in fields(cls) if _key(f) in params})
+        given = {f.name: f.metadata["decode"](params[_key(f)]) for f in fields(cls) if _key(f) in params}
+        legacy = {f.name: f.metadata["legacy"] for f in fields(cls)
+                  if _key(f) not in params and f.metadata["legacy"] is not None}
+        return cls(**given, **legacy)
 
     @classmethod
     def from_options(cls, family: str, options: dict[str, Any]) -> SweepSpec:

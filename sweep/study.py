@@ -14,16 +14,18 @@ from typing import Callable
 import keras
 
 from search_spaces import FAMILIES, HyperFamily, default_values, describe, make_hypermodel
-from sweep import plots, tracking
+from sweep import plots, precision, pruning, tracking
 from sweep.config import TrackingSettings
 from sweep.data import Splits, check_layout, download_dataset, load_splits
 from sweep.errors import SweepError
-from sweep.results import TrialRecord, best_record, record_from_run, trials_csv
+from sweep.results import TrialRecord, best_record, format_duration, record_from_run, trials_csv
 from sweep.spec import DEFAULT_OBJECTIVE, OBJECTIVES, SweepSpec
 from sweep.tuning import ConsecutiveFailures, SweepTuner, build_oracle, verify_best_kept
 from sweep.weights import image_size_line, resolve_weights
 
 Reporter = Callable[[str], None]
+# The ``stopped`` tag of a sweep that ended at its --time-budget: finished, and resumable.
+TIME_BUDGET = "time_budget"
 
 
 @dataclass
@@ -88,6 +90,7 @@ def run_sweep(
     name: str | None = None,
     chief=None,
     tags: dict[str, str] | None = None,
+    deadline: float | None = None,
 ) -> SweepResult:
     """Run one family's sweep under a parent MLflow run and log its summary there.
 
@@ -103,6 +106,8 @@ def run_sweep(
         chief: serve the oracle to worker processes instead of running trials here
             (``sweep.distributed.Chief``).
         tags: extra tags for the sweep's run.
+        deadline: the time (``time.time()``) by which the sweep ends (``--time-budget``): no trial starts that
+            would not finish by then, and a trial still running then stops as a pruned one.
 
     Raises:
         SweepError: bad settings, or too many trials failed in a row.
@@ -122,14 +127,20 @@ def run_sweep(
                                        overwrite=resume_run is None, report=report, verbose=verbose,
                                        trains_here=chief is None)
     tuner.experiment_id = prepared.experiment_id
+    tuner.oracle.deadline = deadline
     if resume_run is not None:
         _adopt_finished_trials(tuner, prepared.experiment_id, resume_run.info.run_id, report)
     params = {**spec.to_params(), "num_classes": len(splits.class_names), "tuner_dir": tuner.project_dir}
-    run_tags = {"family": spec.family, "sweep": name, "kind": "sweep", **(tags or {})}
+    policy = tuner.hypermodel.dtype_policy
+    run_tags = {"family": spec.family, "sweep": name, "kind": "sweep", "dtype_policy": policy, **(tags or {})}
     goal = "lowest" if OBJECTIVES[spec.objective] == "min" else "highest"
+    rungs = pruning.rungs(spec.epochs) if getattr(tuner.oracle, "pruning", False) else []
     report(
         f"[{spec.family}] {'resuming ' if resume_run else ''}sweep {name}: {spec.trials} trial(s) x "
-        f"{spec.epochs} epoch(s), {spec.tuner} search for the {goal} {spec.objective}; baseline "
+        f"{spec.epochs} epoch(s), {spec.tuner} search for the {goal} {spec.objective}"
+        f"{', pruning at epochs ' + ', '.join(map(str, rungs)) if rungs else ''}"
+        f"{', in ' + policy if policy != 'float32' else ''}"
+        f"{', within ' + format_duration(deadline - time.time()) if deadline else ''}; baseline "
         f"{splits.baseline_accuracy:.1%} on {len(splits.test)} test images"
     )
     resume_id = resume_run.info.run_id if resume_run is not None else None
@@ -149,6 +160,13 @@ def run_sweep(
                 tuner.save()
                 chief.serve(tuner.oracle, report, name)
                 _adopt_finished_trials(tuner, prepared.experiment_id, run.run_id, report)
+            if tuner.oracle.out_of_time:
+                run.set_tags({"stopped": TIME_BUDGET})
+                done = len(tuner.oracle.trials)
+                report(f"[{spec.family}] time budget reached after {done} of {spec.trials} trials; continue with: "
+                       f"sweep run --family {spec.family} --resume --sweep {name} [--time-budget ...]")
+            elif resume_run is not None and resume_run.data.tags.get("stopped") == TIME_BUDGET:
+                tracking.clear_tag(run.run_id, "stopped")  # all its trials ran this time
             verify_best_kept(spec, tuner.family, splits, prepared.experiment_id, run.run_id, report, tuner.last_kept)
         except ConsecutiveFailures as exc:
             run.set_tags({"stopped": "consecutive_failures"})
@@ -179,6 +197,8 @@ def build_tuner(spec: SweepSpec, splits: Splits, tracking_settings: TrackingSett
     hypermodel: HyperFamily = make_hypermodel(
         spec.family, num_classes=len(splits.class_names), image_size=splits.image_size, weights=weights_path
     )
+    if hypermodel.mixed_precision:
+        hypermodel.dtype_policy = precision.resolve(spec.precision)
     started = time.monotonic()
     if spec.feature_cache and trains_here:
         hypermodel.prepare(splits, tracking_settings.cache_dir, report, fixed=dict(spec.fixed))
@@ -232,7 +252,7 @@ def find_resumable(family: str, tracking_settings: TrackingSettings, name: str |
         what = f"sweep {name!r} of family {family}" if name else f"unfinished {family} sweep"
         raise SweepError(f"no {what} in experiment {tracking_settings.experiment!r} to resume; "
                          "start one without --resume.")
-    if run.info.status == "FINISHED":
+    if run.info.status == "FINISHED" and run.data.tags.get("stopped") != TIME_BUDGET:
         raise SweepError(f"sweep {name!r} already finished all its trials; start a new sweep instead.")
     if run.data.tags.get("stopped") == "consecutive_failures":
         raise SweepError(f"sweep {run.data.tags['sweep']!r} stopped because trials failed in a row (see their "
@@ -254,7 +274,8 @@ def check_new_name(tracking_settings: TrackingSettings, name: str) -> None:
 
 
 def run_study(specs: list[SweepSpec], tracking_settings: TrackingSettings, report: Reporter = print,
-              verbose: int = 0, resume: bool = False, sweep_name: str | None = None) -> list[SweepResult]:
+              verbose: int = 0, resume: bool = False, sweep_name: str | None = None,
+              time_budget: float | None = None) -> list[SweepResult]:
     """Run each family's sweep in turn, on one copy of the data per image size.
 
     Args:
@@ -266,10 +287,13 @@ def run_study(specs: list[SweepSpec], tracking_settings: TrackingSettings, repor
         resume: continue the newest unfinished sweep of the (one) family, or the one named ``sweep_name``,
             with its own spec.
         sweep_name: without ``resume``, the name of the new sweep.
+        time_budget: seconds for the whole command; each family's sweep gets an equal share of what is left
+            when it starts (a family that finishes early leaves its time to the next).
 
     Raises:
         SweepError: bad data, weights or tracking settings, or a sweep that stopped on failures.
     """
+    ends = None if time_budget is None else time.time() + time_budget  # from the start: data loading counts
     if not specs:
         raise SweepError("no family to sweep.")
     if (resume or sweep_name) and len(specs) != 1:
@@ -291,5 +315,9 @@ def run_study(specs: list[SweepSpec], tracking_settings: TrackingSettings, repor
     for size, group in by_size.items():
         lead = next((g for g in group if g.family == "transfer"), group[0])
         prepared[size] = prepare(lead, tracking_settings, lead.family == "transfer", report)
-    return [run_sweep(s, prepared[s.image_size], tracking_settings, report, verbose, resume_run, name=sweep_name)
-            for s in specs]
+    results = []
+    for done, s in enumerate(specs):
+        deadline = None if ends is None else time.time() + (ends - time.time()) / (len(specs) - done)
+        results.append(run_sweep(s, prepared[s.image_size], tracking_settings, report, verbose, resume_run,
+                                 name=sweep_name, deadline=deadline))
+    return results

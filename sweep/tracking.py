@@ -332,7 +332,19 @@ def find_sweep(experiment_id: str, family: str | None, name: str | None = None):
                                       max_results=100)
     if name:
         return runs[0] if runs else None
-    return next((r for r in runs if r.info.status != "FINISHED"), None)
+    # unfinished: still RUNNING, killed, failed, or ended at its --time-budget with trials left
+    return next((r for r in runs if r.info.status != "FINISHED" or r.data.tags.get("stopped") == "time_budget"),
+                None)
+
+
+def clear_tag(run_id: str, key: str) -> None:
+    """Remove a tag from a run (one that no longer holds, e.g. a resumed sweep's "stopped")."""
+    _with_retries(MlflowClient().delete_tag, run_id, key)
+
+
+def sweep_runs(experiment_id: str) -> list:
+    """Every sweep's own run in the experiment (the parents of the trial runs)."""
+    return MlflowClient().search_runs([experiment_id], filter_string="tags.kind = 'sweep'", max_results=50000)
 
 
 def child_runs(experiment_id: str, parent_run_id: str) -> list:

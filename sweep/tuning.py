@@ -1,5 +1,4 @@
-"""The Keras Tuner side of a sweep: oracles that start from the study's defaults and track worker liveness,
-and the one trial loop.
+"""The Keras Tuner side of a sweep: the one trial loop (its oracles: ``sweep.oracles``).
 
 A trial is: build the model from ``hp`` -> the family's ``fit`` (Keras Tuner's ``HyperModel.fit`` hook) ->
 one score -> log -> keep or drop the model. Nothing here knows a family's hyperparameters or how it trains.
@@ -19,10 +18,12 @@ import keras
 import keras_tuner as kt
 from keras_tuner.engine.trial import TrialStatus
 
-from search_spaces import Fitted, HyperFamily, default_values, fixed_space, hyperparameters
+from search_spaces import Fitted, HyperFamily, hyperparameters
 from sweep import compat, plots, staging, tracking
 from sweep.errors import SweepError
-from sweep.results import TrialRecord, accuracy_interval, best_record, best_run, format_value
+from sweep.oracles import ConsecutiveFailures, build_oracle, epoch_metric  # noqa: F401 (re-exported)
+from sweep.results import (PRUNED_TAG, TrialRecord, accuracy_interval, best_record, best_run, format_duration,
+                           format_value)
 from sweep.spec import OBJECTIVES, SweepSpec
 from sweep.staging import LeaderStaging
 
@@ -34,171 +35,28 @@ Reporter = Callable[[str], None]
 RAW_LOSS_TOLERANCE = 1e-3
 
 
-class ConsecutiveFailures(RuntimeError):
-    """Keras Tuner's oracle stopped the search: too many trials failed in a row."""
-
-
-class SweepOracle:
-    """Oracle mixin: trial 1 is the study's model, and a worker's liveness is its heartbeat.
-
-    * The first values any oracle draws are the search space's defaults (the study's model), through the
-      public ``populate_space`` hook; Hyperband's own ``tuner/*`` bookkeeping is kept.
-    * Every ``update_trial`` from a worker is a heartbeat (the trial loop sends one per epoch). With a
-      trial timeout, ``expire_silent_trials`` fails a trial whose worker went silent for that long; a result
-      that arrives after that is not counted a second time.
-    * Keras Tuner raises a bare RuntimeError when too many trials failed in a row. Raised inside a
-      ``@synchronized`` method it would leave the oracle's lock held (the decorator releases it only on a normal
-      return), so it is kept as ``failure`` (a ``ConsecutiveFailures``) for the caller to raise outside.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.last_heard: dict[str, float] = {}
-        self.expired: set[str] = set()
-        self.failure: ConsecutiveFailures | None = None
-        self.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
-        self.staging: LeaderStaging | None = None  # set by build_oracle for a family with a costly stage
-
-    # Hyperband's first draw opens a bracket: its tuner/* values must come from Hyperband itself.
-    defaults_inside_draw = False
-
-    def populate_space(self, trial_id: str) -> dict[str, Any]:
-        defaults = default_values(self.hyperparameters)
-        pending = bool(defaults) and not self._tried(defaults)
-        if pending and not self.defaults_inside_draw:
-            # Returned without a draw: the oracle's random stream starts at trial 2.
-            return {"status": TrialStatus.RUNNING, "values": defaults}
-        response = super().populate_space(trial_id)
-        values = response.get("values")
-        if pending and response["status"] == TrialStatus.RUNNING and values and "tuner/trial_id" not in values:
-            values.update(defaults)
-        elif self.staging is not None and response["status"] == TrialStatus.RUNNING and values:
-            response["values"] = self.staging.propose(int(trial_id), values, self.hyperparameters, self._leaders(),
-                                                      self._tried)
-        return response
-
-    def _leaders(self) -> list[dict[str, Any]] | None:
-        """The values of the finished trials with the staged part off, best first (for ``staging``); None
-        while a trial of the first phase is still running (on another worker)."""
-        switch, off = self.staging.switch, self.staging.off
-        if any(t.status == TrialStatus.RUNNING and int(t.trial_id) < self.staging.explore
-               for t in self.trials.values()):
-            return None
-        done = [t for t in self.trials.values() if t.status == TrialStatus.COMPLETED and t.score is not None
-                and t.hyperparameters.values.get(switch) == off]
-        done.sort(key=lambda t: t.score, reverse=self.objective.direction == "max")
-        return [hyperparameters(t.hyperparameters.values) for t in done]
-
-    def _tried(self, values: dict[str, Any]) -> bool:
-        return any(all(trial.hyperparameters.values.get(name) == value for name, value in values.items())
-                   for trial in self.trials.values())
-
-    @kt.synchronized
-    def create_trial(self, tuner_id: str):
-        trial = super().create_trial(tuner_id)
-        if trial.status == TrialStatus.RUNNING:
-            self.last_heard[trial.trial_id] = time.monotonic()  # again when a restarted worker takes it back
-        return trial
-
-    @kt.synchronized
-    def update_trial(self, trial_id: str, metrics: dict, step: int = 0):
-        if trial_id in self.expired:
-            return self.trials[trial_id]  # FAILED: the worker stops the trial
-        self.last_heard[trial_id] = time.monotonic()
-        if self.objective.name not in metrics:  # a heartbeat, not a result
-            return self.trials[trial_id]
-        return super().update_trial(trial_id, metrics, step)
-
-    @kt.synchronized
-    def end_trial(self, trial) -> None:
-        if trial.trial_id in self.expired:
-            return  # ended already, by expire_silent_trials
-        self._end(trial)
-
-    def _end(self, trial) -> None:
-        self.last_heard.pop(trial.trial_id, None)
-        try:
-            super().end_trial(trial)
-        except RuntimeError as exc:  # raised only by the consecutive-failures check, before its last steps
-            self.failure = ConsecutiveFailures(str(exc).strip().splitlines()[-1])
-            for tuner_id, ongoing in list(self.ongoing_trials.items()):
-                if ongoing.trial_id == trial.trial_id:
-                    self.ongoing_trials.pop(tuner_id)
-            self.save()
-
-    @kt.synchronized
-    def expire_silent_trials(self, timeout: float) -> list[tuple[str, str]]:
-        """Fail every ongoing trial whose worker sent nothing for ``timeout`` seconds.
-
-        Returns:
-            (tuner id, trial id) of each trial failed now.
-        """
-        now, failed = time.monotonic(), []
-        for tuner_id, trial in list(self.ongoing_trials.items()):
-            if now - self.last_heard.get(trial.trial_id, now) > timeout:
-                trial.status = TrialStatus.FAILED
-                trial.message = f"worker {tuner_id} sent no heartbeat for {timeout:.0f}s"
-                failed.append((tuner_id, trial.trial_id))
-                self.expired.add(trial.trial_id)
-                self._end(trial)
-        return failed
-
-    @kt.synchronized
-    def get_best_trials(self, num_trials: int = 1):
-        return super().get_best_trials(num_trials)  # workers ask for it through the chief while it expires trials
-
-    @kt.synchronized
-    def activity(self) -> tuple[int, int]:
-        """(ongoing trials, registered workers), read under the oracle's lock."""
-        return len(self.ongoing_trials), len(self.tuner_ids)
-
-
-class SweepRandomSearch(SweepOracle, kt.oracles.RandomSearchOracle):
-    pass
-
-
-class SweepBayesian(SweepOracle, kt.oracles.BayesianOptimizationOracle):
-    pass
-
-
-class SweepHyperband(SweepOracle, kt.oracles.HyperbandOracle):
-    defaults_inside_draw = True
-
-
-def build_oracle(spec: SweepSpec) -> kt.Oracle:
-    """The oracle for the spec's tuner, scoring trials by its objective; Hyperband's trial count is capped at
-    ``trials`` as well, and ``epochs`` is its maximum. The spec's fixed hyperparameters are held at their
-    values (Keras Tuner's ``hyperparameters`` with ``tune_new_entries``). A family with a costly stage (the
-    transfer family's fine-tuning) is searched in two phases (``sweep.staging``), except by Hyperband."""
-    score = kt.Objective(spec.objective, direction=OBJECTIVES[spec.objective])
-    space = {}
-    if spec.fixed:
-        space = {"hyperparameters": fixed_space(spec.family, dict(spec.fixed)), "tune_new_entries": True}
-    if spec.tuner == "hyperband":
-        oracle = SweepHyperband(objective=score, max_epochs=spec.epochs, seed=spec.seed, **space)
-        oracle.max_trials = spec.trials
-        return oracle
-    cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
-    oracle = cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
-    oracle.staging = LeaderStaging.for_sweep(spec.family, spec.trials, spec.tuner, dict(spec.fixed), spec.seed)
-    return oracle
-
-
 class Heartbeat(keras.callbacks.Callback):
-    """Tells the oracle after every epoch that the trial is alive; stops a trial the oracle has expired."""
+    """Tells the oracle after every epoch that the trial is alive, with the epoch's score (for pruning); stops
+    a trial the oracle has expired (failed) or pruned (``pruned_at``: the epoch it stopped after)."""
 
-    def __init__(self, oracle: kt.Oracle, trial_id: str) -> None:
+    def __init__(self, oracle: kt.Oracle, trial_id: str, objective: str = "val_loss") -> None:
         super().__init__()
-        self.oracle, self.trial_id = oracle, trial_id
+        self.oracle, self.trial_id, self.objective = oracle, trial_id, objective
+        self.pruned_at: int | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.beat(epoch + 1)
+        score = (logs or {}).get(self.objective)
+        if self.beat(epoch + 1, {} if score is None else {epoch_metric(self.objective): float(score)}):
+            self.pruned_at = epoch + 1
+            self.model.stop_training = True
 
-    def beat(self, step: int = 0) -> None:
-        """Report; raises FailedTrialError when the oracle has failed the trial for silence."""
-        trial = self.oracle.update_trial(self.trial_id, {}, step=step)
+    def beat(self, step: int = 0, metrics: dict | None = None) -> bool:
+        """Report; True when the oracle stopped the trial early (pruned). Raises FailedTrialError when the
+        oracle has failed the trial for silence."""
+        trial = self.oracle.update_trial(self.trial_id, metrics or {}, step=step)
         if trial.status == TrialStatus.FAILED:
             raise kt.errors.FailedTrialError("the chief failed this trial: no heartbeat within --trial-timeout")
+        return trial.status == TrialStatus.STOPPED
 
 
 def _check_finite(history: dict[str, list[float]], first_epoch: int) -> None:
@@ -269,13 +127,6 @@ def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, experiment
            f"end ({time.monotonic() - started:.0f}s)")
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
 class SweepTuner(kt.Tuner):
     """A Keras Tuner whose trials train through the family's ``fit`` and log to MLflow.
 
@@ -333,12 +184,13 @@ class SweepTuner(kt.Tuner):
         keras.utils.set_random_seed(seed)
         params = {**spec.to_params(), **{name: format_value(value) for name, value in values.items()}}
         tags = {"family": spec.family, "trial_id": trial.trial_id, "trial_number": str(number),
-                "tuner_id": self.tuner_id, **({"refines_trial": str(leader)} if leader else {})}
+                "tuner_id": self.tuner_id, "dtype_policy": self.family.dtype_policy,
+                **({"refines_trial": str(leader)} if leader else {})}
         started = time.monotonic()
         with tracking.open_run(self.client, self.experiment_id, f"{spec.family}-trial-{number}", params, tags,
                                parent_run_id=self.parent_run_id, report=self.report) as run:
             try:
-                heartbeat = Heartbeat(self.oracle, trial.trial_id)
+                heartbeat = Heartbeat(self.oracle, trial.trial_id, spec.objective)
                 epoch_logger = run.epoch_logger()
                 model = self.family.build(hp)
                 if "tuner/trial_id" in hp.values:  # Hyperband: continue from the earlier round's weights
@@ -358,7 +210,7 @@ class SweepTuner(kt.Tuner):
                     val_accuracy=fitted.val_accuracy, val_loss=fitted.val_loss,
                     test_accuracy=fitted.test_accuracy, test_loss=fitted.test_loss,
                     test_images=len(self.data.test), seconds=time.monotonic() - started, run_id=run.run_id,
-                    stages=dict(fitted.stages),
+                    stages=dict(fitted.stages), pruned_at=heartbeat.pruned_at,
                 )
                 low, high = accuracy_interval(record.test_accuracy, record.test_images)
                 run.log_metrics({"test_accuracy": record.test_accuracy, "test_loss": record.test_loss,
@@ -366,7 +218,8 @@ class SweepTuner(kt.Tuner):
                                  "test_images": record.test_images,
                                  "baseline_accuracy": self.data.baseline_accuracy, "train_seconds": record.seconds})
                 run.set_tags({"training": fitted.scored_on,  # and where each later stage began, e.g. fine_tune_first_epoch
-                              **{f"{stage}_first_epoch": str(epoch) for stage, epoch in fitted.stages.items()}})
+                              **{f"{stage}_first_epoch": str(epoch) for stage, epoch in fitted.stages.items()},
+                              **({PRUNED_TAG: str(record.pruned_at)} if record.pruned_at else {})})
                 run.log_figure(plots.plot_accuracy(record, self.data.baseline_accuracy), "accuracy.png")
                 self._keep(trial.trial_id, record, model, fitted, run)
                 heartbeat.beat()  # a trial the chief failed meanwhile is not finished here either
@@ -401,7 +254,7 @@ class SweepTuner(kt.Tuner):
         (``verify_best_kept``), once, for the sweep's best: a raw pass costs as much as many cached trials.
         Hyperband also needs every trial's training weights to continue it in a later round.
         """
-        if self._improves(record):
+        if record.pruned_at is None and self._improves(record):
             run.log_keras_model(fitted.model, tracking.MODEL_ARTIFACT)
             run.set_tags({"model_kept": "true"})
             self.last_kept = (run.run_id, fitted.model)  # the end-of-sweep check need not load it back
@@ -423,11 +276,14 @@ class SweepTuner(kt.Tuner):
         elapsed = time.monotonic() - self.started
         done = len(self.records)
         left = max(s.trials - done, 0)
-        eta = f"~{_duration(elapsed / done * left)} left" if left else "done"
+        eta = f"~{format_duration(elapsed / done * left)} left" if left else "done"
+        budget = getattr(self.oracle, "seconds_left", lambda: None)()  # a worker's oracle is the chief's
         hps = " ".join(f"{k}={format_value(v)}" for k, v in record.hyperparameters.items())
         return (
-            f"[{s.family}] trial {record.number}/{s.trials} ({_duration(record.seconds)}): {hps} | "
-            f"val {record.val_accuracy:.1%} (loss {record.val_loss:.3f}) test {record.test_accuracy:.1%} | "
+            f"[{s.family}] trial {record.number}/{s.trials} ({format_duration(record.seconds)}): {hps} | "
+            f"val {record.val_accuracy:.1%} (loss {record.val_loss:.3f}) test {record.test_accuracy:.1%}"
+            f"{f' (pruned after epoch {record.pruned_at})' if record.pruned_at else ''} | "
             f"best trial {best.number} (val {best.val_accuracy:.1%}, loss {best.val_loss:.3f}) | "
-            f"elapsed {_duration(elapsed)}, {eta}"
+            f"elapsed {format_duration(elapsed)}, {eta}"
+            f"{f', budget {format_duration(budget)} left' if budget is not None else ''}"
         )

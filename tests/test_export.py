@@ -390,7 +390,7 @@ def test_report_compares_two_families_with_the_baseline(swept, runner, tiny_data
     result = runner.invoke(main, ["report", "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = (out / "report.md").read_text()
-    assert "| scratch | 32x32 | 2 |" in text and "| preprocessed | 32x32 | 2 |" in text and "| baseline |" in text
+    assert "| scratch | 32x32 | 2 (0) |" in text and "| preprocessed | 32x32 | 2 (0) |" in text and "| baseline |" in text
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     for family in ("scratch", "preprocessed"):
         children = [r for r in runs_in(swept) if r.data.tags.get("family") == family and "trial_id" in r.data.tags]

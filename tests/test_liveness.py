@@ -13,7 +13,7 @@ import pytest
 from keras_tuner.engine.trial import Trial
 
 from search_spaces import make_hypermodel
-from sweep import tuning
+from sweep import oracles
 from sweep.spec import SweepSpec
 from sweep.tuning import ConsecutiveFailures, Heartbeat, build_oracle
 
@@ -21,7 +21,7 @@ TIMEOUT = 60.0
 
 
 class Clock:
-    """``time.monotonic`` as ``sweep.tuning`` sees it, moved by hand."""
+    """The clock (``time.monotonic`` and ``time.time``) as ``sweep.oracles`` sees it, moved by hand."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -36,7 +36,7 @@ class Clock:
 @pytest.fixture()
 def clock(monkeypatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr(tuning, "time", SimpleNamespace(monotonic=clock))
+    monkeypatch.setattr(oracles, "time", SimpleNamespace(monotonic=clock, time=clock))
     return clock
 
 

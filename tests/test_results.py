@@ -40,6 +40,8 @@ def test_best_record_takes_the_lowest_validation_loss_by_default_and_the_earlies
     assert best_record(records, "val_accuracy").number == 2
     assert best_record([]) is None
     assert best_record(records[-1:]) is None  # only a failed trial
+    pruned = TrialRecord("scratch", "5", 6, {}, val_loss=0.01, val_accuracy=0.99, pruned_at=2)
+    assert best_record([*records, pruned]).number == 3  # scored at 2 epochs: never the best of full trials
 
 
 def test_best_record_by_validation_accuracy_takes_the_earliest_on_a_tie():
@@ -52,12 +54,14 @@ def test_best_record_by_validation_accuracy_takes_the_earliest_on_a_tie():
 def test_best_run_ranks_logged_runs_by_the_metric_and_puts_runs_without_it_last():
     from types import SimpleNamespace
 
-    def run(start, **metrics):
-        return SimpleNamespace(data=SimpleNamespace(metrics=metrics), info=SimpleNamespace(start_time=start))
+    def run(start, tags=None, **metrics):
+        return SimpleNamespace(data=SimpleNamespace(metrics=metrics, tags=tags or {}),
+                               info=SimpleNamespace(start_time=start))
 
     runs = [run(1, val_loss=0.2, val_accuracy=0.9, test_accuracy=0.95), run(2, val_loss=0.1, val_accuracy=0.8),
-            run(3), run(4, val_loss=0.1, val_accuracy=0.9, test_accuracy=0.96)]
-    assert best_run(runs).info.start_time == 2  # lowest loss; the earlier of the tie
+            run(3), run(4, val_loss=0.1, val_accuracy=0.9, test_accuracy=0.96),
+            run(5, {"pruned_at_epoch": "2"}, val_loss=0.05, val_accuracy=0.99, test_accuracy=0.99)]
+    assert best_run(runs).info.start_time == 2  # lowest loss; the earlier of the tie; never a pruned trial
     assert best_run(runs, "val_accuracy").info.start_time == 1
     assert best_run(runs, "test_accuracy").info.start_time == 4
     assert best_run([run(1), run(2)], "val_loss").info.start_time == 1

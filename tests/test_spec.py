@@ -26,12 +26,14 @@ def test_params_round_trip_every_field(tmp_path):
     weights = tmp_path / "base.h5"
     spec = SweepSpec(family="transfer", trials=7, tuner="hyperband", objective="val_accuracy", epochs=3, seed=9,
                      batch_size=8, image_size=(224, 200), data_dir=tmp_path / "data", weights=str(weights),
-                     feature_cache=False, fixed=(("rotation_factor", "0.3"), ("flip_mode", "none")))
+                     feature_cache=False, fixed=(("rotation_factor", "0.3"), ("flip_mode", "none")), prune=False,
+                     precision="mixed_bfloat16")
     params = spec.to_params()
     assert params == {"family": "transfer", "trials": "7", "tuner": "hyperband", "objective": "val_accuracy",
                       "epochs": "3", "seed": "9", "batch_size": "8", "image_size": "224x200",
                       "data": str(tmp_path / "data"), "weights": str(weights), "feature_cache": "False",
-                      "fixed_hyperparameters": '{"flip_mode": "none", "rotation_factor": 0.30000000000000004}'}
+                      "fixed_hyperparameters": '{"flip_mode": "none", "rotation_factor": 0.30000000000000004}',
+                      "prune": "False", "precision": "mixed_bfloat16"}
     assert SweepSpec.from_params({**params, "dropout": "0.2", "num_classes": "2"}) == spec
     assert set(params) == SweepSpec.param_names()
     # a sweep logged before a setting existed had its default

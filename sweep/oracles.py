@@ -1,0 +1,274 @@
+"""Keras Tuner oracles for a sweep: trial 1 is the study's model, a worker's liveness is its heartbeat, a family
+with a costly stage is searched in two phases (``sweep.staging``), and hopeless trials stop at successive
+halving's rungs (``sweep.pruning``)."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from typing import Any
+
+import keras_tuner as kt
+from keras_tuner.engine.trial import TrialStatus
+
+from search_spaces import FAMILIES, default_values, fixed_space, hyperparameters
+from sweep import compat
+from sweep.pruning import MIN_EPOCHS, RungPruner
+from sweep.spec import OBJECTIVES, SweepSpec
+from sweep.staging import LeaderStaging
+
+
+class ConsecutiveFailures(RuntimeError):
+    """Keras Tuner's oracle stopped the search: too many trials failed in a row."""
+
+
+class SweepOracle:
+    """Oracle mixin: trial 1 is the study's model, and a worker's liveness is its heartbeat.
+
+    * The first values any oracle draws are the search space's defaults (the study's model), through the
+      public ``populate_space`` hook; Hyperband's own ``tuner/*`` bookkeeping is kept.
+    * Every ``update_trial`` from a worker is a heartbeat (the trial loop sends one per epoch). With a
+      trial timeout, ``expire_silent_trials`` fails a trial whose worker went silent for that long; a result
+      that arrives after that is not counted a second time.
+    * With ``pruning`` on, the per-epoch report carries the trial's score (``epoch_<objective>``): a trial
+      that misses a rung of successive halving (``sweep.pruning``) gets back the status Keras Tuner reserves
+      for signalling early stopping (STOPPED; its ``Oracle.update_trial`` notes it as the way to stop a trial
+      early) and ends after that epoch; the last epoch is never judged (the trial ran in full). A pruned trial is finished,
+      its score is the one at that epoch, and it never counts as the best (``get_best_trials``): only trials
+      that ran every epoch are ranked, so one stopped before it could overfit is not preferred to one that
+      ran on.
+    * Keras Tuner raises a bare RuntimeError when too many trials failed in a row. Raised inside a
+      ``@synchronized`` method it would leave the oracle's lock held (the decorator releases it only on a normal
+      return), so it is kept as ``failure`` (a ``ConsecutiveFailures``) for the caller to raise outside.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_heard: dict[str, float] = {}
+        self.expired: set[str] = set()
+        self.failure: ConsecutiveFailures | None = None
+        self.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
+        self.staging: LeaderStaging | None = None  # set by build_oracle for a family with a costly stage
+        self.pruning = False  # set by build_oracle
+        self.pruned: dict[str, int] = {}  # trial id -> the epoch it stopped at (saved with the oracle's state)
+        self._pruner: RungPruner | None = None
+        # The time budget (``--time-budget``): the wall-clock time (time.time()) by which the sweep ends, and the
+        # seconds of each epoch seen so far, which say whether another trial still fits.
+        self.deadline: float | None = None
+        self.epochs = 1  # a trial's epochs (set by build_oracle)
+        self.epoch_seconds: list[float] = []
+        self.out_of_time = False
+        self._last_epoch: dict[str, tuple[int, float]] = {}
+
+    # Hyperband's first draw opens a bracket: its tuner/* values must come from Hyperband itself.
+    defaults_inside_draw = False
+
+    def populate_space(self, trial_id: str) -> dict[str, Any]:
+        if self.deadline is not None and not self._time_for_a_trial():
+            self.out_of_time = True
+            return {"status": TrialStatus.STOPPED, "values": None}
+        defaults = default_values(self.hyperparameters)
+        pending = bool(defaults) and not self._tried(defaults)
+        if pending and not self.defaults_inside_draw:
+            # Returned without a draw: the oracle's random stream starts at trial 2.
+            return {"status": TrialStatus.RUNNING, "values": defaults}
+        response = super().populate_space(trial_id)
+        values = response.get("values")
+        if pending and response["status"] == TrialStatus.RUNNING and values and "tuner/trial_id" not in values:
+            values.update(defaults)
+        elif self.staging is not None and response["status"] == TrialStatus.RUNNING and values:
+            response["values"] = self.staging.propose(int(trial_id), values, self.hyperparameters, self._leaders(),
+                                                      self._tried)
+        return response
+
+    def _leaders(self) -> list[dict[str, Any]] | None:
+        """The values of the finished trials with the staged part off, best first (for ``staging``); None
+        while a trial of the first phase is still running (on another worker)."""
+        switch, off = self.staging.switch, self.staging.off
+        if any(t.status == TrialStatus.RUNNING and int(t.trial_id) < self.staging.explore
+               for t in self.trials.values()):
+            return None
+        done = [t for t in self.trials.values() if t.status == TrialStatus.COMPLETED and t.score is not None
+                and t.hyperparameters.values.get(switch) == off]
+        done.sort(key=lambda t: t.score, reverse=self.objective.direction == "max")
+        return [hyperparameters(t.hyperparameters.values) for t in done]
+
+    def _time_for_a_trial(self) -> bool:
+        """Whether a whole trial (every epoch, at the median epoch time so far) ends before the deadline."""
+        left = self.deadline - time.time()
+        if not self.epoch_seconds:
+            return left > 0
+        return left >= statistics.median(self.epoch_seconds) * self.epochs
+
+    def seconds_left(self) -> float | None:
+        """The time budget left, in seconds (None without one)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.time())
+
+    def _tried(self, values: dict[str, Any]) -> bool:
+        return any(all(trial.hyperparameters.values.get(name) == value for name, value in values.items())
+                   for trial in self.trials.values())
+
+    @kt.synchronized
+    def create_trial(self, tuner_id: str):
+        trial = super().create_trial(tuner_id)
+        if trial.status == TrialStatus.RUNNING:
+            self.last_heard[trial.trial_id] = time.monotonic()  # again when a restarted worker takes it back
+            # a trial handed out again (a restarted worker, a resumed sweep) starts over: so does its record
+            self.pruned.pop(trial.trial_id, None)
+            self._last_epoch.pop(trial.trial_id, None)
+            if self._pruner is not None:
+                self._pruner.restart(trial.trial_id)
+        return trial
+
+    @kt.synchronized
+    def update_trial(self, trial_id: str, metrics: dict, step: int = 0):
+        if trial_id in self.expired:
+            return self.trials[trial_id]  # FAILED: the worker stops the trial
+        self.last_heard[trial_id] = time.monotonic()
+        epoch_score = metrics.get(epoch_metric(self.objective.name))
+        if epoch_score is not None:
+            self._time_epoch(trial_id, step)
+            last = step >= int(self.trials[trial_id].hyperparameters.values.get("tuner/epochs", self.epochs))
+            out_of_time = self.deadline is not None and time.time() >= self.deadline
+            if trial_id not in self.pruned and not last and (self._prune(trial_id, step, epoch_score) or out_of_time):
+                self.pruned[trial_id] = step  # stopped at a rung, or at the time budget
+                self.save()
+        if self.objective.name not in metrics:  # a heartbeat (and the epoch's score), not a result
+            if trial_id in self.pruned:
+                stopped = copy.copy(self.trials[trial_id])
+                stopped.status = TrialStatus.STOPPED
+                return stopped
+            return self.trials[trial_id]
+        return super().update_trial(trial_id, metrics, step)
+
+    def _prune(self, trial_id: str, step: int, score: float) -> bool:
+        """Whether the trial misses a rung here. An error of the pruning record (its journal file) turns
+        pruning off for the rest of the sweep instead of failing the search: this runs under the oracle's lock,
+        which Keras Tuner releases only on a normal return."""
+        if not self.pruning:
+            return False
+        try:
+            return self.pruner().report(trial_id, step, score)
+        except Exception as exc:  # noqa: BLE001 (any failure of the record: the search goes on unpruned)
+            self.pruning = False
+            warnings.warn(f"pruning turned off for the rest of the sweep: {type(exc).__name__}: {exc}")
+            return False
+
+    def _time_epoch(self, trial_id: str, step: int) -> None:
+        """Keep the time between two epoch reports of a trial (the first epoch also builds the model: not kept)."""
+        now = time.time()
+        last = self._last_epoch.get(trial_id)
+        if last is not None and step == last[0] + 1:
+            self.epoch_seconds.append(now - last[1])
+        self._last_epoch[trial_id] = (step, now)
+
+    def pruner(self) -> RungPruner:
+        """Successive halving's record, beside the oracle's own state (made on first use: the tuner sets the
+        project folder after building the oracle)."""
+        if self._pruner is None:
+            self._pruner = RungPruner(compat.oracle_folder(self), self.objective.direction, protected={0})
+        return self._pruner
+
+    @kt.synchronized  # workers ask for it through the chief while it expires trials
+    def get_best_trials(self, num_trials: int = 1):
+        ranked = super().get_best_trials(len(self.trials))
+        return [t for t in ranked if t.trial_id not in self.pruned][:num_trials]
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        state["pruned"] = dict(self.pruned)
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self.pruned = {k: int(v) for k, v in state.get("pruned", {}).items()}
+
+    @kt.synchronized
+    def end_trial(self, trial) -> None:
+        if trial.trial_id in self.expired:
+            return  # ended already, by expire_silent_trials
+        self._end(trial)
+
+    def _end(self, trial) -> None:
+        self.last_heard.pop(trial.trial_id, None)
+        try:
+            super().end_trial(trial)
+        except RuntimeError as exc:  # raised only by the consecutive-failures check, before its last steps
+            self.failure = ConsecutiveFailures(str(exc).strip().splitlines()[-1])
+            for tuner_id, ongoing in list(self.ongoing_trials.items()):
+                if ongoing.trial_id == trial.trial_id:
+                    self.ongoing_trials.pop(tuner_id)
+            self.save()
+        if self.pruning:
+            done = self.trials.get(trial.trial_id, trial)
+            score = done.score if done.status == TrialStatus.COMPLETED else None
+            try:
+                self.pruner().finish(trial.trial_id, score, pruned=trial.trial_id in self.pruned)
+            except Exception as exc:  # noqa: BLE001 (see _prune)
+                self.pruning = False
+                warnings.warn(f"pruning turned off for the rest of the sweep: {type(exc).__name__}: {exc}")
+
+    @kt.synchronized
+    def expire_silent_trials(self, timeout: float) -> list[tuple[str, str]]:
+        """Fail every ongoing trial whose worker sent nothing for ``timeout`` seconds.
+
+        Returns:
+            (tuner id, trial id) of each trial failed now.
+        """
+        now, failed = time.monotonic(), []
+        for tuner_id, trial in list(self.ongoing_trials.items()):
+            if now - self.last_heard.get(trial.trial_id, now) > timeout:
+                trial.status = TrialStatus.FAILED
+                trial.message = f"worker {tuner_id} sent no heartbeat for {timeout:.0f}s"
+                failed.append((tuner_id, trial.trial_id))
+                self.expired.add(trial.trial_id)
+                self._end(trial)
+        return failed
+
+
+    @kt.synchronized
+    def activity(self) -> tuple[int, int]:
+        """(ongoing trials, registered workers), read under the oracle's lock."""
+        return len(self.ongoing_trials), len(self.tuner_ids)
+
+
+class SweepRandomSearch(SweepOracle, kt.oracles.RandomSearchOracle):
+    pass
+
+
+class SweepBayesian(SweepOracle, kt.oracles.BayesianOptimizationOracle):
+    pass
+
+
+class SweepHyperband(SweepOracle, kt.oracles.HyperbandOracle):
+    defaults_inside_draw = True
+
+
+def build_oracle(spec: SweepSpec) -> kt.Oracle:
+    """The oracle for the spec's tuner, scoring trials by its objective; Hyperband's trial count is capped at
+    ``trials`` as well, and ``epochs`` is its maximum. The spec's fixed hyperparameters are held at their
+    values (Keras Tuner's ``hyperparameters`` with ``tune_new_entries``). A family with a costly stage (the
+    transfer family's fine-tuning) is searched in two phases (``sweep.staging``), except by Hyperband."""
+    score = kt.Objective(spec.objective, direction=OBJECTIVES[spec.objective])
+    space = {}
+    if spec.fixed:
+        space = {"hyperparameters": fixed_space(spec.family, dict(spec.fixed)), "tune_new_entries": True}
+    if spec.tuner == "hyperband":
+        oracle = SweepHyperband(objective=score, max_epochs=spec.epochs, seed=spec.seed, **space)
+        oracle.max_trials = spec.trials
+        oracle.epochs = spec.epochs
+        return oracle
+    cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
+    oracle = cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
+    oracle.staging = LeaderStaging.for_sweep(spec.family, spec.trials, spec.tuner, dict(spec.fixed), spec.seed)
+    oracle.pruning = spec.prune and FAMILIES[spec.family].prunable and spec.epochs > MIN_EPOCHS
+    oracle.epochs = spec.epochs
+    return oracle
+
+
+def epoch_metric(objective: str) -> str:
+    """The name under which a trial reports its objective after each epoch (not its result: the oracle keeps
+    it for pruning only)."""
+    return f"epoch_{objective}"

@@ -1,0 +1,66 @@
+"""--time-budget: no trial starts that could not finish in time; a trial running at the end stops as pruned."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from keras_tuner.engine.trial import TrialStatus
+
+from sweep.cli import main
+from tests.conftest import runs_in
+from tests.test_pruning import make_oracle
+from tests.test_tuning import tiny_args
+
+
+def test_no_trial_starts_that_would_not_finish_before_the_deadline(tmp_path):
+    oracle = make_oracle(tmp_path, epochs=20, prune=False)
+    oracle.deadline = time.time() + 1000
+    oracle.epoch_seconds = [40.0, 60.0, 50.0]  # a whole trial: 20 x 50 s, the median epoch
+    assert oracle.create_trial("tuner0").status == TrialStatus.STOPPED and oracle.out_of_time
+    oracle.out_of_time, oracle.deadline = False, time.time() + 1100
+    assert oracle.create_trial("tuner0").status == TrialStatus.RUNNING and not oracle.out_of_time
+
+
+def test_a_trial_running_at_the_deadline_stops_there_as_a_pruned_one(tmp_path):
+    oracle = make_oracle(tmp_path, epochs=20, prune=False)
+    oracle.deadline = time.time() + 3600
+    trial = oracle.create_trial("tuner0")
+    report = lambda epoch: oracle.update_trial(trial.trial_id, {"epoch_val_loss": 0.5}, step=epoch)  # noqa: E731
+    assert report(1).status == TrialStatus.RUNNING and report(2).status == TrialStatus.RUNNING
+    assert len(oracle.epoch_seconds) == 1  # the first epoch (model building included) is not timed
+    oracle.deadline = time.time() - 1
+    assert report(3).status == TrialStatus.STOPPED  # trial 1 too: the budget is the user's
+    assert oracle.pruned == {trial.trial_id: 3}
+    assert oracle.seconds_left() == 0.0
+
+
+@pytest.mark.parametrize("text", ["soon", "10x", "0m", "-5"])
+def test_a_bad_budget_is_refused_with_the_forms_it_takes(runner, text):
+    result = runner.invoke(main, ["run", "--family", "scratch", "--time-budget", text])
+    assert result.exit_code == 2
+    assert "--time-budget" in result.output and ("45m, 1h30m, 90s" in result.output or "more than zero" in
+                                                  result.output)
+
+
+@pytest.mark.slow
+def test_a_sweep_ends_at_its_budget_and_resume_goes_on(tiny_data, tracking_env, runner):
+    args = ["run", "--family", "scratch", "--trials", "30", "-q", *tiny_args(tiny_data), "--epochs", "3",
+            "--no-prune"]
+    result = runner.invoke(main, [*args, "--time-budget", "25s", "--sweep", "budgeted"])
+    assert result.exit_code == 0, result.output
+    assert "within 0m2" in result.output and "budget " in result.output and " left" in result.output
+    assert "time budget reached after " in result.output
+    assert "sweep run --family scratch --resume --sweep budgeted" in result.output
+    parent = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FINISHED" and parent.data.tags["stopped"] == "time_budget"
+    first = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags]
+    assert 1 <= len(first) < 30 and all(r.info.status == "FINISHED" for r in first)
+
+    resumed = runner.invoke(main, ["run", "--family", "scratch", "--resume", "--sweep", "budgeted",
+                                   "--time-budget", "15s", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    after = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags]
+    assert len(first) < len(after) < 30  # the resumed sweep ran more trials, again within its budget
+    numbers = sorted(int(r.data.tags["trial_number"]) for r in after)
+    assert numbers == list(range(1, len(after) + 1))
