@@ -62,8 +62,8 @@ class HyperFamily(kt.HyperModel):
     name: ClassVar[str]
     description: ClassVar[str]
     study_range: ClassVar[tuple[float, float] | None] = None  # the study's published validation accuracy
-    # (hyperparameter, value that leaves it off) of a costly optional stage, searched only on the best trials
-    # without it (sweep/staging.py); None: every hyperparameter is drawn jointly.
+    # (hyperparameter, value that leaves it off) of a costly optional stage, which a sweep may search only on its
+    # best trials without it (sweep/staging.py); None: every hyperparameter is always drawn jointly.
     stage_switch: ClassVar[tuple[str, Any] | None] = None
     # Whether a sweep may stop this family's hopeless trials early (sweep/pruning.py).
     prunable: ClassVar[bool] = True

@@ -33,7 +33,7 @@ class HyperTransfer(HyperFamily):
     description = ("frozen ImageNet MobileNetV2 base + pooling/dropout/dense head, optionally then fine-tuned from "
                    "a cut point (study: ~95-98 %)")
     study_range = (0.95, 0.98)
-    stage_switch = ("fine_tune_from", "none")  # fine-tuning is spent on the best frozen-base heads
+    stage_switch = ("fine_tune_from", "none")  # --fine-tune-leaders: fine-tuning only the best frozen models
     prunable = False  # a trial on cached features takes seconds: nothing to save
     mixed_precision = False  # its head trains on cached features in float32
 

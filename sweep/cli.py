@@ -59,6 +59,10 @@ SWEEP_OPTIONS = options(
     click.option("--prune/--no-prune", default=DEFAULTS["prune"], show_default=True,
                  help="Stop a from-scratch trial at epoch 2, 6 or 18 when it is not in the best third of the "
                       "sweep's trials there (successive halving; random and Bayesian search). Trial 1 runs in full."),
+    click.option("--fine-tune-leaders/--fine-tune-any", default=DEFAULTS["fine_tune_leaders"], show_default=True,
+                 help="transfer only: the first half of the trials search the frozen head, and each later one "
+                      "fine-tunes one of the three best frozen models, reproduced exactly; --fine-tune-any draws "
+                      "fine_tune_from with the head in every trial."),
     click.option("--precision", default=DEFAULTS["precision"], show_default=True, type=click.Choice(PRECISIONS),
                  help="From-scratch families: mixed_bfloat16 computes the convolutions in bfloat16 (weights, logits "
                       "and loss stay float32); auto uses it where the CPU (AVX512_BF16, AMX) or GPU has it."),

@@ -262,7 +262,7 @@ def build_oracle(spec: SweepSpec) -> kt.Oracle:
         return oracle
     cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
     oracle = cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
-    oracle.staging = LeaderStaging.for_sweep(spec.family, spec.trials, spec.tuner, dict(spec.fixed), spec.seed)
+    oracle.staging = LeaderStaging.for_sweep(spec)
     oracle.pruning = spec.prune and FAMILIES[spec.family].prunable and spec.epochs > MIN_EPOCHS
     oracle.epochs = spec.epochs
     return oracle

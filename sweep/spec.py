@@ -84,6 +84,9 @@ class SweepSpec:
     # The number format of a from-scratch trial (sweep/precision.py): auto is mixed bfloat16 where the hardware
     # computes it natively; sweeps logged before it existed computed in float32.
     precision: str = field(default="auto", metadata=_param(since=True, legacy="float32"))
+    # transfer only: fine-tune only the best frozen models, each reproduced exactly (sweep/staging.py), instead of
+    # drawing fine_tune_from with the head in every trial; sweeps logged before it existed drew it jointly.
+    fine_tune_leaders: bool = field(default=True, metadata=_param(decode=_bool_from_text, since=True, legacy=False))
 
     def __post_init__(self) -> None:
         # Absolute paths, so resume, workers and export find the files from any working directory.

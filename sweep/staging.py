@@ -18,6 +18,7 @@ import keras_tuner as kt
 
 from search_spaces import FAMILIES
 from sweep.results import format_value
+from sweep.spec import SweepSpec
 
 # How many of the best stage-off trials the later trials refine, in turn.
 LEADERS = 3
@@ -40,15 +41,15 @@ class LeaderStaging:
     leaders: int = LEADERS
 
     @classmethod
-    def for_sweep(cls, family: str, trials: int, tuner: str, fixed: dict[str, Any],
-                  seed: int = 0) -> LeaderStaging | None:
-        """The plan for a sweep, or None where the search draws everything jointly: a family without a staged
-        hyperparameter, a sweep that fixes it (``--hp fine_tune_from=...``), Hyperband (its brackets decide
-        which trials go on) and a sweep of one trial."""
-        switch = getattr(FAMILIES.get(family), "stage_switch", None)
-        if switch is None or tuner == "hyperband" or switch[0] in fixed or trials < 2:
+    def for_sweep(cls, spec: SweepSpec) -> LeaderStaging | None:
+        """The plan for a sweep (``--fine-tune-leaders``, the default), or None where the search draws
+        everything jointly: ``--fine-tune-any``, a family without a staged hyperparameter, a sweep that fixes it
+        (``--hp fine_tune_from=...``), Hyperband (its brackets decide which trials go on) and one trial."""
+        switch = getattr(FAMILIES.get(spec.family), "stage_switch", None)
+        if (not spec.fine_tune_leaders or switch is None or spec.tuner == "hyperband"
+                or switch[0] in dict(spec.fixed) or spec.trials < 2):
             return None
-        return cls(switch=switch[0], off=switch[1], explore=max(1, trials // 2), seed=seed)
+        return cls(switch=switch[0], off=switch[1], explore=max(1, spec.trials // 2), seed=spec.seed)
 
     def propose(self, number: int, drawn: dict[str, Any], space: kt.HyperParameters,
                 leaders: list[dict[str, Any]] | None, tried) -> dict[str, Any]:

@@ -237,7 +237,7 @@ class SweepTuner(kt.Tuner):
         """The trial whose first stage this one refines (sweep/staging.py), read from the sweep's MLflow runs
         so that workers and ``--resume`` find it too; None for most trials."""
         s = self.spec
-        plan = LeaderStaging.for_sweep(s.family, s.trials, s.tuner, dict(s.fixed), s.seed)
+        plan = LeaderStaging.for_sweep(s)
         if plan is None or hp.values.get(plan.switch, plan.off) == plan.off or not self.parent_run_id:
             return None
         runs = tracking.child_runs(self.experiment_id, self.parent_run_id)

@@ -179,7 +179,7 @@ def test_a_fine_tuning_sweep_logs_both_stages_and_keeps_the_fine_tuned_model(tin
 
 
 @pytest.mark.slow
-def test_a_staged_sweep_fine_tunes_the_leading_frozen_head_and_the_report_names_it(tiny_data, tracking_env, runner,
+def test_fine_tune_leaders_fine_tunes_the_leading_frozen_model_and_the_report_names_it(tiny_data, tracking_env, runner,
                                                                                    shared_weights):
     """Three trials: the study's model first (frozen), then two fine-tuning trials on its head (sweep/staging.py)."""
     args = ["run", "--family", "transfer", "--trials", "3", "-q", "--weights", str(shared_weights),

@@ -35,7 +35,7 @@ def run_oracle(tmp_path, spec: SweepSpec, score=lambda values, number: 1.0 / (nu
 
 
 def test_the_first_half_searches_the_head_then_each_trial_fine_tunes_a_leading_head(tmp_path):
-    spec = SweepSpec(family="transfer", trials=20, seed=7)
+    spec = SweepSpec(family="transfer", trials=20, seed=7, fine_tune_leaders=True)
     losses = {}
 
     def score(values, number):  # a made-up landscape: the lower the learning rate, the better the head
@@ -59,27 +59,32 @@ def test_the_first_half_searches_the_head_then_each_trial_fine_tunes_a_leading_h
 
 
 def test_the_plan_is_the_same_for_the_same_seed_and_moves_with_it(tmp_path):
-    spec = SweepSpec(family="transfer", trials=8, seed=3)
+    spec = SweepSpec(family="transfer", trials=8, seed=3, fine_tune_leaders=True)
     assert run_oracle(tmp_path / "a", spec) == run_oracle(tmp_path / "b", spec)
     assert run_oracle(tmp_path / "c", spec) != run_oracle(tmp_path / "d", SweepSpec(family="transfer", trials=8,
-                                                                                    seed=4))
+                                                                                    seed=4, fine_tune_leaders=True))
 
 
 @pytest.mark.parametrize("fixed", [{"fine_tune_epochs": 6}, {"fine_tune_lr_factor": 0.05}])
 def test_a_fixed_fine_tuning_setting_holds_in_the_refinements(tmp_path, fixed):
-    spec = SweepSpec(family="transfer", trials=6, seed=1, fixed=tuple(fixed.items()))
+    spec = SweepSpec(family="transfer", trials=6, seed=1, fixed=tuple(fixed.items()), fine_tune_leaders=True)
     refine = run_oracle(tmp_path, spec)[3:]
     name, value = next(iter(fixed.items()))
     assert refine and all(t[name] == value and t["fine_tune_from"] in CUTS for t in refine)
 
 
 def test_where_the_search_stays_joint():
-    assert LeaderStaging.for_sweep("transfer", 20, "random", {}) == LeaderStaging("fine_tune_from", "none", 10)
-    assert LeaderStaging.for_sweep("transfer", 20, "bayesian", {}).explore == 10
-    assert LeaderStaging.for_sweep("transfer", 20, "hyperband", {}) is None
-    assert LeaderStaging.for_sweep("transfer", 20, "random", {"fine_tune_from": "conv_1"}) is None
-    assert LeaderStaging.for_sweep("transfer", 1, "random", {}) is None
-    assert LeaderStaging.for_sweep("scratch", 20, "random", {}) is None
+    def plan(family="transfer", trials=20, tuner="random", fixed=(), leaders=True):
+        return LeaderStaging.for_sweep(SweepSpec(family=family, trials=trials, tuner=tuner, fixed=fixed,
+                                                 fine_tune_leaders=leaders, seed=5, weights="none"))
+
+    assert plan() == LeaderStaging("fine_tune_from", "none", 10, seed=5)
+    assert plan(tuner="bayesian").explore == 10
+    assert plan(leaders=False) is None  # --fine-tune-any: every trial draws fine_tune_from with its head
+    assert plan(tuner="hyperband") is None
+    assert plan(fixed=(("fine_tune_from", "conv_1"),)) is None
+    assert plan(trials=1) is None
+    assert plan(family="scratch") is None
 
 
 def test_a_fixed_cut_draws_every_trial_jointly(tmp_path):
@@ -112,3 +117,10 @@ def test_a_refinement_finds_the_frozen_trial_it_refines_among_the_sweeps_runs():
     assert leader_of(runs, tuned, space, switch, "val_accuracy", "max") is None  # no such metric logged
     assert leader_of(runs, {**tuned, "dropout": 0.3}, space, switch) is None  # drawn jointly: its own seed
     assert leader_of(runs, {**head, "fine_tune_from": "none"}, space, switch) is None  # a frozen trial
+
+
+def test_fine_tune_any_draws_fine_tuning_with_the_head_in_every_trial(tmp_path):
+    trials = run_oracle(tmp_path, SweepSpec(family="transfer", trials=12, seed=7, fine_tune_leaders=False))
+    assert trials[0]["fine_tune_from"] == "none"  # the study's model
+    assert any(t["fine_tune_from"] != "none" for t in trials[1:6])  # not only in a second half
+    assert any(t["fine_tune_from"] == "none" for t in trials[6:])
