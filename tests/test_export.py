@@ -135,6 +135,7 @@ def test_best_prints_the_best_trial(swept, runner):
         assert f"Best trial by {metric}" in ranked.output and chosen.info.run_id in ranked.output
 
 
+@pytest.mark.slow
 def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner, tiny_data):
     out = swept / "export"
     result = runner.invoke(main, ["best", "--export", str(out)])
@@ -384,6 +385,7 @@ def test_ui_prints_the_link_that_opens_the_experiments_training_runs(swept, runn
     assert started and started[0][1][1:3] == ["ui", "--backend-store-uri"]
 
 
+@pytest.mark.slow
 def test_report_compares_two_families_with_the_baseline(swept, runner, tiny_data):
     assert runner.invoke(main, sweep_args(tiny_data, "preprocessed")).exit_code == 0
     out = swept / "report"

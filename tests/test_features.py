@@ -349,6 +349,7 @@ def test_a_cached_trial_scores_what_the_end_to_end_model_scores_on_raw_images(ti
         assert fitted.model is model
 
 
+@pytest.mark.slow
 def test_cut_activations_are_streamed_to_files_and_read_back_block_by_block(tmp_path, small_base, image_files):
     from search_spaces.features import ActivationRows, flip_combo
     from search_spaces.finetune import CUTS

@@ -27,18 +27,20 @@ def test_params_round_trip_every_field(tmp_path):
     spec = SweepSpec(family="transfer", trials=7, tuner="hyperband", objective="val_accuracy", epochs=3, seed=9,
                      batch_size=8, image_size=(224, 200), data_dir=tmp_path / "data", weights=str(weights),
                      feature_cache=False, fixed=(("rotation_factor", "0.3"), ("flip_mode", "none")), prune=False,
-                     precision="mixed_bfloat16")
+                     precision="mixed_bfloat16", fine_tune_leaders=False)
     params = spec.to_params()
     assert params == {"family": "transfer", "trials": "7", "tuner": "hyperband", "objective": "val_accuracy",
                       "epochs": "3", "seed": "9", "batch_size": "8", "image_size": "224x200",
                       "data": str(tmp_path / "data"), "weights": str(weights), "feature_cache": "False",
                       "fixed_hyperparameters": '{"flip_mode": "none", "rotation_factor": 0.30000000000000004}',
-                      "prune": "False", "precision": "mixed_bfloat16"}
+                      "prune": "False", "precision": "mixed_bfloat16", "fine_tune_leaders": "False"}
     assert SweepSpec.from_params({**params, "dropout": "0.2", "num_classes": "2"}) == spec
     assert set(params) == SweepSpec.param_names()
     # a sweep logged before a setting existed had its default
     older = {k: v for k, v in params.items() if k != "fixed_hyperparameters"}
     assert SweepSpec.from_params(older).fixed == ()
+    # ... or what such a sweep did: fine-tuning drawn jointly with the head
+    assert SweepSpec.from_params({k: v for k, v in params.items() if k != "fine_tune_leaders"}).fine_tune_leaders is False
 
 
 @pytest.mark.parametrize("fixed, message", [
