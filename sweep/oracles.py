@@ -152,9 +152,12 @@ class SweepOracle:
         try:
             return self.pruner().report(trial_id, step, score)
         except Exception as exc:  # noqa: BLE001 (any failure of the record: the search goes on unpruned)
-            self.pruning = False
-            warnings.warn(f"pruning turned off for the rest of the sweep: {type(exc).__name__}: {exc}")
+            self._stop_pruning(exc)
             return False
+
+    def _stop_pruning(self, exc: Exception) -> None:
+        self.pruning = False
+        warnings.warn(f"pruning turned off for the rest of the sweep: {type(exc).__name__}: {exc}")
 
     def _time_epoch(self, trial_id: str, step: int) -> None:
         """Keep the time between two epoch reports of a trial (the first epoch also builds the model: not kept)."""
@@ -207,8 +210,7 @@ class SweepOracle:
             try:
                 self.pruner().finish(trial.trial_id, score, pruned=trial.trial_id in self.pruned)
             except Exception as exc:  # noqa: BLE001 (see _prune)
-                self.pruning = False
-                warnings.warn(f"pruning turned off for the rest of the sweep: {type(exc).__name__}: {exc}")
+                self._stop_pruning(exc)
 
     @kt.synchronized
     def expire_silent_trials(self, timeout: float) -> list[tuple[str, str]]:
