@@ -14,12 +14,11 @@ import keras_tuner as kt
 import optuna
 
 from search_spaces import FAMILIES
+from sweep.pruning import study_direction  # which also quiets Optuna's per-trial log lines
 from sweep.results import PRUNED_TAG, RANKINGS
 
 # Below this many full trials an importance says nothing.
 MIN_TRIALS = 5
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def distributions(family: str) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -70,7 +69,7 @@ def param_importances(runs: list, family: str, metric: str) -> dict[str, float]:
                                                 distributions={n: space[n] for n in params}))
     if len(trials) < MIN_TRIALS:
         return {}
-    study = optuna.create_study(direction="minimize" if RANKINGS[metric] == "min" else "maximize")
+    study = optuna.create_study(direction=study_direction(RANKINGS[metric]))
     study.add_trials(trials)
     try:
         found = optuna.importance.get_param_importances(

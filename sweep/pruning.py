@@ -29,6 +29,11 @@ JOURNAL = "pruning.journal"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def study_direction(direction: str) -> str:
+    """Optuna's name for a "min" or "max" objective."""
+    return "minimize" if direction == "min" else "maximize"
+
+
 class RungPruner:
     """The sweep's record of per-epoch scores, and the decision to stop a trial at a rung.
 
@@ -45,7 +50,7 @@ class RungPruner:
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
         self.study = optuna.create_study(
             study_name="sweep", storage=storage, load_if_exists=True,
-            direction="minimize" if direction == "min" else "maximize",
+            direction=study_direction(direction),
             pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=MIN_EPOCHS, reduction_factor=REDUCTION_FACTOR),
         )
         self.protected = set(protected)
