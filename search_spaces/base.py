@@ -41,12 +41,12 @@ class Validation(keras.callbacks.Callback):
     ends at the very value the tuner scores, flip-averaged for a ``test_time_flip`` trial.
     """
 
-    def __init__(self, model: keras.Model, images, labels, batch_size: int) -> None:
+    def __init__(self, model: keras.Model, batches) -> None:
         super().__init__()
-        self.scored, self.x, self.y, self.batch_size = model, images, labels, batch_size
+        self.scored, self.batches = model, batches
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        loss, accuracy = self.scored.evaluate(self.x, self.y, batch_size=self.batch_size, verbose=0)
+        loss, accuracy = self.scored.evaluate(self.batches, verbose=0)
         if logs is not None:
             logs.update(val_loss=loss, val_accuracy=accuracy)
 
@@ -109,8 +109,7 @@ class HyperFamily(kt.HyperModel):
         """Train ``model`` (built from ``hp``) on the raw training images and score it.
 
         Args:
-            data: the splits, each with ``images`` (float32 0-255) and ``labels``: ``data.train``,
-                ``data.validation``, ``data.test``.
+            data: the splits (``sweep.data.Split``): ``data.train``, ``data.validation``, ``data.test``.
             callbacks: run after this family's own validation callback, so they see ``val_*`` each epoch.
             seed: the trial's seed (Keras' global seed is set by the caller).
 
@@ -119,13 +118,11 @@ class HyperFamily(kt.HyperModel):
         """
         final = self.inference_model(model, hp.values)
         history = model.fit(
-            data.train.images, data.train.labels, batch_size=batch_size, epochs=epochs,
-            initial_epoch=initial_epoch, shuffle=True, verbose=verbose,
-            callbacks=[Validation(final, data.validation.images, data.validation.labels, batch_size),
-                       *(callbacks or [])],
+            data.train.batches(batch_size, shuffle_seed=seed), epochs=epochs, initial_epoch=initial_epoch,
+            shuffle=False,  # the pipeline reshuffles each epoch
+            verbose=verbose, callbacks=[Validation(final, data.validation.batches(batch_size)), *(callbacks or [])],
         )
-        test_loss, test_accuracy = final.evaluate(data.test.images, data.test.labels, batch_size=batch_size,
-                                                  verbose=0)
+        test_loss, test_accuracy = final.evaluate(data.test.batches(batch_size), verbose=0)
         return fitted(final, history.history, test_loss, test_accuracy, "raw_images")
 
     def evaluate_raw(self, result: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:

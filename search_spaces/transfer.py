@@ -204,7 +204,7 @@ class HyperTransfer(HyperFamily):
             if values.get("fine_tune_from", "none") == "none" or model.stop_training:  # stopped: no next stage
                 return head_stage
             return fine_tune_raw(self, values, model, head_stage, data=data, batch_size=batch_size, epochs=epochs,
-                                 callbacks=callbacks, verbose=verbose)
+                                 callbacks=callbacks, verbose=verbose, seed=seed)
         f = self.features
         draws = ViewDraws(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
                           values["rotation_factor"], batch_size, seed, tensor=f.tensor(values["pooling"]))
@@ -285,7 +285,8 @@ def own_base(model: keras.Model) -> keras.Model:
 
 
 def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Model, head_stage: Fitted, *,
-                  data: Any, batch_size: int, epochs: int, callbacks: list | None, verbose: int) -> Fitted:
+                  data: Any, batch_size: int, epochs: int, callbacks: list | None, verbose: int,
+                  seed: int) -> Fitted:
     """The fine-tuning stage end to end on raw images (a sweep without the feature cache): the base's layers
     above the cut train with the head, in ``model`` on its own copy of the base (``with_own_base``; the
     shared base never trains), BatchNormalization still in inference mode."""
@@ -300,11 +301,10 @@ def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Mo
     more = values["fine_tune_epochs"]
     family.compile(model, {"learning_rate": fine_tune_rate(values, more * math.ceil(len(data.train) / batch_size))})
     final = family.inference_model(model, values)
-    history = model.fit(data.train.images, data.train.labels, batch_size=batch_size, epochs=epochs + more,
-                        initial_epoch=epochs, shuffle=True, verbose=verbose,
-                        callbacks=[Validation(final, data.validation.images, data.validation.labels, batch_size),
-                                   *(callbacks or [])])
-    test_loss, test_accuracy = final.evaluate(data.test.images, data.test.labels, batch_size=batch_size, verbose=0)
+    history = model.fit(data.train.batches(batch_size, shuffle_seed=seed), epochs=epochs + more,
+                        initial_epoch=epochs, shuffle=False, verbose=verbose,  # the pipeline reshuffles
+                        callbacks=[Validation(final, data.validation.batches(batch_size)), *(callbacks or [])])
+    test_loss, test_accuracy = final.evaluate(data.test.batches(batch_size), verbose=0)
     return fine_tuned(final, head_stage.history, history.history, test_loss, test_accuracy, "raw_images", epochs + 1)
 
 

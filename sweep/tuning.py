@@ -66,6 +66,26 @@ def _check_finite(history: dict[str, list[float]], first_epoch: int) -> None:
             raise kt.errors.FailedTrialError(f"loss became {loss} at epoch {epoch}; the trial diverged")
 
 
+def process_memory() -> dict[str, float]:
+    """This process's resident memory now (``rss_mib``, where ``/proc`` tells it) and its peak so far
+    (``peak_rss_mib``), in MiB: logged with every trial, so growth from trial to trial shows in the sweep's
+    runs. Empty where the OS tells neither."""
+    figures = {}
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+        figures["peak_rss_mib"] = round(peak / (2**20 if os.uname().sysname == "Darwin" else 2**10), 1)
+    except ImportError:  # Windows
+        pass
+    try:
+        with open("/proc/self/statm") as statm:
+            figures["rss_mib"] = round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return figures
+
+
 def _check_agreement(fitted: Fitted, raw: dict[str, float], images: dict[str, int]) -> None:
     """The cached score and the end-to-end model's on raw images must be one number, up to float rounding."""
     for split, loss, accuracy in (("val", fitted.val_loss, fitted.val_accuracy),
@@ -216,7 +236,8 @@ class SweepTuner(kt.Tuner):
                 run.log_metrics({"test_accuracy": record.test_accuracy, "test_loss": record.test_loss,
                                  "test_accuracy_ci_low": low, "test_accuracy_ci_high": high,
                                  "test_images": record.test_images,
-                                 "baseline_accuracy": self.data.baseline_accuracy, "train_seconds": record.seconds})
+                                 "baseline_accuracy": self.data.baseline_accuracy, "train_seconds": record.seconds,
+                                 **process_memory()})
                 run.set_tags({"training": fitted.scored_on,  # and where each later stage began, e.g. fine_tune_first_epoch
                               **{f"{stage}_first_epoch": str(epoch) for stage, epoch in fitted.stages.items()},
                               **({PRUNED_TAG: str(record.pruned_at)} if record.pruned_at else {})})

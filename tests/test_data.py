@@ -125,3 +125,30 @@ def test_a_class_with_no_readable_image_is_refused(tmp_path):
         path.write_text("broken")
     with pytest.raises(DataError, match="train/dogs holds no readable image"):
         load_splits(root, image_size=(32, 32), batch_size=4)
+
+
+def test_batches_gather_from_one_tensor_in_a_seeded_order_reshuffled_each_epoch(tiny_data):
+    splits = load_splits(tiny_data, (32, 32), 4, 3)
+    train = splits.train
+    images, labels = train.images.copy(), train.labels.copy()
+
+    def epochs(seed, n=2):
+        pipeline = train.batches(4, shuffle_seed=seed)
+        return [np.concatenate([y.numpy() for _, y in pipeline]) for _ in range(n)], pipeline
+
+    (first, second), pipeline = epochs(7)
+    held = train.tensors[0]
+    assert train.decoded is None  # TensorFlow's copy is the only one kept
+    again, _ = epochs(7)
+    assert train.tensors[0] is held  # made once, not per pipeline
+    assert all(np.array_equal(a, b) for a, b in zip([first, second], again))  # reproducible by seed
+    assert not np.array_equal(first, second)  # reshuffled at every epoch
+    assert sorted(first) == sorted(labels)  # every image once an epoch
+    # each batch pairs an image with its own label, at the batch size
+    index = {img.tobytes(): label for img, label in zip(images, labels)}
+    for x, y in pipeline:
+        assert x.shape[0] <= 4 and [index[img.tobytes()] for img in x.numpy()] == list(y.numpy())
+    # in order without a seed, and the images still read back as they were decoded
+    in_order = np.concatenate([x.numpy() for x, _ in train.batches(4)])
+    np.testing.assert_array_equal(in_order, images)
+    np.testing.assert_array_equal(train.images, images)

@@ -78,6 +78,8 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
         assert math.isfinite(child.data.metrics["test_loss"])
         assert child.data.metrics["test_accuracy"] * 4 in {0.0, 1.0, 2.0, 3.0, 4.0}  # a count of 4 images
         assert child.data.metrics["baseline_accuracy"] == parent.data.metrics["baseline_accuracy"]
+        # the process's memory at the trial's end: TensorFlow alone holds more than 100 MiB
+        assert 100 < child.data.metrics["rss_mib"] <= child.data.metrics["peak_rss_mib"] < 24 * 1024
         assert child.data.tags["family"] == "scratch"
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "accuracy.png" in artifacts
@@ -358,7 +360,7 @@ def test_validation_callback_logs_the_score_of_the_flip_averaged_model(tiny_data
     final = hypermodel.inference_model(model, hp.values)
     seen = []
     model.fit(splits.train.images, splits.train.labels, batch_size=4, epochs=2, verbose=0,
-              callbacks=[Validation(final, splits.validation.images, splits.validation.labels, 4),
+              callbacks=[Validation(final, splits.validation.batches(4)),
                          keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(dict(logs)))])
     assert len(seen) == 2 and all({"loss", "accuracy", "val_loss", "val_accuracy"} <= set(logs) for logs in seen)
     loss, accuracy = final.evaluate(splits.validation.images, splits.validation.labels, batch_size=4, verbose=0)
