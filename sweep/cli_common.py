@@ -74,12 +74,20 @@ class SweepGroup(click.Group):
 
 def stop_on_sigterm() -> None:
     """Treat SIGTERM (kill, Docker, systemd, Kubernetes) as Ctrl-C, so open MLflow runs end KILLED, not
-    RUNNING for ever; both also mark the process as stopping (``tracking.STOP_REQUESTED``)."""
+    RUNNING for ever; both also mark the process as stopping (``tracking.STOP_REQUESTED``).
+
+    Once stopping, a further SIGTERM changes nothing (a supervisor passing the signal on to its workers, or a
+    scheduler repeating it, must not interrupt the closing of the runs), and a second Ctrl-C exits at once."""
     import signal
 
     from sweep.tracking import STOP_REQUESTED
 
     def interrupt(signum, frame):
+        if STOP_REQUESTED.is_set():
+            if signum == signal.SIGINT:
+                click.echo("Stopping at once; runs still open stay RUNNING.", err=True)
+                os._exit(130)
+            return
         STOP_REQUESTED.set()
         raise KeyboardInterrupt(f"stopped by signal {signum}")
 

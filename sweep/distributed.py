@@ -87,10 +87,12 @@ class LocalWorkers:
         return bool(self.procs)
 
     def stop(self, grace: float = 30.0) -> None:
-        """Interrupt the workers as Ctrl-C would, so they close their MLflow runs; kill those that hang."""
+        """Pass the stop on to the workers (SIGTERM: a worker that already has it from the terminal's Ctrl-C
+        or the scheduler's process-group signal takes it once), so they close their MLflow runs; kill those
+        that hang."""
         for proc in self.procs.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=grace)

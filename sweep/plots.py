@@ -82,7 +82,7 @@ def plot_report(rows: list[tuple[str, float, float]], baseline: float, title: st
 
 def plot_importances(importances: dict[str, dict[str, float]], title: str) -> Figure:
     """One panel per family: its hyperparameters' importance (fANOVA share), largest at the top."""
-    fig = Figure(figsize=(4 * len(importances), 3.6), dpi=100)
+    fig = Figure(figsize=(max(4 * len(importances), 7), 3.6), dpi=100)  # wide enough for the title
     for i, (family, shares) in enumerate(importances.items()):
         ax = fig.add_subplot(1, len(importances), i + 1)
         names = list(shares)[::-1]

@@ -32,6 +32,7 @@ class FamilyRow:
     pruned: int = 0  # of ``trials``, how many stopped early (sweep/pruning.py)
     wall_seconds: float = 0.0  # the family's sweeps, start to end, summed
     importances: dict[str, float] = field(default_factory=dict)  # hyperparameter -> fANOVA share, largest first
+    importance_epoch: int | None = None  # the epoch every trial was compared at; None: the full trials' final scores
 
     @property
     def study_range(self) -> tuple[float, float] | None:
@@ -76,6 +77,7 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
     if not runs:
         raise SweepError(f"experiment {settings.experiment!r} has no finished trial; run `sweep run` first.")
     metric = metric or objective_of(runs)
+    client = tracking.MlflowClient()
     rows = []
     sweeps = tracking.sweep_runs(experiment_id)
     order = list(FAMILIES) + sorted({r.data.tags.get("family", "?") for r in runs} - set(FAMILIES))
@@ -91,7 +93,8 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
         row.wall_seconds = sum((r.info.end_time - r.info.start_time) / 1000 for r in sweeps
                                if r.data.tags.get("family") == family and r.info.end_time)
         if family in FAMILIES:
-            row.importances = param_importances(mine, family, metric)
+            row.importances, row.importance_epoch = param_importances(
+                mine, family, metric, history=lambda run_id: client.get_metric_history(run_id, metric))
         tuned = [r for r in mine if r.data.params.get("fine_tune_from", "none") != "none"]
         frozen = [r for r in mine if r.data.params.get("fine_tune_from", "none") == "none"]
         if tuned and frozen:
@@ -128,12 +131,15 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
     important = [r for r in rows if r.importances]
     if important:
         lines += ["## Which hyperparameters mattered", "",
-                  f"Share of the variance of the final {chosen_by} across each family's full trials (fANOVA, "
-                  "Optuna's importance evaluator; pruned trials and conditional hyperparameters left out), largest "
-                  "first:", "", "| family | importances |", "|---|---|"]
+                  f"Share of the variance of {chosen_by} across each family's trials at one budget (fANOVA, Optuna's "
+                  "importance evaluator; conditional hyperparameters left out), largest first. \"final\": the "
+                  "final scores of the trials that ran every epoch; \"epoch N\": where too few did (a pruned "
+                  "sweep), every trial's value at the deepest epoch all of them reached:", "",
+                  "| family | compared at | importances |", "|---|---|---|"]
         for r in important:
-            lines.append(f"| {r.family} | " + ", ".join(f"{name} {share:.2f}" for name, share in r.importances.items())
-                         + " |")
+            at = "final" if r.importance_epoch is None else f"epoch {r.importance_epoch}"
+            lines.append(f"| {r.family} | {at} | "
+                         + ", ".join(f"{name} {share:.2f}" for name, share in r.importances.items()) + " |")
         lines.append("")
     for r in (r for r in rows if r.fine_tuning_verdict):
         lines += [f"## Fine-tuning ({r.family})", "", "| | trial | fine-tuned | val accuracy | val loss | test accuracy |",
@@ -161,7 +167,8 @@ def write_report(rows: list[FamilyRow], settings: TrackingSettings, out_dir: Pat
     files = [markdown, figure]
     if any(r.importances for r in rows):
         files.append(out_dir / "importance.png")
-        plots.plot_importances({r.family: r.importances for r in rows if r.importances},
+        plots.plot_importances({r.family + ("" if r.importance_epoch is None else f" (at epoch {r.importance_epoch})"):
+                                r.importances for r in rows if r.importances},
                                settings.experiment).savefig(files[-1])
     metrics = {f"{r.family}_best_test_accuracy": r.best.test_accuracy for r in rows}
     metrics["baseline_accuracy"] = rows[0].baseline

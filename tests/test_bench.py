@@ -11,10 +11,12 @@ from tests.conftest import runs_in
 
 
 @pytest.mark.slow
-def test_bench_prints_the_side_by_side_table(tiny_data, tracking_env, runner, shared_weights):
+def test_bench_prints_the_side_by_side_table_and_holds_the_hyperparameters_it_is_given(tiny_data, tracking_env, runner,
+                                                                                       shared_weights):
     result = runner.invoke(main, ["bench", "--family", "transfer", "--trials", "2", "--epochs", "2", "--data-dir",
                                   str(tiny_data), "--batch-size", "4", "--image-size", "96", "-q",
-                                  "--weights", str(shared_weights)])
+                                  "--weights", str(shared_weights), "--hp", "flip_mode=none",
+                                  "--hp", "rotation_factor=0.1"])
     assert result.exit_code == 0, result.output
     out = result.output
     for row in ("plain Keras Tuner trial 1 (raw images)", "our trial 1 (same hyperparameters)",
@@ -33,18 +35,10 @@ def test_bench_prints_the_side_by_side_table(tiny_data, tracking_env, runner, sh
     # the warm sweep read what the cold one computed, and both are logged like any sweep, tagged as bench runs
     assert out.count("Computing MobileNetV2 features of 32 training images") == 1
     runs = runs_in(tracking_env, experiment="sweep-bench")
-    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 4
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4
     assert {r.data.tags.get("bench") for r in runs if "mlflow.parentRunId" not in r.data.tags} == {"true"}
+    # each of our trials, cold or warm, held the hyperparameters given
+    assert {(r.data.params["flip_mode"], r.data.params["rotation_factor"]) for r in children} == {("none", "0.1")}
     # the cold cache lived in a temporary folder, not in the configured one
     assert not (tracking_env / "mlruns" / "feature_cache").exists()
-
-
-@pytest.mark.slow
-def test_bench_holds_the_hyperparameters_it_is_given(tiny_data, tracking_env, runner, shared_weights):
-    result = runner.invoke(main, ["bench", "--family", "transfer", "--trials", "1", "--epochs", "1", "--data-dir",
-                                  str(tiny_data), "--batch-size", "4", "--image-size", "64", "-q",
-                                  "--weights", str(shared_weights), "--hp", "flip_mode=none",
-                                  "--hp", "rotation_factor=0.1"])
-    assert result.exit_code == 0, result.output
-    children = [r for r in runs_in(tracking_env, experiment="sweep-bench") if "mlflow.parentRunId" in r.data.tags]
-    assert {(r.data.params["flip_mode"], r.data.params["rotation_factor"]) for r in children} == {("none", "0.1")}

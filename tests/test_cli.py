@@ -117,3 +117,27 @@ def test_offline_download_failure_is_one_message(runner, tracking_env, empty_ker
     assert "could not download the dataset" in result.output and "--data-dir DIR" in result.output
     assert "Traceback" not in result.output
     assert runs_in(tracking_env) == []
+
+
+def test_a_stopping_process_takes_one_stop_signal_and_a_second_ctrl_c_exits_at_once():
+    """The first SIGTERM or Ctrl-C interrupts; a repeated SIGTERM (a supervisor passing the stop on, a
+    scheduler repeating it) must not interrupt the closing of the runs; a second Ctrl-C ends the process."""
+    script = """
+import os, signal, time
+from sweep.cli_common import stop_on_sigterm
+stop_on_sigterm()
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except KeyboardInterrupt as exc:
+    print("interrupted:", exc, flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+print("closing undisturbed", flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(5)
+print("still here", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == ["interrupted: stopped by signal 15", "closing undisturbed"], done
+    assert done.returncode == 130 and "Stopping at once" in done.stderr and "Traceback" not in done.stderr
