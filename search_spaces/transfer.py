@@ -290,7 +290,7 @@ def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Mo
     """The fine-tuning stage end to end on raw images (a sweep without the feature cache): the base's layers
     above the cut train with the head, in ``model`` on its own copy of the base (``with_own_base``; the
     shared base never trains), BatchNormalization still in inference mode."""
-    from search_spaces.base import Validation
+    from search_spaces.base import Validation, augmenting_pipeline
 
     model = family.with_own_base(model)
     base = own_base(model)
@@ -301,9 +301,10 @@ def fine_tune_raw(family: HyperTransfer, values: dict[str, Any], model: keras.Mo
     more = values["fine_tune_epochs"]
     family.compile(model, {"learning_rate": fine_tune_rate(values, more * math.ceil(len(data.train) / batch_size))})
     final = family.inference_model(model, values)
-    history = model.fit(data.train.batches(batch_size, shuffle_seed=seed), epochs=epochs + more,
-                        initial_epoch=epochs, shuffle=False, verbose=verbose,  # the pipeline reshuffles
-                        callbacks=[Validation(final, data.validation.batches(batch_size)), *(callbacks or [])])
+    trained, train = augmenting_pipeline(model, data.train.batches(batch_size, shuffle_seed=seed))
+    history = trained.fit(train, epochs=epochs + more,
+                          initial_epoch=epochs, shuffle=False, verbose=verbose,  # the pipeline reshuffles
+                          callbacks=[Validation(final, data.validation.batches(batch_size)), *(callbacks or [])])
     test_loss, test_accuracy = final.evaluate(data.test.batches(batch_size), verbose=0)
     return fine_tuned(final, head_stage.history, history.history, test_loss, test_accuracy, "raw_images", epochs + 1)
 

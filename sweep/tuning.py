@@ -72,16 +72,18 @@ def process_memory() -> dict[str, float]:
     runs. Empty where the OS tells neither."""
     figures = {}
     try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-        figures["peak_rss_mib"] = round(peak / (2**20 if os.uname().sysname == "Darwin" else 2**10), 1)
-    except ImportError:  # Windows
-        pass
-    try:
         with open("/proc/self/statm") as statm:
             figures["rss_mib"] = round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
     except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+        peak = round(peak / (2**20 if os.uname().sysname == "Darwin" else 2**10), 1)
+        # the kernel updates its high-water mark lazily: the resident memory just read may be above it
+        figures["peak_rss_mib"] = max(peak, figures.get("rss_mib", 0.0))
+    except ImportError:  # Windows
         pass
     return figures
 

@@ -188,3 +188,48 @@ def test_a_fixed_fine_tuning_setting_holds_in_every_draw():
     tuned = [d for d in draws if d["fine_tune_from"] != "none"]
     assert tuned and all(d["fine_tune_epochs"] == 6 for d in tuned)
     assert all("fine_tune_epochs" not in d for d in draws if d["fine_tune_from"] == "none")
+
+
+def test_augmentation_runs_in_the_input_pipeline_with_the_models_own_layers():
+    """The augmented family trains its network on batches its own RandomFlip/RandomRotation augmented in
+    tf.data: the same draws for the same seed, new draws each epoch, and every weight shared with the model."""
+    from search_spaces.base import augmenting_pipeline
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3)).astype("float32")
+    y = np.arange(48) % 2
+
+    def trained():
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(3)
+        model, _ = build("augmented", image_size=(32, 32))
+        rest, batches = augmenting_pipeline(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+        epochs = [np.concatenate([images.numpy() for images, _ in batches]) for _ in range(2)]
+        rest.fit(batches, epochs=2, verbose=0)
+        return model, rest, epochs
+
+    model, rest, (first, second) = trained()
+    assert [type(layer).__name__ for layer in rest.layers[1:]] == [name for name, _ in CONV_TRUNK]
+    assert rest.get_layer("conv1").kernel is model.get_layer("conv1").kernel
+    assert rest.optimizer is model.optimizer and int(model.optimizer.iterations) == 6  # 2 epochs of 3 batches
+    assert first.shape == x.shape and not np.allclose(first, x) and not np.allclose(first, second)
+    # a flip or a rotation keeps an image's pixels' range and, within interpolation, its mean brightness
+    assert first.min() >= 0 and first.max() <= 255
+    assert abs(first.mean() - x.mean()) < 10
+
+    again, _, (first_again, second_again) = trained()
+    np.testing.assert_array_equal(first, first_again)
+    np.testing.assert_array_equal(second, second_again)
+    for ours, theirs in zip(model.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+    # at inference the augmentation layers pass images through: the kept model is the trained network
+    np.testing.assert_allclose(model.predict(x, verbose=0), rest.predict(x, verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["scratch", "preprocessed"])
+def test_a_family_without_augmentation_trains_as_built(family):
+    from search_spaces.base import augmenting_pipeline
+
+    model, _ = build(family, image_size=(32, 32))
+    batches = object()
+    assert augmenting_pipeline(model, batches) == (model, batches)
