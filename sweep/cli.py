@@ -30,6 +30,7 @@ from sweep.cli_common import (
 from sweep.cli_results import COMMANDS
 from sweep.precision import PRECISIONS
 from sweep.results import interval_text
+from sweep.server import redact
 from sweep.spec import OBJECTIVES, TUNERS, SweepSpec
 
 
@@ -93,7 +94,7 @@ def _print_results(results, tracking_settings) -> None:
             f"test {best.test_accuracy:.1%}{interval_text(best)} vs baseline {result.baseline_accuracy:.1%} "
             f"(MLflow run {result.run_id})"
         )
-    click.echo(f"Runs are in {tracking_settings.tracking_uri}, experiment {tracking_settings.experiment!r}. "
+    click.echo(f"Runs are in {redact(tracking_settings.tracking_uri)}, experiment {tracking_settings.experiment!r}. "
                "Compare them with: sweep ui")
 
 

@@ -19,6 +19,7 @@ from sweep.cli_common import (
 from sweep.config import load_tracking, require_store
 from sweep.errors import SweepError
 from sweep.results import RANKINGS
+from sweep.server import check_server, redact
 from sweep.spec import OBJECTIVES, SweepSpec
 
 
@@ -54,7 +55,7 @@ def best(experiment, config_path, family, metric, export_dir, no_verify) -> None
         registry = result["registry"]
         click.echo(f"Exported to {export_dir} (model.keras takes raw {found.params.get('image_size', '')} RGB "
                    f"images, 0-255); registered as {registry['uri']}")
-        click.echo(f"Serve it: MLFLOW_TRACKING_URI={settings.tracking_uri} mlflow models serve "
+        click.echo(f"Serve it: MLFLOW_TRACKING_URI={redact(settings.tracking_uri)} mlflow models serve "
                    f"-m {registry['uri']} --env-manager local --host 127.0.0.1 --port 5001")
 
 
@@ -142,13 +143,14 @@ def ui(config_path, host, port) -> None:
         _check_store_readable(settings.tracking_uri)
         _check_port_free(host, port)
     if not settings.is_local:
-        click.echo(f"Runs live on the tracking server {settings.tracking_uri}: open it in a browser.")
+        check_server(settings.tracking_uri, settings.experiment)
+        click.echo(f"Runs live on the tracking server {redact(settings.tracking_uri)}: open it in a browser.")
         return
     sibling = Path(sys.executable).with_name("mlflow")  # the mlflow of this environment first
     mlflow_bin = str(sibling) if sibling.exists() else shutil.which("mlflow")
     if mlflow_bin is None:
         raise SweepError("the mlflow command is not installed here; pip install mlflow.")
-    click.echo(f"MLflow UI for {settings.tracking_uri} at http://{host}:{port} (Ctrl-C stops it)", err=False)
+    click.echo(f"MLflow UI for {redact(settings.tracking_uri)} at http://{host}:{port} (Ctrl-C stops it)", err=False)
     link = _experiment_link(settings, f"http://{host}:{port}")
     if link:
         click.echo(f"Experiment {settings.experiment!r}, its runs: {link}")
@@ -178,7 +180,7 @@ def _check_store_readable(tracking_uri: str) -> None:
         MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
     except Exception as exc:  # MLflow raises several kinds for a URI it cannot use
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SweepError(f"cannot read MLflow store {tracking_uri}: {first[:300]}; fix tracking_uri in mlflow.yaml "
+        raise SweepError(f"cannot read MLflow store {redact(tracking_uri)}: {first[:300]}; fix tracking_uri in mlflow.yaml "
                          "or MLFLOW_TRACKING_URI.") from None
 
 

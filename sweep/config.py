@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from sweep.errors import ConfigError
+from sweep.server import check_uri
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
@@ -126,6 +127,7 @@ def load_tracking(config_path: Path | None = None, environ: dict[str, str] | Non
         source = str(config_path)
 
     tracking_uri = environ.get("MLFLOW_TRACKING_URI") or values.get("tracking_uri", DEFAULT_TRACKING_URI)
+    check_uri(tracking_uri)
     experiment = environ.get("MLFLOW_EXPERIMENT_NAME") or values.get("experiment", DEFAULT_EXPERIMENT)
     artifact_root = base / values.get("artifact_root", DEFAULT_ARTIFACT_ROOT)  # an absolute path stays as is
     tuner_dir, cache_dir = (base / values.get(key, default) for key, default in

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep.config import TrackingSettings, require_store, sqlite_path
 from sweep.errors import ConfigError
+from sweep.server import check_server, redact
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's documented system tag for nested runs
@@ -44,6 +45,7 @@ def use_experiment(settings: TrackingSettings) -> str:
         except OSError as exc:
             raise ConfigError(f"cannot create the MLflow store's folder {database.parent}: {exc.strerror}; "
                               "fix tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI.") from None
+    check_server(settings.tracking_uri, settings.experiment, write=True)
     mlflow.set_tracking_uri(settings.tracking_uri)
     with _store_lock(settings.tracking_uri):
         return _use_experiment(settings)
@@ -89,12 +91,12 @@ def _use_experiment(settings: TrackingSettings) -> str:
                 experiment = mlflow.get_experiment_by_name(settings.experiment)  # another process made it first
     except MlflowException as exc:
         raise ConfigError(
-            f"cannot use MLflow tracking store {settings.tracking_uri} ({exc.message.splitlines()[0]}); "
+            f"cannot use MLflow tracking store {redact(settings.tracking_uri)} ({exc.message.splitlines()[0]}); "
             "check tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI."
         ) from None
     if experiment.lifecycle_stage == "deleted":
         raise ConfigError(
-            f"experiment {settings.experiment!r} is deleted in {settings.tracking_uri}; restore it in the MLflow UI "
+            f"experiment {settings.experiment!r} is deleted in {redact(settings.tracking_uri)}; restore it in the MLflow UI "
             "or pick another name with --experiment."
         )
     _mark_kind(experiment)
@@ -263,14 +265,15 @@ def experiment_id_of(settings: TrackingSettings) -> str:
         ConfigError: the store cannot be reached, or holds no such experiment.
     """
     require_store(settings)
+    check_server(settings.tracking_uri, settings.experiment)
     mlflow.set_tracking_uri(settings.tracking_uri)
     try:
         experiment = mlflow.get_experiment_by_name(settings.experiment)
     except MlflowException as exc:
-        raise ConfigError(f"cannot read MLflow store {settings.tracking_uri}: {exc.message.splitlines()[0]}") from None
+        raise ConfigError(f"cannot read MLflow store {redact(settings.tracking_uri)}: {exc.message.splitlines()[0]}") from None
     if experiment is None or experiment.lifecycle_stage == "deleted":
         raise ConfigError(
-            f"experiment {settings.experiment!r} has no runs in {settings.tracking_uri}; run `sweep run` first "
+            f"experiment {settings.experiment!r} has no runs in {redact(settings.tracking_uri)}; run `sweep run` first "
             "or pick another with --experiment."
         )
     return experiment.experiment_id
