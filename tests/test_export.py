@@ -353,7 +353,14 @@ def test_ui_refuses_a_store_mlflow_cannot_open_and_best_refuses_a_lone_no_verify
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
     result = runner.invoke(main, ["ui"])
     assert result.exit_code == 1
-    assert result.output.startswith("Error: cannot read MLflow store bogus://x: ")
+    assert result.output.startswith("Error: tracking URI bogus://x has an unknown scheme 'bogus'; use http:// or ")
+    assert "MLflow UI for" not in result.output and "Traceback" not in result.output
+    (tracking_env / "mlruns").mkdir()
+    (tracking_env / "mlruns" / "mlflow.db").write_text("not a database")  # a store MLflow cannot open
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    result = runner.invoke(main, ["ui"])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: cannot read MLflow store sqlite:///{tracking_env}/mlruns/mlflow.db: ")
     assert "fix tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI." in result.output
     assert "MLflow UI for" not in result.output and "Traceback" not in result.output
     lone = runner.invoke(main, ["best", "--no-verify"])
