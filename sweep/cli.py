@@ -153,7 +153,8 @@ def _serve(spec: SweepSpec, tracking_settings, sweep_name, chief, time_budget: f
 @SWEEP_OPTIONS
 @click.option("--sweep", "sweep_name", default=None, help="The sweep's name (default: family, tuner, time).")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to serve the oracle on; 0.0.0.0 to accept workers from other machines.")
+              help="Address to serve the oracle on (default 127.0.0.1: this machine only). Its gRPC has no "
+                   "authentication: reach it over an SSH tunnel, or give a private network's address.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--trial-timeout", default=None, type=click.FloatRange(min=1),
               help="Seconds without a heartbeat (workers send one per epoch) after which a trial is FAILED.")

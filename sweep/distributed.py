@@ -100,6 +100,15 @@ class LocalWorkers:
                 proc.kill()
 
 
+def exposure_warning(host: str) -> str | None:
+    """The warning for a chief bound to every network interface; None for one address."""
+    if host.strip("[]") not in ("0.0.0.0", "::", ""):
+        return None
+    return ("Warning: the chief listens on every network interface, and Keras Tuner's gRPC has no authentication: "
+            "anyone who reaches this port can take trials and report results. Use an SSH tunnel or a private "
+            "network's address (docs/distributed.md).")
+
+
 @dataclass
 class Chief:
     """Serve the sweep's oracle on ``host:port`` until the search is over (optionally with local workers)."""
@@ -129,6 +138,9 @@ class Chief:
             raise SweepError(f"cannot listen on {address}; pick another --port or --host.")
         report(f"Chief serving the oracle on {address}; start workers with "
                f"`sweep worker --chief {address} --sweep {sweep_name}`")
+        warning = exposure_warning(self.host)
+        if warning:
+            report(warning)
         if self.workers is not None:
             self.workers.start(address, sweep_name, report)
         stopped_since = None

@@ -266,3 +266,12 @@ def test_commands_stop_at_the_door_with_one_line_and_write_nothing(fake_server, 
                          "MLFLOW_TRACKING_TOKEN).")
     assert "Traceback" not in result.output and "wrong password" not in result.output
     assert not any(method == "POST" for method, _ in server.requests)  # no run, no experiment
+
+
+def test_a_chief_on_every_interface_is_warned_about_and_one_address_is_not():
+    from sweep.distributed import exposure_warning
+
+    for host in ("0.0.0.0", "[::]", "::"):
+        assert "has no authentication" in exposure_warning(host) and "SSH tunnel" in exposure_warning(host)
+    for host in ("127.0.0.1", "10.0.0.5", "[::1]", "chief.internal"):
+        assert exposure_warning(host) is None
