@@ -176,8 +176,11 @@ def chief(family, sweep_name, host, port, trial_timeout, time_budget, **o) -> No
 @click.option("--sweep", "sweep_name", required=True, help="The sweep's name, as the chief printed it.")
 @click.option("--tuner-id", default=None,
               help="This worker's id (default: worker-HOST-PID); restart a dead worker with the same id.")
+@click.option("--chief-timeout", default=60, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds to wait for the chief to answer, at the start and on every call after: a worker that "
+                   "cannot reach its chief, or whose chief vanished, says so and exits 1.")
 @TRACKING_OPTIONS
-def worker(chief_address, sweep_name, tuner_id, experiment, config_path) -> None:
+def worker(chief_address, sweep_name, tuner_id, chief_timeout, experiment, config_path) -> None:
     """Run trials for a chief until its search is over; each trial is logged under the chief's sweep run."""
     quiet_tensorflow()
     stop_on_sigterm()
@@ -186,7 +189,8 @@ def worker(chief_address, sweep_name, tuner_id, experiment, config_path) -> None
     from sweep.distributed import run_worker
 
     tuner_id = tuner_id or f"worker-{socket.gethostname()}-{os.getpid()}"
-    done = run_worker(tracking_settings_for(config_path, experiment), chief_address, sweep_name, tuner_id, click.echo)
+    done = run_worker(tracking_settings_for(config_path, experiment), chief_address, sweep_name, tuner_id, click.echo,
+                      chief_timeout=chief_timeout)
     click.echo(f"Worker {tuner_id} finished: {done} trial(s) run here.")
 
 

@@ -9,6 +9,8 @@ they were checked against and fails on an upgrade, so whoever upgrades re-checks
   ``keras_tuner.src.protos``: the chief's gRPC service. Keras Tuner's public ``start_server`` blocks forever
   with no hook to fail stale trials, stop on failures or notice a finished search, so the chief serves the same
   servicer itself.
+* ``keras_tuner.src.distribute.oracle_client.TIMEOUT``: how long a worker's every call to the chief waits
+  (an hour in Keras Tuner, which has no option for it); ``sweep worker --chief-timeout`` bounds it.
 * ``Oracle._project_dir``: the folder the tuner gave the oracle (``_set_project_dir``), where the pruning
   journal is kept beside the oracle's own state (``sweep.oracles.SweepOracle.pruner``); the oracle is built
   before the tuner that names the folder.
@@ -59,3 +61,10 @@ def serve_oracle(oracle, address: str, threads: int = 1):
         return None, None
     server.start()
     return server, lambda: servicer.stop_triggered
+
+
+def bound_chief_calls(seconds: float) -> None:
+    """Make a worker's every call to its chief give up after ``seconds`` (Keras Tuner waits an hour)."""
+    from keras_tuner.src.distribute import oracle_client
+
+    oracle_client.TIMEOUT = float(seconds)

@@ -172,21 +172,54 @@ def worker_environment(host: str, port: int, tuner_id: str) -> None:
     os.environ.update(KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=str(port))
 
 
-def wait_for_sweep(find, name: str, timeout: float = 180.0, report: Reporter = print):
-    """Poll ``find()`` until the chief has created the sweep's MLflow run."""
-    deadline = time.monotonic() + timeout
+def wait_for_sweep(find, name: str, timeout: float = 30.0, report: Reporter = print, every: float = 10.0):
+    """Poll ``find()`` until the sweep's MLflow run is there (the chief creates it before it serves, so a
+    reachable chief's run should already be there), with a line every ``every`` seconds."""
+    started = time.monotonic()
+    said = started
     while True:
         run = find()
         if run is not None:
             return run
-        if time.monotonic() > deadline:
-            raise SweepError(f"no sweep named {name!r} appeared within {timeout:.0f}s; is the chief running "
-                             "against the same MLflow store and experiment?")
-        time.sleep(2)
+        now = time.monotonic()
+        if now - started > timeout:
+            raise SweepError(f"no sweep named {name!r} in this MLflow store and experiment after {timeout:.0f}s; "
+                             "check --sweep against the worker command the chief printed, and that both use the "
+                             "same MLFLOW_TRACKING_URI and --experiment.")
+        if now - said >= every:
+            report(f"Waiting for sweep {name!r} to appear in MLflow ({now - started:.0f}s of {timeout:.0f}s) ...")
+            said = now
+        time.sleep(1)
+
+
+def wait_for_chief(address: str, timeout: float, report: Reporter = print, every: float = 10.0) -> None:
+    """Wait until the chief at ``address`` accepts a connection, with a line every ``every`` seconds.
+
+    Raises:
+        SweepError: nothing answered within ``timeout`` seconds.
+    """
+    import grpc
+
+    started = time.monotonic()
+    with grpc.insecure_channel(address) as channel:
+        ready = grpc.channel_ready_future(channel)
+        while True:
+            left = timeout - (time.monotonic() - started)
+            try:
+                ready.result(timeout=max(0.0, min(every, left)))
+                return
+            except grpc.FutureTimeoutError:
+                if time.monotonic() - started >= timeout:
+                    ready.cancel()
+                    raise SweepError(
+                        f"cannot reach the chief at {address} within {timeout:.0f}s; is `sweep chief` running "
+                        "there (or the SSH tunnel to it open)? --chief-timeout waits longer.") from None
+                report(f"Waiting for the chief at {address} ({time.monotonic() - started:.0f}s of "
+                       f"{timeout:.0f}s) ...")
 
 
 def run_worker(tracking_settings, chief_address: str, sweep_name: str, tuner_id: str, report: Reporter,
-               verbose: int = 0) -> int:
+               verbose: int = 0, chief_timeout: float = 60.0) -> int:
     """``sweep worker``: run the chief's trials until it has none left; returns how many this worker ran.
 
     The sweep's spec (family, data, epochs, ...) is read from its MLflow run, so a worker needs only the
@@ -197,6 +230,7 @@ def run_worker(tracking_settings, chief_address: str, sweep_name: str, tuner_id:
     from sweep.study import build_tuner, prepare
 
     host, port = parse_address(chief_address)
+    wait_for_chief(f"{host}:{port}", chief_timeout, report)  # before anything is written
     experiment_id = tracking.use_experiment(tracking_settings)
     run = wait_for_sweep(lambda: tracking.find_sweep(experiment_id, None, sweep_name), sweep_name, report=report)
     spec = SweepSpec.from_params(run.data.params)
@@ -211,5 +245,17 @@ def run_worker(tracking_settings, chief_address: str, sweep_name: str, tuner_id:
                            overwrite=False, report=report, verbose=verbose)
     tuner.experiment_id, tuner.parent_run_id = experiment_id, run.info.run_id
     report(f"Worker {tuner_id} joined sweep {sweep_name} at {host}:{port}.")
-    tuner.search(verbose=0)
+    import grpc
+
+    from sweep import compat
+
+    compat.bound_chief_calls(chief_timeout)
+    try:
+        tuner.search(verbose=0)
+    except grpc.RpcError as exc:  # the chief went away, or stopped answering
+        if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise
+        raise SweepError(f"lost the chief at {host}:{port} (no answer for {chief_timeout:.0f}s; its trial runs here "
+                         "are closed). Once the chief runs again, restart this worker with the same --tuner-id "
+                         "to pick its trial up.") from None
     return len(tuner.records)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+import pytest
+
 from sweep import compat
 
 
@@ -64,3 +66,26 @@ def test_no_other_module_reaches_into_private_internals():
                  if p.name != "compat.py" and ("keras_tuner.src" in p.read_text() or "keras.src" in p.read_text()
                                                or "._compute_affine_matrix" in p.read_text())]
     assert offenders == []
+
+
+def test_a_workers_call_to_a_vanished_chief_gives_up_after_the_bound(monkeypatch):
+    import time
+
+    import grpc
+    from keras_tuner.src.distribute import oracle_client
+
+    from sweep.distributed import free_port
+    from sweep.spec import SweepSpec
+    from sweep.tuning import build_oracle
+
+    monkeypatch.setattr(oracle_client, "TIMEOUT", oracle_client.TIMEOUT)  # restored after the test
+    for name, value in (("KERASTUNER_ORACLE_IP", "127.0.0.1"), ("KERASTUNER_ORACLE_PORT", str(free_port())),
+                        ("KERASTUNER_TUNER_ID", "worker0")):
+        monkeypatch.setenv(name, value)
+    client = oracle_client.OracleClient(build_oracle(SweepSpec(family="scratch", trials=1)))
+    compat.bound_chief_calls(1.5)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        client.create_trial("worker0")  # nobody serves the port
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 1.0 < time.monotonic() - started < 10

@@ -263,6 +263,12 @@ def test_chief_fails_the_trial_of_a_silent_worker_and_keeps_a_slow_one(tmp_path,
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
+    from keras_tuner.src.distribute import oracle_client
+
+    from sweep import compat
+
+    monkeypatch.setattr(oracle_client, "TIMEOUT", oracle_client.TIMEOUT)  # restored after the test
+    compat.bound_chief_calls(30)  # a call the chief never answers fails the test instead of hanging it an hour
     client = OracleClient(oracle)  # what a worker's tuner talks to
     silent = client.create_trial("worker0")
     slow = client.create_trial("worker1")
@@ -294,3 +300,32 @@ def test_chief_fails_the_trial_of_a_silent_worker_and_keeps_a_slow_one(tmp_path,
     assert (oracle.trials["0"].status, oracle.trials["0"].score) == ("FAILED", None)
     assert (oracle.trials["1"].status, oracle.trials["1"].score) == ("COMPLETED", 0.5)
     assert oracle.end_order == ["0", "1"]
+
+
+def test_a_worker_whose_chief_vanishes_says_so_and_closes_its_trial_run(tiny_data, tracking_env):
+    """SIGKILL to the chief mid-trial: the worker gives up after --chief-timeout (twice: the heartbeat, then the
+    failed trial's report), exits 1 with one line, and leaves no trial run RUNNING."""
+    from sweep.distributed import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    chief = subprocess.Popen([SWEEP_BIN, "chief", *tiny(tiny_data, 3, 40), "--sweep", "lost", "--port",
+                              address.rsplit(":", 1)[1]], cwd=tracking_env, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    worker = subprocess.Popen([SWEEP_BIN, "worker", "--chief", address, "--sweep", "lost", "--tuner-id", "w0",
+                               "--chief-timeout", "4"], cwd=tracking_env, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    db = tracking_env / "mlruns" / "mlflow.db"
+    try:
+        wait_for_running_trial(db, [chief, worker], "w0")
+        chief.kill()
+        chief.wait(timeout=30)
+        started = time.monotonic()
+        output = output_within(worker, 60)
+        assert time.monotonic() - started < 30
+    finally:
+        stop_all([worker, chief])
+    assert worker.returncode == 1, output[-3000:]
+    assert (f"Error: lost the chief at {address} (no answer for 4s; its trial runs here are closed). Once the chief "
+            "runs again, restart this worker with the same --tuner-id to pick its trial up.") in output
+    assert "Traceback" not in output
+    assert running_trials(db) == []

@@ -275,3 +275,33 @@ def test_a_chief_on_every_interface_is_warned_about_and_one_address_is_not():
         assert "has no authentication" in exposure_warning(host) and "SSH tunnel" in exposure_warning(host)
     for host in ("127.0.0.1", "10.0.0.5", "[::1]", "chief.internal"):
         assert exposure_warning(host) is None
+
+
+def test_a_worker_without_a_chief_says_so_and_writes_nothing(tracking_env, runner):
+    from tests.conftest import runs_in
+
+    port = free_port()
+    start = time.monotonic()
+    result = runner.invoke(main, ["worker", "--chief", f"127.0.0.1:{port}", "--sweep", "nope", "--chief-timeout",
+                                  "3"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: cannot reach the chief at 127.0.0.1:{port} within 3s; is `sweep chief` running there (or the SSH "
+        "tunnel to it open)? --chief-timeout waits longer.")
+    assert 2 < time.monotonic() - start < 15
+    assert not (tracking_env / "mlruns").exists() and runs_in(tracking_env) == []
+
+
+def test_waiting_for_a_chief_or_a_sweep_says_so_every_few_seconds():
+    from sweep.distributed import wait_for_chief, wait_for_sweep
+
+    lines: list[str] = []
+    with pytest.raises(Exception) as caught:
+        wait_for_chief(f"127.0.0.1:{free_port()}", timeout=2.5, report=lines.append, every=1)
+    assert "within 2s" in str(caught.value) or "within 3s" in str(caught.value)
+    assert len(lines) >= 1 and lines[0].startswith("Waiting for the chief at 127.0.0.1:")
+    lines.clear()
+    with pytest.raises(Exception) as caught:
+        wait_for_sweep(lambda: None, "team-1", timeout=2.5, report=lines.append, every=1)
+    assert str(caught.value).startswith("no sweep named 'team-1' in this MLflow store and experiment after 2s")
+    assert lines and lines[0].startswith("Waiting for sweep 'team-1' to appear in MLflow (")
