@@ -166,8 +166,9 @@ def chief(family, sweep_name, host, port, trial_timeout, time_budget, **o) -> No
     from sweep.distributed import Chief
 
     tracking_settings = tracking_settings_for(o["config_path"], o["experiment"])
-    result = _serve(_specs([family], o)[0], tracking_settings, sweep_name, Chief(host, port, trial_timeout),
-                    time_budget)
+    serving = Chief(host, port, trial_timeout)
+    serving.check_address()
+    result = _serve(_specs([family], o)[0], tracking_settings, sweep_name, serving, time_budget)
     _print_results([result], tracking_settings)
 
 

@@ -300,6 +300,44 @@ def load_manifest(text: str, class_names: tuple[str, ...] | list[str], image_siz
     return Split("test", np.asarray(labels, dtype="int32"), tuple(files), tuple(image_size))
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give a process (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_memory(images: int, image_size: tuple[int, int], available: int | None = None) -> None:
+    """Refuse an image size whose decoded images (float32, held twice while TensorFlow takes its copy) cannot fit
+    in this machine's memory, before any is decoded.
+
+    Raises:
+        DataError: naming the size, what it needs and what there is.
+    """
+    available = available_memory() if available is None else available
+    need = 2 * images * image_size[0] * image_size[1] * 3 * 4
+    if available is not None and need > available:
+        raise DataError(
+            f"--image-size {image_size[0]}x{image_size[1]}: {images:,} decoded images need {_size(need)} of memory, "
+            f"and this machine has {_size(available)} free; use a smaller --image-size (the study's is 160)."
+        )
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count:,} bytes"
+
+
 def load_splits(
     data_dir: Path | None,
     image_size: tuple[int, int] = (160, 160),
@@ -328,6 +366,7 @@ def load_splits(
     y_val, f_val, skipped_val = _decode_folder(data_dir / "validation", class_names, image_size)
     skipped += skipped_val
 
+    check_memory(len(y_train) + len(y_val), tuple(image_size))
     n_batches = math.ceil(len(y_val) / batch_size)
     test_batches = n_batches // 5
     if test_batches == 0:

@@ -17,6 +17,7 @@ trains them and logs each as a run nested under the sweep's. Two known faults of
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -122,6 +123,21 @@ class Chief:
     def configure_environment(self) -> None:
         os.environ.update(KERASTUNER_TUNER_ID="chief", KERASTUNER_ORACLE_IP=self.host,
                           KERASTUNER_ORACLE_PORT=str(self.port))
+
+    def check_address(self) -> None:
+        """Refuse an address the chief could not listen on, before the sweep's run or folders exist.
+
+        Raises:
+            SweepError: the port is taken, or the host is not this machine's.
+        """
+        family = socket.AF_INET6 if ":" in self.host.strip("[]") else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((self.host.strip("[]"), self.port))
+            except OSError as exc:
+                reason = "the port is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+                raise SweepError(f"cannot listen on {self.host}:{self.port} ({reason}); pick another --port, or a "
+                                 "--host address of this machine.") from None
 
     def serve(self, oracle, report: Reporter, sweep_name: str) -> None:
         """Serve until the oracle stops handing out trials and every worker has left (or vanished).

@@ -48,7 +48,7 @@ def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, need_weights: 
     data_dir = spec.data_dir if spec.data_dir is not None else download_dataset()
     check_layout(data_dir)  # fail in a second, before decoding thousands of images
     weights_path = resolve_weights(spec.weights, spec.image_size) if need_weights else None
-    experiment_id = tracking.use_experiment(tracking_settings)
+    tracking.check_store(tracking_settings)  # nothing is written until the data has passed its checks
     line = image_size_line(spec.family, weights_path, spec.image_size) if need_weights else None
     if line:
         report(line)
@@ -61,7 +61,7 @@ def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, need_weights: 
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in splits.counts().items())
     report(f"Classes {', '.join(splits.class_names)}; images: {counts}; "
            f"baseline (always '{splits.class_names[splits.majority_class]}') {splits.baseline_accuracy:.1%}")
-    return Prepared(splits, weights_path, experiment_id)
+    return Prepared(splits, weights_path, tracking.use_experiment(tracking_settings))
 
 
 @dataclass
@@ -267,8 +267,8 @@ def check_new_name(tracking_settings: TrackingSettings, name: str) -> None:
     Raises:
         SweepError: the name is taken.
     """
-    experiment_id = tracking.use_experiment(tracking_settings)
-    if tracking.find_sweep(experiment_id, None, name) is not None:
+    experiment_id = tracking.existing_experiment_id(tracking_settings)  # creates nothing
+    if experiment_id is not None and tracking.find_sweep(experiment_id, None, name) is not None:
         raise SweepError(f"experiment {tracking_settings.experiment!r} already has a sweep named {name!r}; add "
                          "--resume to continue it, or pick another name.")
 

@@ -8,6 +8,7 @@ given and never starts one.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import threading
 import time
@@ -49,6 +50,45 @@ def use_experiment(settings: TrackingSettings) -> str:
     mlflow.set_tracking_uri(settings.tracking_uri)
     with _store_lock(settings.tracking_uri):
         return _use_experiment(settings)
+
+
+def check_store(settings: TrackingSettings) -> None:
+    """Check, creating nothing, that a sweep could write to the store: a local SQLite database and its folder
+    writable (SQLite writes its journal beside the file), or a tracking server that lets this login log runs.
+
+    Raises:
+        ConfigError: naming the path or the server and the fix.
+    """
+    database = sqlite_path(settings.tracking_uri)
+    if database is None:
+        check_server(settings.tracking_uri, settings.experiment, write=True)
+        return
+    folder = database.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    fix = "fix tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI, or the permissions."
+    if not folder.is_dir():
+        raise ConfigError(f"cannot create the MLflow store's folder {database.parent}: {folder} is a file; {fix}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"the MLflow store's folder {folder} is read-only; {fix}")
+    if database.exists() and not os.access(database, os.R_OK | os.W_OK):
+        raise ConfigError(f"the MLflow store {database} is read-only; {fix}")
+
+
+def existing_experiment_id(settings: TrackingSettings) -> str | None:
+    """The experiment's id when the store and the experiment exist; None otherwise. Creates nothing."""
+    database = sqlite_path(settings.tracking_uri)
+    if database is not None and not database.is_file():
+        return None
+    check_server(settings.tracking_uri, settings.experiment)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    with _store_lock(settings.tracking_uri):
+        try:
+            experiment = _retry_on_race(lambda: mlflow.get_experiment_by_name(settings.experiment))
+        except MlflowException as exc:
+            raise ConfigError(f"cannot read MLflow store {redact(settings.tracking_uri)}: "
+                              f"{exc.message.splitlines()[0]}") from None
+    return None if experiment is None or experiment.lifecycle_stage == "deleted" else experiment.experiment_id
 
 
 @contextmanager

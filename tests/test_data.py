@@ -152,3 +152,58 @@ def test_batches_gather_from_one_tensor_in_a_seeded_order_reshuffled_each_epoch(
     in_order = np.concatenate([x.numpy() for x, _ in train.batches(4)])
     np.testing.assert_array_equal(in_order, images)
     np.testing.assert_array_equal(train.images, images)
+
+
+def test_an_image_size_that_cannot_fit_in_memory_is_refused_before_decoding(tiny_data, tracking_env, runner):
+    from sweep.cli import main
+    from sweep.data import check_memory
+    from sweep.errors import DataError
+    from tests.conftest import runs_in
+
+    check_memory(3000, (160, 160), available=8 * 2**30)  # the study: 1.8 GiB of 8
+    with pytest.raises(DataError) as caught:
+        check_memory(3000, (1024, 1024), available=8 * 2**30)
+    assert str(caught.value) == ("--image-size 1024x1024: 3,000 decoded images need 70.3 GiB of memory, and this "
+                                 "machine has 8.0 GiB free; use a smaller --image-size (the study's is 160).")
+    result = runner.invoke(main, ["run", "--family", "scratch", "--trials", "1", "--data-dir", str(tiny_data),
+                                  "--image-size", "100000"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        "Error: --image-size 100000x100000: 56 decoded images need 12.2 TiB of memory, and this machine has ")
+    assert runs_in(tracking_env) == []
+
+
+def test_a_rejected_input_leaves_no_store_behind(tiny_data, tracking_env, runner):
+    """Data that fails its checks (here a batch too large for the test split) stops the run before the MLflow
+    store, the experiment or a named sweep's lookup writes anything."""
+    from sweep.cli import main
+
+    for extra in ([], ["--sweep", "named"]):
+        result = runner.invoke(main, ["run", "--family", "scratch", "--trials", "1", "--data-dir", str(tiny_data),
+                                      "--image-size", "32", "--batch-size", "32", *extra])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert "the test split is the first fifth of the validation batches" in result.output
+        assert not (tracking_env / "mlruns").exists()
+
+
+def test_a_store_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
+    import os
+
+    from sweep.config import load_tracking
+    from sweep.errors import ConfigError
+    from sweep.tracking import check_store
+
+    (tmp_path / "afile").write_text("")
+    settings = load_tracking(environ={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/afile/sub/mlflow.db"})
+    with pytest.raises(ConfigError) as caught:
+        check_store(settings)
+    assert str(caught.value) == (f"cannot create the MLflow store's folder {tmp_path}/afile/sub: {tmp_path}/afile is "
+                                 "a file; fix tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI, or the permissions.")
+    check_store(load_tracking(environ={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/new/mlflow.db"}))
+    assert not (tmp_path / "new").exists()  # checked, not created
+    if os.geteuid() == 0:
+        pytest.skip("root may write anywhere: the read-only cases need an ordinary user")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    with pytest.raises(ConfigError, match=f"the MLflow store's folder {tmp_path}/ro is read-only"):
+        check_store(load_tracking(environ={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/ro/mlflow.db"}))

@@ -305,3 +305,19 @@ def test_waiting_for_a_chief_or_a_sweep_says_so_every_few_seconds():
         wait_for_sweep(lambda: None, "team-1", timeout=2.5, report=lines.append, every=1)
     assert str(caught.value).startswith("no sweep named 'team-1' in this MLflow store and experiment after 2s")
     assert lines and lines[0].startswith("Waiting for sweep 'team-1' to appear in MLflow (")
+
+
+def test_a_chief_on_a_taken_port_stops_before_writing_anything(tracking_env, runner, tiny_data):
+    from tests.conftest import runs_in
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = runner.invoke(main, ["chief", "--family", "scratch", "--trials", "1", "--data-dir", str(tiny_data),
+                                      "--image-size", "32", "--port", str(port)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port} (the port is in use); pick another --port, or a --host address "
+        "of this machine.")
+    assert not (tracking_env / "mlruns").exists() and runs_in(tracking_env) == []
