@@ -158,15 +158,17 @@ def _serve(spec: SweepSpec, tracking_settings, sweep_name, chief, time_budget: f
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--trial-timeout", default=None, type=click.FloatRange(min=1),
               help="Seconds without a heartbeat (workers send one per epoch) after which a trial is FAILED.")
+@click.option("--trial-retries", default=1, show_default=True, type=click.IntRange(min=0),
+              help="How many times the values of a trial failed by --trial-timeout run again, as a new trial.")
 @TIME_BUDGET
-def chief(family, sweep_name, host, port, trial_timeout, time_budget, **o) -> None:
+def chief(family, sweep_name, host, port, trial_timeout, trial_retries, time_budget, **o) -> None:
     """Serve a sweep's oracle to `sweep worker` processes (Keras Tuner's distributed mode)."""
     quiet_tensorflow()
     stop_on_sigterm()
     from sweep.distributed import Chief
 
     tracking_settings = tracking_settings_for(o["config_path"], o["experiment"])
-    serving = Chief(host, port, trial_timeout)
+    serving = Chief(host, port, trial_timeout, trial_retries)
     serving.check_address()
     result = _serve(_specs([family], o)[0], tracking_settings, sweep_name, serving, time_budget)
     _print_results([result], tracking_settings)

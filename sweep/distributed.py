@@ -117,6 +117,7 @@ class Chief:
     host: str
     port: int
     trial_timeout: float | None = None
+    trial_retries: int = 1  # runs again of an expired trial's values (sweep.oracles.SweepOracle)
     worker_grace: float = 30.0
     workers: LocalWorkers | None = None
 
@@ -148,6 +149,7 @@ class Chief:
         """
         from sweep import compat
 
+        oracle.trial_retries = self.trial_retries
         address = f"{self.host}:{self.port}"
         server, search_over = compat.serve_oracle(oracle, address)  # one thread: oracle calls never overlap
         if server is None:
@@ -166,9 +168,11 @@ class Chief:
                 if oracle.failure is not None:
                     raise oracle.failure  # run_sweep turns it into one clear error
                 if self.trial_timeout:
-                    for tuner_id, trial_id in oracle.expire_silent_trials(self.trial_timeout):
+                    for tuner_id, trial_id, again in oracle.expire_silent_trials(self.trial_timeout):
+                        then = ("its hyperparameters run again as a new trial" if again else
+                                "not run again (its retries are used up)")
                         report(f"Trial {int(trial_id) + 1} of worker {tuner_id} sent no heartbeat for "
-                               f"{self.trial_timeout:.0f}s; marked FAILED.")
+                               f"{self.trial_timeout:.0f}s; marked FAILED, {then}.")
                 ongoing, registered = oracle.activity()
                 if self.workers is not None and not self.workers.check(report) and not search_over():
                     raise SweepError("every worker died; see their output above. Fix the cause, then continue "
@@ -253,7 +257,7 @@ def run_worker(tracking_settings, chief_address: str, sweep_name: str, tuner_id:
     prepared = prepare(spec, tracking_settings, spec.family == "transfer", report)
     for child in tracking.child_runs(experiment_id, run.info.run_id):  # this worker's previous life
         if child.info.status == "RUNNING" and child.data.tags.get("tuner_id") == tuner_id:
-            tracking.mark_killed(child.info.run_id, f"worker {tuner_id} died; its trial is run again")
+            tracking.mark_killed(child.info.run_id, f"worker {tuner_id} died; the chief hands its trial out again")
             report(f"Marked run {child.info.run_name} of the dead worker {tuner_id} as KILLED.")
     worker_environment(host, port, tuner_id)
     # overwrite=False: the project folder is the chief's (a shared file system, or this machine).

@@ -5,6 +5,7 @@ halving's rungs (``sweep.pruning``)."""
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 import warnings
@@ -31,7 +32,10 @@ class SweepOracle:
       public ``populate_space`` hook; Hyperband's own ``tuner/*`` bookkeeping is kept.
     * Every ``update_trial`` from a worker is a heartbeat (the trial loop sends one per epoch). With a
       trial timeout, ``expire_silent_trials`` fails a trial whose worker went silent for that long; a result
-      that arrives after that is not counted a second time.
+      that arrives after that is not counted a second time. Its hyperparameters run again as a new trial (the
+      sweep's trial count grows by one, so it still runs as many), up to ``trial_retries`` times per set of
+      values, as Keras Tuner's ``max_retries_per_trial`` does for a trial that crashed: a lost machine costs
+      time, not a trial (not for Hyperband, whose brackets own their trials' values).
     * With ``pruning`` on, the per-epoch report carries the trial's score (``epoch_<objective>``): a trial
       that misses a rung of successive halving (``sweep.pruning``) gets back the status Keras Tuner reserves
       for signalling early stopping (STOPPED; its ``Oracle.update_trial`` notes it as the way to stop a trial
@@ -61,6 +65,10 @@ class SweepOracle:
         self.epoch_seconds: list[float] = []
         self.out_of_time = False
         self._last_epoch: dict[str, tuple[int, float]] = {}
+        self.trial_retries = 1  # re-runs of an expired trial's values (``--trial-retries``)
+        self.retry_values: list[dict[str, Any]] = []  # values of expired trials, handed out before new draws
+        self.retry_counts: dict[str, int] = {}  # values (as JSON) -> times they were queued again
+        self.planned_trials: int | None = None  # the spec's trial count (set by build_oracle)
 
     # Hyperband's first draw opens a bracket: its tuner/* values must come from Hyperband itself.
     defaults_inside_draw = False
@@ -69,6 +77,8 @@ class SweepOracle:
         if self.deadline is not None and not self._time_for_a_trial():
             self.out_of_time = True
             return {"status": TrialStatus.STOPPED, "values": None}
+        if self.retry_values:  # a trial whose worker went silent: its values again, under a new trial id
+            return {"status": TrialStatus.RUNNING, "values": self.retry_values.pop(0)}
         defaults = default_values(self.hyperparameters)
         pending = bool(defaults) and not self._tried(defaults)
         if pending and not self.defaults_inside_draw:
@@ -182,11 +192,17 @@ class SweepOracle:
     def get_state(self) -> dict[str, Any]:
         state = super().get_state()
         state["pruned"] = dict(self.pruned)
+        state["retry_values"] = list(self.retry_values)
+        state["retry_counts"] = dict(self.retry_counts)
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
         self.pruned = {k: int(v) for k, v in state.get("pruned", {}).items()}
+        self.retry_values = list(state.get("retry_values", []))
+        self.retry_counts = {k: int(v) for k, v in state.get("retry_counts", {}).items()}
+        if self.planned_trials is not None:  # the re-runs come on top of the spec's count
+            self.max_trials = self.planned_trials + sum(self.retry_counts.values())
 
     @kt.synchronized
     def end_trial(self, trial) -> None:
@@ -213,22 +229,34 @@ class SweepOracle:
                 self._stop_pruning(exc)
 
     @kt.synchronized
-    def expire_silent_trials(self, timeout: float) -> list[tuple[str, str]]:
-        """Fail every ongoing trial whose worker sent nothing for ``timeout`` seconds.
+    def expire_silent_trials(self, timeout: float) -> list[tuple[str, str, bool]]:
+        """Fail every ongoing trial whose worker sent nothing for ``timeout`` seconds, and queue its values to
+        run again as a new trial while its retries last.
 
         Returns:
-            (tuner id, trial id) of each trial failed now.
+            (tuner id, trial id, whether its values run again) of each trial failed now.
         """
         now, failed = time.monotonic(), []
         for tuner_id, trial in list(self.ongoing_trials.items()):
             if now - self.last_heard.get(trial.trial_id, now) > timeout:
                 trial.status = TrialStatus.FAILED
                 trial.message = f"worker {tuner_id} sent no heartbeat for {timeout:.0f}s"
-                failed.append((tuner_id, trial.trial_id))
                 self.expired.add(trial.trial_id)
+                again = self._queue_again(trial.hyperparameters.values)
                 self._end(trial)
+                failed.append((tuner_id, trial.trial_id, again))
         return failed
 
+    def _queue_again(self, values: dict[str, Any]) -> bool:
+        if isinstance(self, kt.oracles.HyperbandOracle) or self.max_trials is None:
+            return False
+        key = json.dumps(values, sort_keys=True, default=str)
+        if self.retry_counts.get(key, 0) >= self.trial_retries:
+            return False
+        self.retry_counts[key] = self.retry_counts.get(key, 0) + 1
+        self.retry_values.append(dict(values))
+        self.max_trials += 1  # the re-run takes the lost trial's place in the count
+        return True
 
     @kt.synchronized
     def activity(self) -> tuple[int, int]:
@@ -267,6 +295,7 @@ def build_oracle(spec: SweepSpec) -> kt.Oracle:
     oracle.staging = LeaderStaging.for_sweep(spec)
     oracle.pruning = spec.prune and FAMILIES[spec.family].prunable and spec.epochs > MIN_EPOCHS
     oracle.epochs = spec.epochs
+    oracle.planned_trials = spec.trials
     return oracle
 
 

@@ -148,7 +148,7 @@ def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_run_again(tiny_dat
     killed_runs = [c for c in children if c.info.status == "KILLED"]
     assert len(killed_runs) == 1 and killed_runs[0].data.tags["tuner_id"] == "worker0"
     # SIGKILL leaves the run RUNNING; the restarted worker closed it before taking its trial back
-    assert killed_runs[0].data.tags["error"] == "worker worker0 died; its trial is run again"
+    assert killed_runs[0].data.tags["error"] == "worker worker0 died; the chief hands its trial out again"
     assert f"Marked run {killed_runs[0].info.run_name} of the dead worker worker0 as KILLED." in output
     assert killed_runs[0].data.tags["trial_id"] in {c.data.tags["trial_id"] for c in finished}
     assert len(children) == 5
@@ -273,7 +273,8 @@ def test_chief_fails_the_trial_of_a_silent_worker_and_keeps_a_slow_one(tmp_path,
     silent = client.create_trial("worker0")
     slow = client.create_trial("worker1")
     assert (silent.trial_id, slow.trial_id) == ("0", "1")
-    expired = f"Trial 1 of worker worker0 sent no heartbeat for {timeout:.0f}s; marked FAILED."
+    expired = (f"Trial 1 of worker worker0 sent no heartbeat for {timeout:.0f}s; marked FAILED, its hyperparameters "
+               "run again as a new trial.")
     started = time.monotonic()
     step = 0
     while expired not in lines or time.monotonic() - started < 3 * timeout:  # worker1: one epoch each 0.5 s
@@ -290,7 +291,15 @@ def test_chief_fails_the_trial_of_a_silent_worker_and_keeps_a_slow_one(tmp_path,
     assert client.update_trial(silent.trial_id, {"val_loss": 0.1, "val_accuracy": 1.0}, step=1).status == "FAILED"
     silent.status = "COMPLETED"
     client.end_trial(silent)
+    # the lost trial's values (trial 1: the study's model) run again as trial 3, so the sweep still runs two
+    again = client.create_trial("worker1")
+    assert again.trial_id == "2" and again.status == "RUNNING"
+    assert again.hyperparameters.values == silent.hyperparameters.values
+    client.update_trial(again.trial_id, {"val_loss": 0.4, "val_accuracy": 0.8}, step=1)
+    again.status = "COMPLETED"
+    client.end_trial(again)
     assert [client.create_trial(w).status for w in ("worker0", "worker1")] == ["STOPPED", "STOPPED"]
+    assert list(oracle.get_state()["retry_counts"].values()) == [1] and oracle.max_trials == 3
     thread.join(timeout=30)
     assert not thread.is_alive() and errors == []  # the search is over and both workers left
 
@@ -299,7 +308,8 @@ def test_chief_fails_the_trial_of_a_silent_worker_and_keeps_a_slow_one(tmp_path,
     assert lines.count(expired) == 1 and len(lines) == 2
     assert (oracle.trials["0"].status, oracle.trials["0"].score) == ("FAILED", None)
     assert (oracle.trials["1"].status, oracle.trials["1"].score) == ("COMPLETED", 0.5)
-    assert oracle.end_order == ["0", "1"]
+    assert (oracle.trials["2"].status, oracle.trials["2"].score) == ("COMPLETED", 0.4)
+    assert oracle.end_order == ["0", "1", "2"]
 
 
 def test_a_worker_whose_chief_vanishes_says_so_and_closes_its_trial_run(tiny_data, tracking_env):

@@ -51,6 +51,11 @@ def oracle(request, tmp_path, clock):
     return oracle
 
 
+def expired(oracle) -> list[tuple[str, str]]:
+    """(tuner id, trial id) of each trial the oracle fails now for silence."""
+    return [(tuner_id, trial_id) for tuner_id, trial_id, _ in oracle.expire_silent_trials(TIMEOUT)]
+
+
 def as_sent(trial: Trial) -> Trial:
     """The worker's own copy of a trial, as gRPC carries it (a change to it is not the oracle's)."""
     return Trial.from_proto(trial.to_proto())
@@ -64,18 +69,18 @@ def test_a_silent_workers_trial_is_failed_once_the_timeout_passes(oracle, clock)
 
     clock.advance(TIMEOUT - 1)
     oracle.update_trial(alive.trial_id, {}, step=1)  # worker1's epoch 1; worker0 says nothing
-    assert oracle.expire_silent_trials(TIMEOUT) == []  # not yet: silent for 59 s
+    assert expired(oracle) == []  # not yet: silent for 59 s
     assert oracle.trials[silent.trial_id].status == "RUNNING"
 
     clock.advance(2)  # worker0 silent for 61 s, worker1 for 2 s
-    assert oracle.expire_silent_trials(TIMEOUT) == [("worker0", silent.trial_id)]
+    assert expired(oracle) == [("worker0", silent.trial_id)]
     failed = oracle.trials[silent.trial_id]
     assert failed.status == "FAILED"
     assert failed.message == "worker worker0 sent no heartbeat for 60s"
     assert oracle.end_order == [silent.trial_id]
     assert oracle.ongoing_trials == {"worker1": alive}
     assert oracle.activity() == (1, 2)  # worker0 stays registered: it may come back
-    assert oracle.expire_silent_trials(TIMEOUT) == []  # failed once, not again
+    assert expired(oracle) == []  # failed once, not again
 
     # Its worker learns it at its next heartbeat, and the trial loop stops the trial.
     assert oracle.update_trial(silent.trial_id, {}, step=1).status == "FAILED"
@@ -91,7 +96,7 @@ def test_a_slow_worker_that_reports_is_not_failed_and_its_result_is_scored(oracl
     for epoch in range(20):  # 50 s an epoch: 1000 s in all, far beyond the 60 s timeout
         clock.advance(50)
         heartbeat.on_epoch_end(epoch)
-        assert oracle.expire_silent_trials(TIMEOUT) == [], f"failed after epoch {epoch + 1}"
+        assert expired(oracle) == [], f"failed after epoch {epoch + 1}"
     assert clock.now - started == 1000
     assert oracle.trials[trial.trial_id].status == "RUNNING"
     assert not oracle.trials[trial.trial_id].metrics.exists("val_loss")  # a heartbeat carries no score
@@ -113,7 +118,7 @@ def test_a_result_after_expiry_is_not_counted_twice(oracle, clock):
     trial = oracle.create_trial("worker0")
     sent = as_sent(trial)
     clock.advance(TIMEOUT + 1)
-    assert oracle.expire_silent_trials(TIMEOUT) == [("worker0", trial.trial_id)]
+    assert expired(oracle) == [("worker0", trial.trial_id)]
 
     # The worker was slow, not gone: its last epoch's heartbeat, its result and its end arrive late.
     assert oracle.update_trial(trial.trial_id, {}, step=4).status == "FAILED"
@@ -132,7 +137,7 @@ def test_a_result_after_expiry_is_not_counted_twice(oracle, clock):
     # The worker's next trial is a new one, and its clock starts afresh.
     following = oracle.create_trial("worker0")
     assert following.status == "RUNNING" and following.trial_id != trial.trial_id
-    assert oracle.expire_silent_trials(TIMEOUT) == []
+    assert expired(oracle) == []
 
 
 def test_a_worker_that_takes_its_trial_back_restarts_its_clock(oracle, clock):
@@ -142,9 +147,9 @@ def test_a_worker_that_takes_its_trial_back_restarts_its_clock(oracle, clock):
     again = oracle.create_trial("worker0")
     assert again.trial_id == trial.trial_id
     clock.advance(20)  # 70 s since the trial began, 20 s since the worker came back
-    assert oracle.expire_silent_trials(TIMEOUT) == []
+    assert expired(oracle) == []
     clock.advance(TIMEOUT)
-    assert oracle.expire_silent_trials(TIMEOUT) == [("worker0", trial.trial_id)]
+    assert expired(oracle) == [("worker0", trial.trial_id)]
 
 
 def test_silent_trials_failing_in_a_row_stop_the_sweep(oracle, clock):
@@ -165,3 +170,39 @@ def test_silent_trials_failing_in_a_row_stop_the_sweep(oracle, clock):
     assert oracle.trials[last.trial_id].status == "FAILED"
     assert not oracle.trials[last.trial_id].metrics.exists("val_loss")
     assert oracle.end_order == [t.trial_id for t in trials]
+
+
+@pytest.mark.parametrize("tuner", ["random", "bayesian"])
+def test_a_lost_trials_values_run_again_as_a_new_trial_while_its_retries_last(tmp_path, clock, tuner):
+    """Trial 1 (the study's model) lost with its machine: its values are the next trial handed out, the sweep
+    still runs its five, and a second loss of the same values (retries: 1) is final; a resumed oracle keeps
+    the count."""
+    oracle = build_oracle(SweepSpec(family="scratch", tuner=tuner, trials=5, epochs=4))
+    oracle._set_project_dir(str(tmp_path), "x")
+    hp = kt.HyperParameters()
+    make_hypermodel("scratch").declare(hp)
+    oracle.update_space(hp)
+    first = oracle.create_trial("worker0")
+    clock.advance(TIMEOUT + 1)
+    assert oracle.expire_silent_trials(TIMEOUT) == [("worker0", first.trial_id, True)]
+    assert oracle.max_trials == 6
+    again = oracle.create_trial("worker1")
+    assert again.trial_id != first.trial_id and again.hyperparameters.values == first.hyperparameters.values
+    clock.advance(TIMEOUT + 1)
+    assert oracle.expire_silent_trials(TIMEOUT) == [("worker1", again.trial_id, False)]  # retries used up
+    assert oracle.max_trials == 6
+    following = oracle.create_trial("worker1")
+    assert following.hyperparameters.values != first.hyperparameters.values  # a new draw
+
+    oracle.save()
+    resumed = build_oracle(SweepSpec(family="scratch", tuner=tuner, trials=5, epochs=4))
+    resumed._set_project_dir(str(tmp_path), "x")
+    resumed.reload()  # what --resume does
+    assert resumed.max_trials == 6 and resumed.retry_values == [] and len(resumed.retry_counts) == 1
+
+
+def test_hyperband_does_not_rerun_a_lost_trial(oracle, clock):
+    oracle.create_trial("worker0")
+    clock.advance(TIMEOUT + 1)
+    again = oracle.expire_silent_trials(TIMEOUT)[0][2]
+    assert again is (not isinstance(oracle, kt.oracles.HyperbandOracle))
