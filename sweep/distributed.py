@@ -119,6 +119,7 @@ class Chief:
     trial_timeout: float | None = None
     trial_retries: int = 1  # runs again of an expired trial's values (sweep.oracles.SweepOracle)
     worker_grace: float = 30.0
+    status_every: float = 30.0  # seconds between the lines that say what a waiting chief waits for
     workers: LocalWorkers | None = None
 
     def configure_environment(self) -> None:
@@ -162,9 +163,15 @@ class Chief:
         if self.workers is not None:
             self.workers.start(address, sweep_name, report)
         stopped_since = None
+        said = started = time.monotonic()
         try:
             while True:
                 time.sleep(1)
+                if time.monotonic() - said >= self.status_every and not search_over():
+                    line = self.waiting_line(oracle, address, sweep_name, time.monotonic() - started)
+                    if line:
+                        report(line)
+                    said = time.monotonic()
                 if oracle.failure is not None:
                     raise oracle.failure  # run_sweep turns it into one clear error
                 if self.trial_timeout:
@@ -186,6 +193,24 @@ class Chief:
             if self.workers is not None:
                 self.workers.stop()
             server.stop(grace=2)
+
+
+    def waiting_line(self, oracle, address: str, sweep_name: str, waited: float) -> str | None:
+        """What the chief is waiting for, when something is amiss: no worker yet, or a trial whose worker has
+        been silent for ``status_every`` seconds or more; None while every trial reports."""
+        ongoing, registered = oracle.activity()
+        if registered == 0:
+            return (f"Chief waiting: no worker has joined in {waited:.0f}s; start one with "
+                    f"`sweep worker --chief {address} --sweep {sweep_name}`.")
+        silent = [item for item in oracle.silences() if item[2] >= self.status_every]
+        if not silent:
+            return None
+        tuner_id, trial_id, seconds = silent[0]
+        more = f" (and {len(silent) - 1} more)" if len(silent) > 1 else ""
+        then = (f"--trial-timeout fails it after {self.trial_timeout:.0f}s" if self.trial_timeout else
+                "without --trial-timeout the chief waits for it; restart a dead worker with the same --tuner-id")
+        return (f"Chief waiting: worker {tuner_id} sent no heartbeat for {seconds:.0f}s (trial {int(trial_id) + 1})"
+                f"{more}; {then}.")
 
 
 def worker_environment(host: str, port: int, tuner_id: str) -> None:

@@ -259,6 +259,14 @@ class SweepOracle:
         return True
 
     @kt.synchronized
+    def silences(self) -> list[tuple[str, str, float]]:
+        """(tuner id, trial id, seconds since its last heartbeat) of each ongoing trial, longest first."""
+        now = time.monotonic()
+        found = [(tuner_id, trial.trial_id, now - self.last_heard.get(trial.trial_id, now))
+                 for tuner_id, trial in self.ongoing_trials.items()]
+        return sorted(found, key=lambda item: -item[2])
+
+    @kt.synchronized
     def activity(self) -> tuple[int, int]:
         """(ongoing trials, registered workers), read under the oracle's lock."""
         return len(self.ongoing_trials), len(self.tuner_ids)

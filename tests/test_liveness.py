@@ -206,3 +206,30 @@ def test_hyperband_does_not_rerun_a_lost_trial(oracle, clock):
     clock.advance(TIMEOUT + 1)
     again = oracle.expire_silent_trials(TIMEOUT)[0][2]
     assert again is (not isinstance(oracle, kt.oracles.HyperbandOracle))
+
+
+def test_a_waiting_chief_says_what_it_waits_for(tmp_path, clock):
+    from sweep.distributed import Chief
+
+    oracle = build_oracle(SweepSpec(family="scratch", trials=5, epochs=4))
+    oracle._set_project_dir(str(tmp_path), "x")
+    hp = kt.HyperParameters()
+    make_hypermodel("scratch").declare(hp)
+    oracle.update_space(hp)
+    chief = Chief("127.0.0.1", 8000)
+    assert chief.waiting_line(oracle, "127.0.0.1:8000", "s1", 31) == (
+        "Chief waiting: no worker has joined in 31s; start one with `sweep worker --chief 127.0.0.1:8000 --sweep s1`.")
+    trial = oracle.create_trial("w0")
+    oracle.create_trial("w1")
+    clock.advance(20)
+    oracle.update_trial(trial.trial_id, {}, step=1)
+    assert chief.waiting_line(oracle, "a", "s1", 50) is None  # both heard from within 30 s
+    clock.advance(25)
+    assert chief.waiting_line(oracle, "a", "s1", 75) == (
+        "Chief waiting: worker w1 sent no heartbeat for 45s (trial 2); without --trial-timeout the chief waits for "
+        "it; restart a dead worker with the same --tuner-id.")
+    clock.advance(10)
+    timed = Chief("127.0.0.1", 8000, trial_timeout=600)
+    assert timed.waiting_line(oracle, "a", "s1", 85) == (
+        "Chief waiting: worker w1 sent no heartbeat for 55s (trial 2) (and 1 more); --trial-timeout fails it after "
+        "600s.")
