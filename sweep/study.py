@@ -144,37 +144,42 @@ def run_sweep(
         f"{splits.baseline_accuracy:.1%} on {len(splits.test)} test images"
     )
     resume_id = resume_run.info.run_id if resume_run is not None else None
-    with tracking.open_run(tuner.client, prepared.experiment_id, name, params, run_tags, resume_run_id=resume_id,
-                           report=report) as run:
-        tuner.parent_run_id = run.run_id
-        result = SweepResult(spec.family, run.run_id, tuner.records, splits.baseline_accuracy, setup_seconds,
-                             spec.objective)
-        run.log_json(splits.summary(), "data.json")
-        run.log_text(splits.test_manifest(), "test_files.txt")
-        run.log_json({"family": spec.family, "hyperparameters": describe(spec.family),
-                      "defaults": default_values(tuner.oracle.hyperparameters)}, "search_space.json")
-        try:
-            if chief is None:
-                tuner.search(verbose=0)
-            else:
-                tuner.save()
-                chief.serve(tuner.oracle, report, name)
-                _adopt_finished_trials(tuner, prepared.experiment_id, run.run_id, report)
-            if tuner.oracle.out_of_time:
-                run.set_tags({"stopped": TIME_BUDGET})
-                done = len(tuner.oracle.trials)
-                report(f"[{spec.family}] time budget reached after {done} of {spec.trials} trials; continue with: "
-                       f"sweep run --family {spec.family} --resume --sweep {name} [--time-budget ...]")
-            elif resume_run is not None and resume_run.data.tags.get("stopped") == TIME_BUDGET:
-                tracking.clear_tag(run.run_id, "stopped")  # all its trials ran this time
-            verify_best_kept(spec, tuner.family, splits, prepared.experiment_id, run.run_id, report, tuner.last_kept)
-        except ConsecutiveFailures as exc:
-            run.set_tags({"stopped": "consecutive_failures"})
-            raise SweepError(
-                f"{spec.family}: {tuner.oracle.max_consecutive_failed_trials} trials failed in a row, so the "
-                f"sweep stopped. Last error: {exc}. Each failed trial's MLflow run holds its error."
-            ) from None
-        _log_summary(run, result)
+    try:
+        with tracking.open_run(tuner.client, prepared.experiment_id, name, params, run_tags, resume_run_id=resume_id,
+                               report=report) as run:
+            tuner.parent_run_id = run.run_id
+            result = SweepResult(spec.family, run.run_id, tuner.records, splits.baseline_accuracy, setup_seconds,
+                                 spec.objective)
+            run.log_json(splits.summary(), "data.json")
+            run.log_text(splits.test_manifest(), "test_files.txt")
+            run.log_json({"family": spec.family, "hyperparameters": describe(spec.family),
+                          "defaults": default_values(tuner.oracle.hyperparameters)}, "search_space.json")
+            try:
+                if chief is None:
+                    tuner.search(verbose=0)
+                else:
+                    tuner.save()
+                    chief.serve(tuner.oracle, report, name)
+                    _adopt_finished_trials(tuner, prepared.experiment_id, run.run_id, report)
+                if tuner.oracle.out_of_time:
+                    run.set_tags({"stopped": TIME_BUDGET})
+                    done = len(tuner.oracle.trials)
+                    report(f"[{spec.family}] time budget reached after {done} of {spec.trials} trials; continue with: "
+                           f"sweep run --family {spec.family} --resume --sweep {name} [--time-budget ...]")
+                elif resume_run is not None and resume_run.data.tags.get("stopped") == TIME_BUDGET:
+                    tracking.clear_tag(run.run_id, "stopped")  # all its trials ran this time
+                verify_best_kept(spec, tuner.family, splits, prepared.experiment_id, run.run_id, report, tuner.last_kept)
+            except ConsecutiveFailures as exc:
+                run.set_tags({"stopped": "consecutive_failures"})
+                raise SweepError(
+                    f"{spec.family}: {tuner.oracle.max_consecutive_failed_trials} trials failed in a row, so the "
+                    f"sweep stopped. Last error: {exc}. Each failed trial's MLflow run holds its error."
+                ) from None
+            _log_summary(run, result)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs are closed KILLED by now; say how to go on
+        report(f"[{spec.family}] stopped; its open runs are marked KILLED. Resume with: "
+               f"sweep run --family {spec.family} --resume --sweep {name}")
+        raise
     return result
 
 

@@ -239,3 +239,52 @@ def test_an_interrupted_cached_transfer_sweep_resumes_warm_with_one_score_per_tr
         assert trial["score"] == client.get_metric_history(child.info.run_id, "val_loss")[-1].value
     parent = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_between_trials_then_resume_then_sigterm_during_export(tiny_data, tracking_env, runner):
+    """Ctrl-C just after trial 1 ends: every run KILLED or FINISHED, the exact resume command printed, and that
+    command finishes the sweep with each trial counted once; SIGTERM during `sweep best --export` leaves no
+    folder, whole or half-made."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = ["run", "--family", "scratch", "--trials", "3", "--epochs", "4", "--data-dir", str(tiny_data),
+            "--batch-size", "4", "--image-size", "32", "--seed", "5", "--sweep", "faults"]
+    proc = subprocess.Popen([SWEEP_BIN, *args], cwd=tracking_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[scratch] trial 1/3"):
+                proc.send_signal(signal.SIGINT)
+                break
+        output = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
+    statuses = sorted(r.info.status for r in runs_in(tracking_env))
+    assert "RUNNING" not in statuses and statuses.count("FINISHED") == 1, statuses  # trial 1 only
+    resume = "sweep run --family scratch --resume --sweep faults"
+    assert resume in output, output[-3000:]
+
+    result = runner.invoke(main, resume.split()[1:] + ["-q"])
+    assert result.exit_code == 0, result.output
+    runs = runs_in(tracking_env)
+    finished = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
+    assert sorted(int(r.data.tags["trial_number"]) for r in finished) == [1, 2, 3]  # each counted once
+    assert "RUNNING" not in {r.info.status for r in runs}
+
+    export = subprocess.Popen([SWEEP_BIN, "best", "--export", "out"], cwd=tracking_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in export.stdout:
+            if line.startswith("Best trial"):  # chosen; the export is being written
+                export.send_signal(signal.SIGTERM)
+                break
+        export.communicate(timeout=60)
+    finally:
+        if export.poll() is None:
+            export.kill()
+    assert export.returncode != 0
+    assert not (tracking_env / "out").exists() and not list(tracking_env.glob(".out.*"))
