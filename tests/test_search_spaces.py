@@ -140,7 +140,12 @@ def test_test_time_flip_averages_the_logits_of_each_image_and_its_mirror(family,
     plain_hp = kt.HyperParameters()
     plain = hypermodel.build(plain_hp)
     assert plain_hp.get("test_time_flip") is False  # the study's model scores single images
-    assert hypermodel.inference_model(plain, plain_hp.values) is plain
+    kept = hypermodel.inference_model(plain, plain_hp.values)
+    if family == "scratch":
+        assert kept is plain
+    else:  # the same layers but the random ones
+        assert [layer.name for layer in kept.layers[1:]] == [
+            layer.name for layer in plain.layers[1:] if not layer.name.startswith("random_")]
 
     hp = kt.HyperParameters()
     hp.Fixed("test_time_flip", True)
@@ -152,7 +157,8 @@ def test_test_time_flip_averages_the_logits_of_each_image_and_its_mirror(family,
     np.testing.assert_allclose(final.predict(images, verbose=0), expected, atol=1e-5)
     assert not np.allclose(model.predict(images, verbose=0), expected, atol=1e-3)  # the mirror pass matters
     # the inference model shares the trained weights and is scored like the model itself
-    assert {id(v) for v in final.weights} == {id(v) for v in model.weights}  # the same variables, not copies
+    # the same variables, not copies (all but the augmentation layers' random-seed state, which it leaves out)
+    assert {id(v) for v in model.trainable_weights} <= {id(v) for v in final.weights} <= {id(v) for v in model.weights}
     assert len(final.evaluate(images, np.array([0, 1] * 3), verbose=0)) == 2
     # stock layers and ops only: the saved file loads with plain Keras, no custom objects
     final.save(tmp_path / "model.keras")
@@ -233,3 +239,28 @@ def test_a_family_without_augmentation_trains_as_built(family):
     model, _ = build(family, image_size=(32, 32))
     batches = object()
     assert augmenting_pipeline(model, batches) == (model, batches)
+
+
+@pytest.mark.parametrize("family, flip", [("augmented", False), ("transfer", False), ("augmented", True)])
+def test_the_scored_and_kept_model_has_no_augmentation_and_answers_the_same_each_call(family, flip, tmp_path):
+    """Keras 3's random layers augment when called without training=False: the kept model (the one a trial is
+    scored, logged and exported as) leaves them out, shares every weight, and gives one answer per image."""
+    size = (32, 32) if family == "augmented" else (96, 96)
+    model, hp = build(family, image_size=size, test_time_flip=flip)
+    assert any(type(layer).__name__ == "RandomRotation" for layer in model.layers)  # the trained model has them
+    family_model = make_hypermodel(family, num_classes=2, image_size=size)
+    kept = family_model.inference_model(model, hp.values)
+    inner = kept.layers[1] if flip else kept
+    names = [type(layer).__name__ for layer in inner.layers]
+    assert "RandomFlip" not in names and "RandomRotation" not in names
+    assert inner.get_layer("logits").kernel is model.get_layer("logits").kernel  # shared, not copied
+    x = np.random.default_rng(0).uniform(0, 255, (4, *size, 3)).astype("float32")
+    first, second = np.asarray(kept(x)), np.asarray(kept(x))  # called, not predict: training defaults apply
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first, kept.predict(x, verbose=0), atol=1e-5)
+    if not flip:
+        np.testing.assert_allclose(first, model.predict(x, verbose=0), atol=1e-5)  # the trained model, at inference
+    assert not np.allclose(np.asarray(model(x, training=True)), first, rtol=1e-2, atol=0)  # augmentation changes it
+    kept.save(tmp_path / "kept.keras")
+    loaded = keras.models.load_model(tmp_path / "kept.keras")
+    np.testing.assert_allclose(np.asarray(loaded(x)), first, atol=1e-5)
