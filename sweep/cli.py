@@ -72,6 +72,12 @@ SWEEP_OPTIONS = options(
 
 
 def _specs(families, o: dict) -> list[SweepSpec]:
+    if "transfer" not in families:  # an option that would change nothing is a mistake worth one line
+        given = [name for name, set_ in (("--weights", o.get("weights", DEFAULTS["weights"]) != DEFAULTS["weights"]),
+                                         ("--no-cache", o.get("feature_cache") is False)) if set_]
+        if given:
+            raise click.UsageError(f"{' and '.join(given)} only apply to --family transfer (or all); "
+                                   f"drop {'them' if len(given) > 1 else 'it'} for --family {families[0]}.")
     return [SweepSpec.from_options(f, o) for f in families]
 
 
@@ -141,7 +147,7 @@ def _serve(spec: SweepSpec, tracking_settings, sweep_name, chief, time_budget: f
     from sweep.study import check_new_name, default_name, prepare, run_sweep
 
     name = sweep_name or default_name(spec)
-    check_new_name(tracking_settings, name)
+    check_new_name(tracking_settings, name, spec.family)
     started = time.time()  # the budget counts from the command's start, data loading included
     prepared = prepare(spec, tracking_settings, spec.family == "transfer", click.echo)
     return run_sweep(spec, prepared, tracking_settings, click.echo, name=name, chief=chief,
@@ -222,6 +228,8 @@ def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, imag
     from sweep.bench import format_table, run_bench
     from sweep.study import prepare
 
+    if cut_costs and family != "transfer":
+        raise click.BadParameter("only the transfer family fine-tunes.", param_hint="--cut-costs")
     tracking_settings = tracking_settings_for(config_path, experiment)
     spec = SweepSpec.from_options(family, locals())
     prepared = prepare(spec, tracking_settings, family == "transfer", report=click.echo)
@@ -230,8 +238,6 @@ def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, imag
         from search_spaces.features import PoolSpec
         from sweep.bench import cut_costs as measure, format_cut_costs
 
-        if family != "transfer":
-            raise click.BadParameter("only the transfer family fine-tunes.", param_hint="--cut-costs")
         hypermodel = make_hypermodel("transfer", len(prepared.splits.class_names), prepared.splits.image_size,
                                      prepared.weights_path)
         views = PoolSpec().views_per_image

@@ -14,6 +14,7 @@ from sweep.cli_common import (
     TRACKING_OPTIONS,
     check_out_folder,
     quiet_tensorflow,
+    stop_on_sigterm,
     tracking_settings_for,
 )
 from sweep.config import load_tracking, require_store
@@ -41,6 +42,7 @@ def best(experiment, config_path, family, metric, export_dir, no_verify) -> None
 
     if export_dir is not None:
         check_out_folder(export_dir, "--export")
+        stop_on_sigterm()  # SIGTERM as Ctrl-C: the export is undone, not left half-made
     settings = tracking_settings_for(config_path, experiment)
     found = find_best(settings, family, metric)
     click.echo(f"Best trial by {found.metric} in experiment {settings.experiment!r}:")

@@ -95,10 +95,13 @@ def load_tracking(config_path: Path | None = None, environ: dict[str, str] | Non
     values: dict[str, str] = {}
     base = Path.cwd()
     source = "defaults"
-    if config_path is None and Path(CONFIG_FILE).is_file():
+    if config_path is None and Path(CONFIG_FILE).exists():
         config_path = Path(CONFIG_FILE)
     if config_path is not None:
         config_path = Path(config_path)
+        if config_path.is_dir():
+            raise ConfigError(f"config file {config_path} is a folder, not a file; move it away or name the file "
+                              "with --config.")
         if not config_path.is_file():
             raise ConfigError(f"config file {config_path} does not exist; create it or drop --config.")
         try:

@@ -42,8 +42,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise SweepError(f"--chief {address!r} is not HOST:PORT, e.g. 127.0.0.1:8000.")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SweepError(f"--chief {address!r} is not HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8000.")
     return host, int(port)
 
 
@@ -301,6 +301,7 @@ def run_worker(tracking_settings, chief_address: str, sweep_name: str, tuner_id:
         if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise
         raise SweepError(f"lost the chief at {host}:{port} (no answer for {chief_timeout:.0f}s; its trial runs here "
-                         "are closed). Once the chief runs again, restart this worker with the same --tuner-id "
-                         "to pick its trial up.") from None
+                         f"are closed). If the chief is gone, continue the sweep with `sweep run --family "
+                         f"{spec.family} --resume --sweep {sweep_name}`; if it comes back, restart this worker with "
+                         f"--tuner-id {tuner_id}.") from None
     return len(tuner.records)

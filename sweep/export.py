@@ -131,7 +131,15 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    return {"metrics": metrics, "registry": _register(out_dir, best, model, registered_model)}
+    try:
+        registry = _register(out_dir, best, model, registered_model)
+    except KeyboardInterrupt:  # stopped while registering: no folder without its registry record stays behind
+        shutil.rmtree(out_dir, ignore_errors=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return {"metrics": metrics, "registry": registry}
 
 
 def _write(best: BestTrial, out_dir: Path, verify: bool, report):

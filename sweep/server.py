@@ -45,6 +45,11 @@ def check_uri(uri: str) -> None:
             f"tracking URI {redact(uri)} has an unknown scheme {scheme!r}; {hint}use http:// or https:// for a "
             f"tracking server, or sqlite:///path for a local store ({WHERE})."
         )
+    if base == "sqlite" and parts.netloc:
+        raise ConfigError(
+            f"tracking URI {redact(uri)} names a host ({parts.netloc!r}); a SQLite store is sqlite:///relative/path "
+            f"or sqlite:////absolute/path, three slashes before the path ({WHERE})."
+        )
     if base in ("http", "https") and parts.password is not None:
         raise ConfigError(
             f"tracking URI {redact(uri)} carries a password, which would be printed and logged with it; take "
@@ -72,7 +77,11 @@ def check_server(uri: str, experiment: str | None = None, write: bool = False) -
     Raises:
         ConfigError: one line naming the server, what it said, and what to set.
     """
-    if urlsplit(uri).scheme.lower() not in ("http", "https"):
+    scheme = urlsplit(uri).scheme.lower()
+    if scheme.split("+", 1)[0] in DATABASE_SCHEMES:
+        _check_database(uri)
+        return
+    if scheme not in ("http", "https"):
         return
     import mlflow
     from mlflow.utils.credentials import get_default_host_creds
@@ -114,6 +123,27 @@ def check_server(uri: str, experiment: str | None = None, write: bool = False) -
                           f"(pip install 'mlflow=={theirs}') or upgrade the server.")
     if experiment is not None:
         _check_experiment(get, server, creds.username, experiment, write)
+
+
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _check_database(uri: str) -> None:
+    """A database store's server answers on its port within seconds (SQLAlchemy would retry for minutes)."""
+    import socket
+
+    parts = urlsplit(uri)
+    host = parts.hostname or "localhost"
+    try:
+        port = parts.port or DATABASE_PORTS[parts.scheme.split("+", 1)[0].lower()]
+    except ValueError:
+        raise ConfigError(f"tracking URI {redact(uri)} has a port that is not a number; fix {WHERE}.") from None
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the database at {host}:{port} ({_reason(exc)}); start it, or fix "
+                          f"{WHERE}.") from None
 
 
 def _check_experiment(get, server: str, username: str | None, experiment: str, write: bool) -> None:

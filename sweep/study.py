@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Callable
 
 import keras
+import mlflow
 
 from search_spaces import FAMILIES, HyperFamily, default_values, describe, make_hypermodel
 from sweep import plots, precision, pruning, tracking
@@ -30,11 +31,21 @@ TIME_BUDGET = "time_budget"
 
 @dataclass
 class Prepared:
-    """Everything a sweep needs that is checked or loaded once: data, weights file, experiment."""
+    """Everything a sweep needs that is checked or loaded once: data, weights file, experiment.
+
+    The experiment is looked up (and made, when new) on first use, not in ``prepare``: inputs that fail later
+    checks (a weights file that does not load, say) leave no empty experiment behind."""
 
     splits: Splits
     weights_path: str | None
-    experiment_id: str
+    tracking_settings: TrackingSettings
+    _experiment_id: str | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = tracking.use_experiment(self.tracking_settings)
+        return self._experiment_id
 
 
 def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, need_weights: bool,
@@ -49,6 +60,7 @@ def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, need_weights: 
     check_layout(data_dir)  # fail in a second, before decoding thousands of images
     weights_path = resolve_weights(spec.weights, spec.image_size) if need_weights else None
     tracking.check_store(tracking_settings)  # nothing is written until the data has passed its checks
+    mlflow.set_tracking_uri(tracking_settings.tracking_uri)  # the store the tuner's client logs to (made on first use)
     line = image_size_line(spec.family, weights_path, spec.image_size) if need_weights else None
     if line:
         report(line)
@@ -61,7 +73,7 @@ def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, need_weights: 
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in splits.counts().items())
     report(f"Classes {', '.join(splits.class_names)}; images: {counts}; "
            f"baseline (always '{splits.class_names[splits.majority_class]}') {splits.baseline_accuracy:.1%}")
-    return Prepared(splits, weights_path, tracking.use_experiment(tracking_settings))
+    return Prepared(splits, weights_path, tracking_settings)
 
 
 @dataclass
@@ -265,7 +277,7 @@ def find_resumable(family: str, tracking_settings: TrackingSettings, name: str |
     return run, SweepSpec.from_params(run.data.params)
 
 
-def check_new_name(tracking_settings: TrackingSettings, name: str) -> None:
+def check_new_name(tracking_settings: TrackingSettings, name: str, family: str) -> None:
     """Refuse a sweep name the experiment already holds: ``--sweep NAME`` names a new sweep, ``--resume``
     continues one.
 
@@ -274,8 +286,8 @@ def check_new_name(tracking_settings: TrackingSettings, name: str) -> None:
     """
     experiment_id = tracking.existing_experiment_id(tracking_settings)  # creates nothing
     if experiment_id is not None and tracking.find_sweep(experiment_id, None, name) is not None:
-        raise SweepError(f"experiment {tracking_settings.experiment!r} already has a sweep named {name!r}; add "
-                         "--resume to continue it, or pick another name.")
+        raise SweepError(f"experiment {tracking_settings.experiment!r} already has a sweep named {name!r}; continue "
+                         f"it with `sweep run --family {family} --resume --sweep {name}`, or pick another name.")
 
 
 def run_study(specs: list[SweepSpec], tracking_settings: TrackingSettings, report: Reporter = print,
@@ -311,7 +323,7 @@ def run_study(specs: list[SweepSpec], tracking_settings: TrackingSettings, repor
                f"own settings: {resumed.trials} trials x {resumed.epochs} epochs, {resumed.tuner}, objective "
                f"{resumed.objective}, seed {resumed.seed}")
     elif sweep_name:
-        check_new_name(tracking_settings, sweep_name)
+        check_new_name(tracking_settings, sweep_name, specs[0].family)
     # Everything is checked before the first sweep starts: a bad weights file must not wait for three sweeps.
     by_size: dict[tuple[int, int], list[SweepSpec]] = {}
     for spec in specs:

@@ -59,20 +59,43 @@ def check_store(settings: TrackingSettings) -> None:
     Raises:
         ConfigError: naming the path or the server and the fix.
     """
+    where = f"in {settings.source}" if settings.source != "defaults" else "in mlflow.yaml"
+    for key, path in (("tuner_dir", settings.tuner_dir), ("cache_dir", settings.cache_dir)) + (
+            (("artifact_root", settings.artifact_root),) if settings.is_local else ()):
+        _check_folder(path, f"{key} {where}")
     database = sqlite_path(settings.tracking_uri)
     if database is None:
         check_server(settings.tracking_uri, settings.experiment, write=True)
         return
-    folder = database.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
     fix = "fix tracking_uri in mlflow.yaml or MLFLOW_TRACKING_URI, or the permissions."
-    if not folder.is_dir():
-        raise ConfigError(f"cannot create the MLflow store's folder {database.parent}: {folder} is a file; {fix}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"the MLflow store's folder {folder} is read-only; {fix}")
-    if database.exists() and not os.access(database, os.R_OK | os.W_OK):
-        raise ConfigError(f"the MLflow store {database} is read-only; {fix}")
+    _check_folder(database.parent, "the MLflow store's folder", fix)
+    if database.exists():
+        check_sqlite_file(database)
+        if not os.access(database, os.R_OK | os.W_OK):
+            raise ConfigError(f"the MLflow store {database} is read-only; {fix}")
+
+
+def check_sqlite_file(database: Path) -> None:
+    """Refuse a store file that is not a SQLite database (SQLAlchemy would raise a traceback)."""
+    try:
+        with open(database, "rb") as handle:
+            header = handle.read(16)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the MLflow store {database} ({exc.strerror}); fix the permissions.") from None
+    if header and header != b"SQLite format 3\x00":
+        raise ConfigError(f"the MLflow store {database} is not a SQLite database; move it away, or point "
+                          "tracking_uri in mlflow.yaml (or MLFLOW_TRACKING_URI) at your store.")
+
+
+def _check_folder(folder: Path, what: str, fix: str = "pick another path, or fix the permissions.") -> None:
+    """A folder that can be created (or written) where ``folder`` is, creating nothing."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create {what} {folder}: {existing} is a file; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {folder} cannot be written ({existing} is read-only); {fix}")
 
 
 def existing_experiment_id(settings: TrackingSettings) -> str | None:
@@ -80,6 +103,8 @@ def existing_experiment_id(settings: TrackingSettings) -> str | None:
     database = sqlite_path(settings.tracking_uri)
     if database is not None and not database.is_file():
         return None
+    if database is not None:
+        check_sqlite_file(database)
     check_server(settings.tracking_uri, settings.experiment)
     mlflow.set_tracking_uri(settings.tracking_uri)
     with _store_lock(settings.tracking_uri):
@@ -305,13 +330,21 @@ def experiment_id_of(settings: TrackingSettings) -> str:
         ConfigError: the store cannot be reached, or holds no such experiment.
     """
     require_store(settings)
+    database = sqlite_path(settings.tracking_uri)
+    if database is not None:
+        check_sqlite_file(database)
     check_server(settings.tracking_uri, settings.experiment)
     mlflow.set_tracking_uri(settings.tracking_uri)
     try:
         experiment = mlflow.get_experiment_by_name(settings.experiment)
     except MlflowException as exc:
         raise ConfigError(f"cannot read MLflow store {redact(settings.tracking_uri)}: {exc.message.splitlines()[0]}") from None
-    if experiment is None or experiment.lifecycle_stage == "deleted":
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"experiment {settings.experiment!r} is deleted in {redact(settings.tracking_uri)}; restore it in the MLflow "
+            "UI or pick another with --experiment."
+        )
+    if experiment is None:
         raise ConfigError(
             f"experiment {settings.experiment!r} has no runs in {redact(settings.tracking_uri)}; run `sweep run` first "
             "or pick another with --experiment."

@@ -66,6 +66,19 @@ def _check_finite(history: dict[str, list[float]], first_epoch: int) -> None:
             raise kt.errors.FailedTrialError(f"loss became {loss} at epoch {epoch}; the trial diverged")
 
 
+def failure_line(exc: BaseException, limit: int = 300) -> str:
+    """One line for a failed trial: the error's type and the first line of its message (gRPC's errors, for
+    one, span several lines of debug text)."""
+    code = getattr(exc, "code", None)
+    if callable(code) and type(exc).__module__.startswith("grpc"):
+        try:
+            return f"lost its connection to the chief ({code().name})"
+        except Exception:  # noqa: BLE001 - a gRPC error without a status
+            pass
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:limit]
+
+
 def process_memory() -> dict[str, float]:
     """This process's resident memory now (``rss_mib``, where ``/proc`` tells it) and its peak so far
     (``peak_rss_mib``), in MiB: logged with every trial, so growth from trial to trial shows in the sweep's
@@ -250,7 +263,7 @@ class SweepTuner(kt.Tuner):
                 if tracking.interrupted(exc):  # stopped, not failed: Keras Tuner must not go on to the next trial
                     raise KeyboardInterrupt from exc
                 run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
-                self.report(f"[{spec.family}] trial {number} FAILED: {type(exc).__name__}: {exc}")
+                self.report(f"[{spec.family}] trial {number} FAILED: {failure_line(exc)}")
                 raise
         self.records.append(record)
         self.report(self.progress_line(record))

@@ -335,7 +335,10 @@ def test_a_worker_whose_chief_vanishes_says_so_and_closes_its_trial_run(tiny_dat
     finally:
         stop_all([worker, chief])
     assert worker.returncode == 1, output[-3000:]
-    assert (f"Error: lost the chief at {address} (no answer for 4s; its trial runs here are closed). Once the chief "
-            "runs again, restart this worker with the same --tuner-id to pick its trial up.") in output
+    assert (f"Error: lost the chief at {address} (no answer for 4s; its trial runs here are closed). If the chief is "
+            "gone, continue the sweep with `sweep run --family scratch --resume --sweep lost`; if it comes back, "
+            "restart this worker with --tuner-id w0.") in output
+    assert "FAILED: lost its connection to the chief (" in output  # one line, no gRPC dump
+    assert "debug_error_string" not in output
     assert "Traceback" not in output
     assert running_trials(db) == []

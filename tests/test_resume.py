@@ -167,8 +167,8 @@ def test_sweep_names_a_new_sweep_and_resume_continues_that_one_with_its_own_sett
     taken = runner.invoke(main, ["run", "--family", "scratch", "--sweep", "mine", "--trials", "1", *data])
     assert taken.exit_code == 1
     assert taken.output.splitlines() == [
-        ("Error: experiment 'test-exp' already has a sweep named 'mine'; add --resume to continue it, or pick "
-         "another name.")]
+        ("Error: experiment 'test-exp' already has a sweep named 'mine'; continue it with `sweep run --family "
+         "scratch --resume --sweep mine`, or pick another name.")]
     assert len(runs_in(tracking_env)) == before
 
     fits["interrupt_at"] = 0

@@ -321,3 +321,50 @@ def test_a_chief_on_a_taken_port_stops_before_writing_anything(tracking_env, run
         f"Error: cannot listen on 127.0.0.1:{port} (the port is in use); pick another --port, or a --host address "
         "of this machine.")
     assert not (tracking_env / "mlruns").exists() and runs_in(tracking_env) == []
+
+
+def run_cli(runner, args):
+    result = runner.invoke(main, args)
+    return result.exit_code, result.output.strip().splitlines()[-1] if result.output.strip() else ""
+
+
+def test_more_doors_each_get_one_line_and_leave_no_store(tracking_env, runner, tiny_data, monkeypatch):
+    """Found by trying bad inputs as a new user would (docs/faults.md)."""
+    data = ["--data-dir", str(tiny_data), "--image-size", "32", "--trials", "1", "--epochs", "1"]
+    code, line = run_cli(runner, ["run", "--family", "scratch", "--weights", "/nowhere.h5", "--no-cache", *data])
+    assert code == 2 and line == ("Error: --weights and --no-cache only apply to --family transfer (or all); drop them "
+                                  "for --family scratch.")
+    code, line = run_cli(runner, ["worker", "--chief", "127.0.0.1:99999", "--sweep", "s"])
+    assert code == 1 and "with a port from 1 to 65535" in line
+
+    (tracking_env / "blocker").write_text("")
+    (tracking_env / "mlflow.yaml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\ntuner_dir: blocker/kt\n")
+    code, line = run_cli(runner, ["run", "--family", "scratch", *data])
+    assert code == 1 and line == (f"Error: cannot create tuner_dir in mlflow.yaml {tracking_env}/blocker/kt: "
+                                  f"{tracking_env}/blocker is a file; pick another path, or fix the permissions.")
+    assert not (tracking_env / "mlruns").exists()
+
+    (tracking_env / "mlflow.yaml").write_text("tracking_uri: sqlite:///mlruns/mlflow.db\n")
+    (tracking_env / "mlruns").mkdir()
+    (tracking_env / "mlruns" / "mlflow.db").write_text("not a database")
+    for command in (["run", "--family", "scratch", *data], ["best"]):
+        code, line = run_cli(runner, command)
+        assert code == 1 and line == (f"Error: the MLflow store {tracking_env}/mlruns/mlflow.db is not a SQLite "
+                                      "database; move it away, or point tracking_uri in mlflow.yaml (or "
+                                      "MLFLOW_TRACKING_URI) at your store."), command
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite://mlflow.db")
+    code, line = run_cli(runner, ["best"])
+    assert code == 1 and "names a host ('mlflow.db'); a SQLite store is sqlite:///relative/path" in line
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"postgresql+psycopg://u@127.0.0.1:{free_port()}/mlflow")
+    started = time.monotonic()
+    code, line = run_cli(runner, ["best"])
+    assert code == 1 and line.startswith("Error: cannot reach the database at 127.0.0.1:") and "connection refused" in line
+    assert time.monotonic() - started < 5
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    (tracking_env / "mlflow.yaml").unlink()
+    (tracking_env / "mlflow.yaml").mkdir()
+    code, line = run_cli(runner, ["best"])
+    assert code == 1 and line == ("Error: config file mlflow.yaml is a folder, not a file; move it away or name the "
+                                  "file with --config.")
