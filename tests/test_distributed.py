@@ -321,6 +321,9 @@ def test_a_worker_whose_chief_vanishes_says_so_and_closes_its_trial_run(tiny_dat
     chief = subprocess.Popen([SWEEP_BIN, "chief", *tiny(tiny_data, 3, 40), "--sweep", "lost", "--port",
                               address.rsplit(":", 1)[1]], cwd=tracking_env, env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
+    for line in chief.stdout:  # the worker's short --chief-timeout also bounds its first wait for the chief
+        if line.startswith("Chief serving the oracle"):
+            break
     worker = subprocess.Popen([SWEEP_BIN, "worker", "--chief", address, "--sweep", "lost", "--tuner-id", "w0",
                                "--chief-timeout", "4"], cwd=tracking_env, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
