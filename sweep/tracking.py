@@ -116,6 +116,18 @@ def existing_experiment_id(settings: TrackingSettings) -> str | None:
     return None if experiment is None or experiment.lifecycle_stage == "deleted" else experiment.experiment_id
 
 
+def new_client() -> MlflowClient:
+    """A client on the current tracking store. For a SQLite store, made under the store's lock: a new database's
+    tables are created when its first client opens it, and two processes doing that at once can collide."""
+    database = sqlite_path(mlflow.get_tracking_uri())
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)  # checked writable before (check_store)
+    with _store_lock(mlflow.get_tracking_uri()):
+        client = _retry_on_race(MlflowClient)
+        _retry_on_race(lambda: client.search_experiments(max_results=1))  # opens (and on first use creates) it
+    return client
+
+
 @contextmanager
 def _store_lock(tracking_uri: str) -> Iterator[None]:
     """For a SQLite store, one process at a time creates tables and experiments: MLflow's schema migration

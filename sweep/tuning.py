@@ -177,8 +177,14 @@ class SweepTuner(kt.Tuner):
         self.experiment_id = experiment_id
         self.parent_run_id = ""  # set once the sweep's MLflow run exists
         self.last_kept: tuple[str, keras.Model] | None = None  # (run id, model) of the last model kept here
-        self.client = tracking.MlflowClient()
+        self._client = None  # made on first use (tracking.new_client), once the model has been built
         super().__init__(**kwargs)
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = tracking.new_client()
+        return self._client
 
     @property
     def family(self) -> HyperFamily:
