@@ -135,9 +135,16 @@ def run_sweep(
         chief.configure_environment()
     splits = prepared.splits
     # Built before any MLflow run exists: a model that cannot be built (bad weights file) leaves no run behind.
-    tuner, setup_seconds = build_tuner(spec, splits, tracking_settings, prepared.weights_path, name,
-                                       overwrite=resume_run is None, report=report, verbose=verbose,
-                                       trains_here=chief is None)
+    try:
+        tuner, setup_seconds = build_tuner(spec, splits, tracking_settings, prepared.weights_path, name,
+                                           overwrite=resume_run is None, report=report, verbose=verbose,
+                                           trains_here=chief is None)
+    except KeyboardInterrupt:  # while computing cached features: only whole cache files are ever kept
+        again = (f"Resume with: sweep run --family {spec.family} --resume --sweep {name}" if resume_run is not None
+                 else "Run the same command again to start it")
+        report(f"[{spec.family}] stopped before its first trial; no run was logged and no partial feature cache "
+               f"is kept. {again}.")
+        raise
     tuner.experiment_id = prepared.experiment_id
     tuner.oracle.deadline = deadline
     if resume_run is not None:

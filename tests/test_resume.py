@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sweep.cli import main
@@ -288,3 +289,50 @@ def test_ctrl_c_between_trials_then_resume_then_sigterm_during_export(tiny_data,
             export.kill()
     assert export.returncode != 0
     assert not (tracking_env / "out").exists() and not list(tracking_env.glob(".out.*"))
+
+
+@pytest.mark.slow
+def test_sigterm_while_caching_features_leaves_no_partial_cache_and_a_rerun_completes(tiny_data, tracking_env,
+                                                                                     runner):
+    """SIGTERM as the transfer family computes its MobileNetV2 features: the process ends within seconds with the
+    resume command and no traceback; no half-written cache file is left (a rerun could not tell it from a whole
+    one), no run stays RUNNING, and running the same command again completes with every trial counted once."""
+    from tests.conftest import SHARED_WEIGHTS
+
+    if not SHARED_WEIGHTS.is_file():
+        pytest.skip(f"{SHARED_WEIGHTS} is not available")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+    args = ["run", "--family", "transfer", "--trials", "2", "--epochs", "2", "--data-dir", str(tiny_data),
+            "--batch-size", "4", "--image-size", "96", "--seed", "5", "--weights", str(SHARED_WEIGHTS),
+            "--sweep", "caching"]
+    proc = subprocess.Popen([SWEEP_BIN, *args], cwd=tracking_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Computing MobileNetV2 features"):
+                signalled = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                break
+        output = "".join(lines) + proc.communicate(timeout=60)[0]
+        stopped_in = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert stopped_in < 30, stopped_in
+    assert "[transfer] stopped before its first trial; no run was logged" in output, output[-3000:]
+    cache = tracking_env / "mlruns" / "feature_cache"
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+    for path in cache.rglob("*.npy"):  # what is there is whole: it loads with the shape its header promises
+        assert np.load(path, mmap_mode="r")[-1] is not None
+    assert "RUNNING" not in {status for status, _ in run_states(tracking_env / "mlruns" / "mlflow.db")}
+
+    assert run_states(tracking_env / "mlruns" / "mlflow.db") == []
+    result = runner.invoke(main, [*args, "-q"])  # the same command again
+    assert result.exit_code == 0, result.output
+    runs = runs_in(tracking_env)
+    finished = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
+    assert sorted(int(r.data.tags["trial_number"]) for r in finished) == [1, 2]
+    assert "RUNNING" not in {r.info.status for r in runs}
