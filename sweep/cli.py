@@ -38,6 +38,8 @@ from sweep.spec import OBJECTIVES, TUNERS, SweepSpec
 @click.version_option(package_name="sweep")
 def main() -> None:
     """Hyperparameter sweeps of image classifiers with Keras Tuner, every trial tracked in MLflow."""
+    # MLflow draws a progress bar for every artifact it downloads; the commands say what they fetch themselves
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 SWEEP_OPTIONS = options(

@@ -24,6 +24,17 @@ from sweep.server import check_server, redact
 from sweep.spec import OBJECTIVES, SweepSpec
 
 
+def _parse_formats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    from sweep.formats import parse_formats
+
+    try:
+        return parse_formats(value)
+    except SweepError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--format {value!r} ").removeprefix("--format ")) from None
+
+
 @click.command()
 @TRACKING_OPTIONS
 @click.option("--family", default=None, type=click.Choice(FAMILY_NAMES), help="Only this family's trials.")
@@ -32,15 +43,25 @@ from sweep.spec import OBJECTIVES, SweepSpec
                    "objective the sweeps ran with (val_loss unless --objective said otherwise).")
 @click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
               help="Write the best trial's model and records to this new folder and register the model.")
-@click.option("--no-verify", is_flag=True, help="With --export: skip re-evaluating the model on the test split.")
-def best(experiment, config_path, family, metric, export_dir, no_verify) -> None:
+@click.option("--format", "formats", default=None, callback=_parse_formats, metavar="F[,F...]",
+              help="With --export: the formats to write, each verified in its own runtime on the sweep's test "
+                   "images: keras, saved_model (TensorFlow Serving), litert (float32 .tflite), litert_int8 "
+                   "(quantised .tflite), onnx, or all. Default: keras,saved_model.")
+@click.option("--no-verify", is_flag=True,
+              help="With --export: skip re-evaluating the model, and checking each format, on the test split.")
+def best(experiment, config_path, family, metric, export_dir, formats, no_verify) -> None:
     """Print the best finished trial across all sweeps; optionally export and register its model."""
     if no_verify and export_dir is None:
         raise click.UsageError("--no-verify only applies with --export DIR.")
+    if formats is not None and export_dir is None:
+        raise click.UsageError("--format only applies with --export DIR.")
     quiet_tensorflow()
     from sweep.export import export_best, find_best
+    from sweep.formats import DEFAULT_FORMATS, check_available
 
+    formats = formats or DEFAULT_FORMATS
     if export_dir is not None:
+        check_available(formats)  # a missing converter or runtime is refused before anything is read or written
         check_out_folder(export_dir, "--export")
         stop_on_sigterm()  # SIGTERM as Ctrl-C: the export is undone, not left half-made
     settings = tracking_settings_for(config_path, experiment)
@@ -53,10 +74,10 @@ def best(experiment, config_path, family, metric, export_dir, no_verify) -> None
                    f"trial that did:\n{found.describe()}")
     if export_dir is not None:
         result = export_best(found, export_dir, settings.registered_model, verify=not no_verify,
-                             report=click.echo)
+                             report=click.echo, formats=formats)
         registry = result["registry"]
-        click.echo(f"Exported to {export_dir} (model.keras takes raw {found.params.get('image_size', '')} RGB "
-                   f"images, 0-255); registered as {registry['uri']}")
+        click.echo(f"Exported {', '.join(formats)} to {export_dir} (each takes raw {found.params.get('image_size', '')} "
+                   f"RGB images, 0-255, and gives logits); registered as {registry['uri']}")
         click.echo(f"Serve it: MLFLOW_TRACKING_URI={redact(settings.tracking_uri)} mlflow models serve "
                    f"-m {registry['uri']} --env-manager local --host 127.0.0.1 --port 5001")
 
@@ -65,7 +86,8 @@ def best(experiment, config_path, family, metric, export_dir, no_verify) -> None
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 def predict(model, images) -> None:
-    """Predict the class of each image (folders are walked) with an export folder or a .keras file.
+    """Predict the class of each image (folders are walked) with an export folder or one of its model files
+    (.keras, a SavedModel folder, .tflite, .onnx), each run in its own runtime.
 
     Unreadable or non-image files are reported by name and skipped; the exit code is 1 if any failed.
     """

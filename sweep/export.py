@@ -6,16 +6,29 @@ import contextlib
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from sweep import tracking
 from sweep.config import TrackingSettings
-from sweep.data import decode_error, decode_image
+from sweep.data import decode_error, decode_image, load_manifest
 from sweep.errors import SweepError
+from sweep.formats import (
+    DEFAULT_FORMATS,
+    FORMAT_FILE,
+    FORMATS,
+    REPRESENTATIVE_IMAGES,
+    Verification,
+    check_available,
+)
+from sweep.formats import record as format_record
+from sweep.formats import table as format_table
+from sweep.formats import verify as verify_format
+from sweep.formats import write as write_format
 from sweep.results import (
     RANKINGS,
     TrialRecord,
@@ -96,19 +109,29 @@ def _class_names(best: BestTrial, tmp: Path) -> list[str]:
 
 
 def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: bool = True,
-                report=print) -> dict[str, Any]:
-    """Write the best trial's model and its records to ``out_dir``, then register the model.
+                report=print, formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, Any]:
+    """Write the best trial's model in ``formats`` and its records to ``out_dir``, then register the model.
 
-    Written: ``model.keras`` (raw 0-255 RGB in, logits out; preprocessing and base included),
-    ``hyperparameters.json``, ``metrics.json``, ``classes.json``, ``accuracy.png``; the folder appears whole or
-    not at all. Only then is the model registered as a new version of ``registered_model`` with the alias
-    ``champion``, and ``registered_model.json`` added.
+    Written: each format's file (``model.keras``, ``saved_model/``, ``model.tflite``, ``model_int8.tflite``,
+    ``model.onnx``: raw 0-255 RGB in, logits out; preprocessing and base included, augmentation removed),
+    ``formats.json``, ``hyperparameters.json``, ``metrics.json``, ``classes.json``, ``accuracy.png``. With
+    ``verify``, the model is re-evaluated on the sweep's test images and every format is run there in its own
+    runtime and checked against the Keras model. The folder appears whole or not at all. Only then is the model
+    registered as a new version of ``registered_model`` with the alias ``champion`` (the format files and
+    ``formats.json`` as the version's ``formats/`` artifacts, the figures as the trial run's metrics), and
+    ``registered_model.json`` added.
+
+    Returns:
+        ``{"metrics": ..., "registry": ..., "formats": [Verification, ...]}`` (no verifications without ``verify``).
 
     Raises:
-        SweepError: ``out_dir`` exists and is not empty, the trial kept no model, or (``verify``) a test image
-            the sweep listed is missing or changed.
+        SweepError: ``out_dir`` exists and is not empty, the trial kept no model, (``verify``) a test image the
+            sweep listed is missing or changed, a format cannot be written, or a format misses its check (then
+            nothing is written).
     """
     out_dir = Path(out_dir)
+    formats = tuple(formats)
+    check_available(formats)
     if out_dir.exists() and not out_dir.is_dir():
         raise SweepError(f"export folder {out_dir} is a file; pick a new folder.")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -125,80 +148,152 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
         raise SweepError(f"cannot create the export folder's parent {out_dir.parent}: {exc.strerror}; "
                          "pick another path.") from None
     try:
-        model, metrics = _write(best, out_dir, verify, report)
+        model, metrics, checks = _write(best, out_dir, verify, report, formats)
     except BaseException:
         for folder in reversed(made):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
     try:
-        registry = _register(out_dir, best, model, registered_model)
+        registry = _register(out_dir, best, model, registered_model, formats, checks)
     except KeyboardInterrupt:  # stopped while registering: no folder without its registry record stays behind
         shutil.rmtree(out_dir, ignore_errors=True)
         for folder in reversed(made):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    return {"metrics": metrics, "registry": registry}
+    return {"metrics": metrics, "registry": registry, "formats": checks}
 
 
-def _write(best: BestTrial, out_dir: Path, verify: bool, report):
-    """Stage the export beside ``out_dir`` and rename it into place; returns the model and its metrics."""
+def _write(best: BestTrial, out_dir: Path, verify: bool, report, formats: Sequence[str]):
+    """Stage the export beside ``out_dir`` and rename it into place; returns the model, its metrics and each
+    format's verification."""
     import keras
 
+    spec = SweepSpec.from_params(best.params)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         tmp = Path(tmp)
         staging = tmp / "export"
         staging.mkdir()
-        shutil.copy(tracking.download(best.record.run_id, MODEL_ARTIFACT, tmp), staging / "model.keras")
+        keras_file = tracking.download(best.record.run_id, MODEL_ARTIFACT, tmp / "logged")
         shutil.copy(tracking.download(best.record.run_id, "accuracy.png", tmp), staging / "accuracy.png")
         classes = _class_names(best, tmp)
-        model = keras.models.load_model(staging / "model.keras")
+        model = keras.models.load_model(keras_file)
         metrics = {"val_accuracy": best.record.val_accuracy, "val_loss": best.record.val_loss,
                    "test_accuracy": best.record.test_accuracy,
                    "test_loss": best.record.test_loss, "baseline_accuracy": best.baseline_accuracy}
+        test = None
         if verify:
             manifest = tracking.download(best.sweep_run_id, "test_files.txt", tmp).read_text()
-            metrics.update(_reevaluate(model, best, manifest, classes, report))
+            test = load_manifest(manifest, classes, spec.image_size)
+            metrics.update(_reevaluate(model, best, test, spec.batch_size, report))
+        checks = _write_formats(model, keras_file, staging, formats, test, best, classes, spec, report)
+        (staging / FORMAT_FILE).write_text(json.dumps(
+            format_record(checks, len(test) if test else 0, verify, formats), indent=2) + "\n")
         (staging / "hyperparameters.json").write_text(json.dumps(best.record.hyperparameters, indent=2) + "\n")
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / "classes.json").write_text(json.dumps(classes) + "\n")
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)
-    return model, metrics
+    return model, metrics, checks
 
 
-def _register(out_dir: Path, best: BestTrial, model, registered_model: str) -> dict[str, Any]:
-    """Register the exported model (a new version, alias ``champion``) and add ``registered_model.json``."""
+def _write_formats(model, keras_file: Path, staging: Path, formats: Sequence[str], test, best: BestTrial,
+                   classes: list[str], spec: SweepSpec, report) -> list[Verification]:
+    """Write each format into ``staging`` and (with the ``test`` split) verify it in its runtime.
+
+    Raises:
+        SweepError: a format could not be written, or (all verified first) one missed its check: one line with
+            its figures; the caller discards the staging folder, so nothing of the export is left.
+    """
+    images = test.images if test is not None else None
+    keras_classes = model.predict(images, batch_size=32, verbose=0).argmax(axis=1) if test is not None else None
+    checks = []
+    for name in formats:
+        dest = staging / FORMATS[name].filename
+        started = time.monotonic()
+        try:
+            write_format(name, model, keras_file, dest,
+                         lambda: _representative_images(best, classes, spec.image_size, report))
+        except SweepError:
+            raise
+        except Exception as exc:  # a converter that fails on this model: say which format, keep nothing
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise SweepError(f"could not write --format {name} ({type(exc).__name__}: {first}); nothing was "
+                             "exported. Leave it out of --format.") from None
+        line = f"  {name}: written in {time.monotonic() - started:.0f}s"
+        if test is not None:
+            checks.append(verify_format(name, dest, images, test.labels, keras_classes))
+            line += f", checked in {FORMATS[name].runtime}"
+        report(line)
+    if test is not None:
+        report(format_table(checks, len(test)))
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            kept = [c.format for c in checks if c.passed]
+            raise SweepError(
+                f"--format {failed[0].format} missed its check on the sweep's {len(test)} test images: "
+                f"{failed[0].problem}; nothing was exported."
+                + (f" Export the others with --format {','.join(kept)}." if kept else ""))
+    return checks
+
+
+def _representative_images(best: BestTrial, classes: list[str], image_size: tuple[int, int], report) -> np.ndarray:
+    """Training images (never test images) that int8 quantisation calibrates its ranges on: a seeded draw of
+    ``REPRESENTATIVE_IMAGES`` from the sweep's ``train/`` folder, decoded as the sweep decoded them.
+
+    Raises:
+        SweepError: the sweep's training images are no longer where it read them.
+    """
+    from sweep.data import decode_images, list_images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(json.loads(tracking.download(best.sweep_run_id, "data.json", Path(tmp)).read_text())["source"])
+    files, _ = list_images(source / "train", tuple(classes)) if (source / "train").is_dir() else ([], [])
+    if not files:
+        raise SweepError(f"--format litert_int8 calibrates on the sweep's training images, and {source / 'train'} "
+                         "holds none now; put the data back where the sweep read it, or leave litert_int8 out of "
+                         "--format.")
+    rng = np.random.default_rng(0)
+    chosen = sorted(rng.choice(len(files), size=min(REPRESENTATIVE_IMAGES, len(files)), replace=False))
+    report(f"  litert_int8: calibrating on {len(chosen)} training images from {source / 'train'}")
+    return decode_images([files[i] for i in chosen], image_size)
+
+
+def _register(out_dir: Path, best: BestTrial, model, registered_model: str, formats: Sequence[str],
+              checks: list[Verification]) -> dict[str, Any]:
+    """Register the exported model (a new version, alias ``champion``) with the format files as its artifacts and
+    the formats' figures on the trial's run, and add ``registered_model.json``."""
     from mlflow.models import infer_signature
 
     sample = np.zeros((1, *model.input_shape[1:]), dtype="float32")
     signature = infer_signature(sample, model.predict(sample, verbose=0))
+    metrics = {k: v for check in checks for k, v in check.metrics().items()}
     try:
-        version = tracking.register_keras_model(best.record.run_id, model, registered_model, signature, CHAMPION)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = Path(tmp)
+            for name in formats:
+                if name != "keras":  # the Keras flavour is the registered model itself
+                    source = out_dir / FORMATS[name].filename
+                    (shutil.copytree if source.is_dir() else shutil.copy)(source, files / source.name)
+            shutil.copy(out_dir / FORMAT_FILE, files / FORMAT_FILE)
+            version = tracking.register_keras_model(best.record.run_id, model, registered_model, signature, CHAMPION,
+                                                    files=files, metrics=metrics)
     except Exception as exc:  # the export folder is complete; say what did not happen
         raise SweepError(f"exported to {out_dir}, but registering the model in MLflow failed "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); the folder "
                          "is usable as it is.") from None
     registry = {"name": registered_model, "version": version, "alias": CHAMPION,
                 "uri": f"models:/{registered_model}@{CHAMPION}", "version_uri": f"models:/{registered_model}/{version}",
-                "run_id": best.record.run_id}
+                "run_id": best.record.run_id, "formats": list(formats)}
     (out_dir / "registered_model.json").write_text(json.dumps(registry, indent=2) + "\n")
     return registry
 
 
-def _reevaluate(model, best: BestTrial, manifest: str, classes: list[str], report) -> dict[str, float]:
-    """Score the exported model on the very test images the sweep listed (``test_files.txt``).
-
-    Raises:
-        SweepError: a listed file is missing or changed since the sweep.
-    """
-    from sweep.data import load_manifest
-
-    spec = SweepSpec.from_params(best.params)
-    test = load_manifest(manifest, classes, spec.image_size)
-    loss, accuracy = model.evaluate(test.images, test.labels, batch_size=spec.batch_size, verbose=0)
+def _reevaluate(model, best: BestTrial, test, batch_size: int, report) -> dict[str, float]:
+    """Score the exported model on the very test images the sweep listed (``test_files.txt``)."""
+    loss, accuracy = model.evaluate(test.images, test.labels, batch_size=batch_size, verbose=0)
     report(f"Re-evaluated on the sweep's {len(test)} test images (test_files.txt): {accuracy:.4%} "
            f"(logged {best.record.test_accuracy:.4%})")
     return {"reevaluated_test_accuracy": float(accuracy), "reevaluated_test_loss": float(loss)}
@@ -215,27 +310,21 @@ class Prediction:
 
 
 def load_model_and_classes(model_path: Path):
-    """Load an export folder (``model.keras`` + ``classes.json``) or a ``.keras`` file.
+    """Load a model in any export format (an export folder, a ``.keras``, ``.tflite`` or ``.onnx`` file, a
+    SavedModel folder) in its own runtime, with its class names (``classes.json`` beside it, else 0, 1, ...).
+
+    Returns:
+        (runtime, classes, format name)
 
     Raises:
-        SweepError: nothing loadable at ``model_path``.
+        SweepError: nothing loadable at ``model_path``, or its runtime is not installed.
     """
-    import keras
+    from sweep.formats import classes_for, detect, load
 
-    model_path = Path(model_path)
-    model_file = model_path / "model.keras" if model_path.is_dir() else model_path
-    if not model_file.is_file() or model_file.suffix != ".keras":
-        raise SweepError(f"{model_path} is neither an export folder (with model.keras) nor a .keras file.")
-    try:
-        model = keras.models.load_model(model_file)
-    except Exception as exc:  # a damaged or foreign file: say which, not a traceback
-        raise SweepError(f"cannot load model {model_file}: it is not a readable .keras file (damaged, or not a "
-                         f"Keras model; Keras said {type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Pass an "
-                         "export folder from `sweep best --export` or its model.keras.") from None
-    classes_file = model_file.parent / "classes.json"
-    n_classes = int(model.output_shape[-1])
-    classes = json.loads(classes_file.read_text()) if classes_file.is_file() else [str(i) for i in range(n_classes)]
-    return model, classes
+    name, path = detect(Path(model_path))
+    runtime = load(name, path)
+    n_classes = int(runtime(np.zeros((1, *runtime.input_size, 3), dtype="float32")).shape[-1])
+    return runtime, classes_for(path, n_classes), name
 
 
 def image_files(paths: list[Path]) -> list[Path]:
@@ -250,15 +339,16 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 
 def predict(model_path: Path, paths: list[Path], batch_size: int = 32) -> list[Prediction]:
-    """Class and probability (softmax of the logits) for each image; unreadable files carry an error."""
-    model, classes = load_model_and_classes(model_path)
-    size = tuple(int(v) for v in model.input_shape[1:3])
+    """Class and probability (softmax of the logits) for each image, with a model in any export format run in
+    its own runtime; unreadable files carry an error."""
+    model, classes, _ = load_model_and_classes(model_path)
+    size = model.input_size
     results, batch = [], []
 
     def flush() -> None:
         if not batch:
             return
-        logits = model.predict(np.stack([image for _, image in batch]), verbose=0)
+        logits = model(np.stack([image for _, image in batch]))
         probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         for (prediction, _), p in zip(batch, probabilities):

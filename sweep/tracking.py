@@ -388,14 +388,20 @@ def has_artifact(run_id: str, artifact_path: str) -> bool:
     return any(a.path == artifact_path for a in MlflowClient().list_artifacts(run_id, folder or None))
 
 
-def register_keras_model(run_id: str, model: keras.Model, name: str, signature: Any, alias: str) -> int:
-    """Log ``model`` in MLflow's Keras flavour into ``run_id``, register it as a new version of ``name`` and
-    point the registry alias ``alias`` at that version (MLflow's aliases replace the deprecated stages)."""
+def register_keras_model(run_id: str, model: keras.Model, name: str, signature: Any, alias: str,
+                         files: Path | None = None, metrics: dict[str, float] | None = None) -> int:
+    """Log ``model`` in MLflow's Keras flavour into ``run_id`` (with the folder ``files`` as the logged model's
+    ``formats/`` artifacts and ``metrics`` on the run), register it as a new version of ``name`` and point the
+    registry alias ``alias`` at that version (MLflow's aliases replace the deprecated stages)."""
+    client = MlflowClient()
     with mlflow.start_run(run_id=run_id):  # mlflow.keras.log_model logs into a started run only
-        info = mlflow.keras.log_model(model, name="registered_model", signature=signature,
-                                      registered_model_name=name)
-    version = int(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(name, alias, version)
+        info = mlflow.keras.log_model(model, name="registered_model", signature=signature)
+        if metrics:
+            mlflow.log_metrics(metrics)
+    if files is not None:
+        _with_retries(client.log_model_artifacts, info.model_id, str(files), "formats")
+    version = int(mlflow.register_model(info.model_uri, name).version)
+    client.set_registered_model_alias(name, alias, version)
     return version
 
 

@@ -313,7 +313,7 @@ def test_predict_rejects_a_non_model(tmp_path, runner):
     bogus.write_text("nope")
     result = runner.invoke(main, ["predict", str(bogus), str(tmp_path)])
     assert result.exit_code == 1
-    assert f"cannot load model {bogus}: it is not a readable .keras file" in result.output
+    assert f"cannot load model {bogus}: it is not a readable .keras file (damaged" in result.output
     assert "Traceback" not in result.output
 
 
