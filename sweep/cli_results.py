@@ -32,7 +32,7 @@ def _parse_formats(ctx: click.Context, param: click.Parameter, value: str | None
     try:
         return parse_formats(value)
     except SweepError as exc:
-        raise click.BadParameter(str(exc).removeprefix(f"--format {value!r} ").removeprefix("--format ")) from None
+        raise click.BadParameter(str(exc).removeprefix("--format ")) from None
 
 
 @click.command()

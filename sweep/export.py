@@ -24,6 +24,7 @@ from sweep.formats import (
     REPRESENTATIVE_IMAGES,
     Verification,
     check_available,
+    float32_copy,
 )
 from sweep.formats import record as format_record
 from sweep.formats import table as format_table
@@ -178,7 +179,11 @@ def _write(best: BestTrial, out_dir: Path, verify: bool, report, formats: Sequen
         keras_file = tracking.download(best.record.run_id, MODEL_ARTIFACT, tmp / "logged")
         shutil.copy(tracking.download(best.record.run_id, "accuracy.png", tmp), staging / "accuracy.png")
         classes = _class_names(best, tmp)
-        model = keras.models.load_model(keras_file)
+        trained = keras.models.load_model(keras_file)
+        model = float32_copy(trained)  # what deploys everywhere; a float32 model is itself
+        if model is not trained:
+            keras_file = None
+            report("The trial trained in mixed_bfloat16; its model is exported in float32 (the same weights).")
         metrics = {"val_accuracy": best.record.val_accuracy, "val_loss": best.record.val_loss,
                    "test_accuracy": best.record.test_accuracy,
                    "test_loss": best.record.test_loss, "baseline_accuracy": best.baseline_accuracy}
@@ -199,7 +204,7 @@ def _write(best: BestTrial, out_dir: Path, verify: bool, report, formats: Sequen
     return model, metrics, checks
 
 
-def _write_formats(model, keras_file: Path, staging: Path, formats: Sequence[str], test, best: BestTrial,
+def _write_formats(model, keras_file: Path | None, staging: Path, formats: Sequence[str], test, best: BestTrial,
                    classes: list[str], spec: SweepSpec, report) -> list[Verification]:
     """Write each format into ``staging`` and (with the ``test`` split) verify it in its runtime.
 

@@ -3,14 +3,15 @@ verified there on the sweep's test split against the Keras model it came from.
 
 | format        | file               | written by                                            | run by                     |
 |---------------|--------------------|-------------------------------------------------------|----------------------------|
-| `keras`       | `model.keras`      | the trial (logged to MLflow)                          | Keras                      |
+| `keras`       | `model.keras`      | the trial (logged to MLflow), in float32              | Keras                      |
 | `saved_model` | `saved_model/`     | `Model.export(format="tf_saved_model")`               | its `serving_default` signature |
 | `litert`      | `model.tflite`     | `Model.export(format="litert")`                       | the LiteRT interpreter     |
 | `litert_int8` | `model_int8.tflite`| the same, with post-training quantisation             | the LiteRT interpreter     |
 | `onnx`        | `model.onnx`       | `Model.export(format="onnx")` (tf2onnx)               | ONNX Runtime               |
 
 Every format takes what ``model.keras`` takes: raw RGB images, 0-255, float32, NHWC at the sweep's image size,
-any batch size; it gives logits. The model exported is the inference model (no augmentation layers), so each
+any batch size; it gives logits, computed in float32 (a model trained in mixed_bfloat16 is exported as its
+float32 equivalent: ``float32_copy``). The model exported is the inference model (no augmentation layers), so each
 runtime answers the same input the same way twice.
 """
 
@@ -109,8 +110,10 @@ def check_available(names: Sequence[str]) -> None:
                              "or leave it out of --format.")
 
 
-def write(name: str, model, keras_file: Path, dest: Path, representative: Callable[[], np.ndarray]) -> Path:
+def write(name: str, model, keras_file: Path | None, dest: Path, representative: Callable[[], np.ndarray]) -> Path:
     """Write ``model`` in format ``name`` to ``dest`` through the format's public exporter.
+
+    ``keras_file``, when given, is ``model``'s own ``.keras`` file, copied as it is for the keras format.
 
     ``representative`` gives the training images int8 calibrates on (only called for ``litert_int8``).
     """
@@ -120,9 +123,50 @@ def write(name: str, model, keras_file: Path, dest: Path, representative: Callab
     return dest
 
 
-def _write(name: str, model, keras_file: Path, dest: Path, images: np.ndarray | None) -> None:
+def float32_copy(model):
+    """``model`` computing in float32 throughout, with the same weights.
+
+    A sweep trained in ``mixed_bfloat16`` keeps that policy in its layers; converters then emit bfloat16
+    convolutions that LiteRT's built-in kernels do not have (``FlexConv2D``), and CPUs without native bfloat16
+    run them slowly. The weights themselves are float32 under a mixed policy, so nothing is lost: the copy is
+    the trained function computed more precisely (its logits differ from bfloat16's by bfloat16's rounding).
+    """
+    import json
+
+    import keras
+
+    policies = {layer.dtype_policy.name for layer in _layers(model)}
+    if policies <= {"float32"}:
+        return model
+
+    def to_float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and isinstance(node.get("config"), dict):
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {k: to_float32(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [to_float32(v) for v in node]
+        return node
+
+    config = to_float32(json.loads(model.to_json()))
+    copy = keras.models.model_from_json(json.dumps(config))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _layers(model) -> Iterator:
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _layers(layer)
+
+
+def _write(name: str, model, keras_file: Path | None, dest: Path, images: np.ndarray | None) -> None:
     if name == "keras":
-        shutil.copy(keras_file, dest)  # the very file the trial logged
+        if keras_file is not None:
+            shutil.copy(keras_file, dest)  # the very file the trial logged
+        else:
+            model.save(dest)
     elif name == "saved_model":
         model.export(str(dest), format="tf_saved_model", verbose=False)
     elif name == "litert":

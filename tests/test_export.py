@@ -140,8 +140,10 @@ def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner,
     out = swept / "export"
     result = runner.invoke(main, ["best", "--export", str(out)])
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {"model.keras", "hyperparameters.json", "metrics.json",
-                                               "classes.json", "accuracy.png", "registered_model.json"}
+    assert {p.name for p in out.iterdir()} == {"model.keras", "saved_model", "formats.json", "hyperparameters.json",
+                                               "metrics.json", "classes.json", "accuracy.png", "registered_model.json"}
+    assert [row["format"] for row in json.loads((out / "formats.json").read_text())["formats"]] == \
+        ["keras", "saved_model"]  # the default formats, both verified
     client = MlflowClient()
     children = [r for r in runs_in(swept) if "mlflow.parentRunId" in r.data.tags]
     best = min(children, key=lambda r: (r.data.metrics["val_loss"], r.info.start_time))
@@ -171,7 +173,8 @@ def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner,
 
     registry = json.loads((out / "registered_model.json").read_text())
     assert registry == {"name": "sweep-best", "version": 1, "alias": "champion", "uri": "models:/sweep-best@champion",
-                        "version_uri": "models:/sweep-best/1", "run_id": best.info.run_id}
+                        "version_uri": "models:/sweep-best/1", "run_id": best.info.run_id,
+                        "formats": ["keras", "saved_model"]}
     assert "registered as models:/sweep-best@champion" in result.output
     assert int(client.get_model_version_by_alias("sweep-best", "champion").version) == 1
 
@@ -181,9 +184,9 @@ def test_a_second_export_is_a_new_version_and_takes_the_champion_alias(swept, ru
     client = MlflowClient()
     children = [r for r in runs_in(swept) if "mlflow.parentRunId" in r.data.tags]
     best = min(children, key=lambda r: (r.data.metrics["val_loss"], r.info.start_time))
-    first = runner.invoke(main, ["best", "--export", str(swept / "export")])
+    first = runner.invoke(main, ["best", "--export", str(swept / "export"), "--format", "keras"])
     assert first.exit_code == 0, first.output
-    second = runner.invoke(main, ["best", "--export", str(swept / "export2"), "--no-verify"])
+    second = runner.invoke(main, ["best", "--export", str(swept / "export2"), "--no-verify", "--format", "keras"])
     assert second.exit_code == 0, second.output
     assert "Re-evaluated" not in second.output
     assert "reevaluated_test_accuracy" not in json.loads((swept / "export2" / "metrics.json").read_text())
@@ -233,7 +236,7 @@ def test_export_refuses_a_changed_or_missing_test_image_and_writes_nothing(own_d
     refused(f"1 of the sweep's 4 test images are missing (first: {listed});")
 
     listed.write_bytes(original)
-    result = runner.invoke(main, ["best", "--export", str(out)])
+    result = runner.invoke(main, ["best", "--export", str(out), "--format", "keras"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reevaluated_test_accuracy"] == metrics["test_accuracy"]
@@ -273,7 +276,7 @@ def test_best_without_runs(tracking_env, runner):
 @pytest.mark.slow
 def test_predict_good_corrupt_and_non_image_files(swept, runner, tiny_data):
     out = swept / "export"
-    assert runner.invoke(main, ["best", "--export", str(out), "--no-verify"]).exit_code == 0
+    assert runner.invoke(main, ["best", "--export", str(out), "--no-verify", "--format", "keras"]).exit_code == 0
     folder = swept / "images"
     folder.mkdir()
     shutil.copy(tiny_data / "validation/cats/cats.0.jpg", folder / "a_cat.jpg")
@@ -483,7 +486,7 @@ def test_mlflow_server_receives_a_sweep(tiny_data, tmp_path, runner, monkeypatch
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_predictions(swept, runner, tiny_data):
     out = swept / "export"
-    assert runner.invoke(main, ["best", "--export", str(out), "--no-verify"]).exit_code == 0
+    assert runner.invoke(main, ["best", "--export", str(out), "--no-verify", "--format", "keras"]).exit_code == 0
     registry = json.loads((out / "registered_model.json").read_text())
     assert registry["uri"] == "models:/sweep-best@champion"
     port = free_port()
@@ -508,3 +511,142 @@ def test_mlflow_models_serve_answers_predictions(swept, runner, tiny_data):
         np.testing.assert_allclose(predictions, expected, rtol=1e-4, atol=1e-4)
     finally:
         stop(server)
+
+
+# -- deployment formats ---------------------------------------------------------------------------------------
+def test_format_names_are_checked_before_anything_runs(tracking_env, runner, monkeypatch):
+    from sweep.formats import FORMATS, parse_formats
+
+    assert parse_formats("onnx, keras") == ("keras", "onnx")  # the table's order, each once
+    assert parse_formats("all") == tuple(FORMATS) == ("keras", "saved_model", "litert", "litert_int8", "onnx")
+    for args, message in (
+        (["best", "--export", "out", "--format", "tflite"],
+         "Invalid value for '--format': 'tflite' is not a format; choose from keras, saved_model, litert, "
+         "litert_int8, onnx or all (LiteRT is TensorFlow Lite's new name)."),
+        (["best", "--export", "out", "--format", ","], "Invalid value for '--format': ',' names no format"),
+        (["best", "--format", "onnx"], "--format only applies with --export DIR."),
+    ):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    # a converter or runtime that is not installed: the install command, before the store is even opened
+    import dataclasses
+
+    monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(FORMATS["onnx"], modules=("onnxruntime_absent",)))
+    result = runner.invoke(main, ["best", "--export", "out", "--format", "keras,onnx"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: --format onnx needs onnxruntime_absent, which is not installed; "
+                                     "pip install 'sweep[onnx]', or leave it out of --format.")
+    assert sorted(p.name for p in tracking_env.iterdir()) == ["mlflow.yaml"]  # no store, no folder
+    (tracking_env / "m.onnx").write_bytes(b"\0")
+    result = runner.invoke(main, ["predict", str(tracking_env / "m.onnx"), str(tracking_env)])
+    assert result.exit_code == 1 and "--format onnx needs onnxruntime_absent" in result.output
+
+
+def test_predict_names_a_damaged_model_file_of_each_kind(tmp_path, runner):
+    for name, kind in (("model.tflite", "LiteRT (.tflite) file"), ("model.onnx", "ONNX file")):
+        bogus = tmp_path / name
+        bogus.write_bytes(b"not a model")
+        result = runner.invoke(main, ["predict", str(bogus), str(tmp_path)])
+        assert result.exit_code == 1, result.output
+        assert f"Error: cannot load model {bogus}: it is not a readable {kind}" in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(main, ["predict", str(tmp_path / "model.onnx"), str(tmp_path / "a.txt")])
+    assert result.exit_code == 1  # the model is refused before any image is read
+    plain = tmp_path / "folder"
+    plain.mkdir()
+    result = runner.invoke(main, ["predict", str(plain), str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"Error: {plain} is not a model sweep can run: pass an export folder" in result.output
+
+
+def test_a_format_that_misses_its_check_fails_with_its_figures_and_nothing_is_exported(swept, runner,
+                                                                                      monkeypatch):
+    """A deliberately broken conversion (the LiteRT file of a model whose last layer is negated, so every class
+    flips): one Error line with its figures, no export folder nor staging left, nothing registered or logged."""
+    import keras
+
+    from sweep import formats
+
+    real = formats._write
+
+    def broken(name, model, keras_file, dest, images):
+        if name == "litert":
+            weights = model.get_weights()
+            model = keras.models.clone_model(model)
+            model.set_weights(weights)
+            last = model.layers[-1]  # logits negated: with two classes, every prediction flips
+            last.set_weights([-w for w in last.get_weights()])
+        return real(name, model, keras_file, dest, images)
+
+    monkeypatch.setattr(formats, "_write", broken)
+    out = swept / "out"
+    result = runner.invoke(main, ["best", "--export", str(out), "--format", "keras,litert"])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "Error: --format litert missed its check on the sweep's 4 test images: agrees with Keras on 0.0% of the test "
+        "images (needs 99.5%)")
+    assert errors[0].endswith("; nothing was exported. Export the others with --format keras.")
+    assert "litert       LiteRT" in result.output and "FAILED" in result.output  # the table, with its figures
+    assert not out.exists() and not list(swept.glob(".out.*"))
+    assert not MlflowClient().search_registered_models()
+    assert not [k for r in runs_in(swept) for k in r.data.metrics if k.startswith("export_")]
+
+    def failing(name, model, keras_file, dest, images):
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(formats, "_write", failing)
+    result = runner.invoke(main, ["best", "--export", str(out), "--format", "onnx"])
+    assert result.exit_code == 1
+    assert "Error: could not write --format onnx (RuntimeError: converter crashed); nothing was exported. Leave " \
+           "it out of --format." in result.output
+    assert not out.exists() and not list(swept.glob(".out.*"))
+
+
+@pytest.mark.slow
+def test_every_format_is_written_verified_logged_and_predicts_as_keras_does(swept, runner, tiny_data):
+    from sweep.formats import FORMATS
+
+    out = swept / "out"
+    result = runner.invoke(main, ["best", "--export", str(out), "--format", "all"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "formats.json").read_text())
+    rows = {row["format"]: row for row in record["formats"]}
+    assert list(rows) == list(FORMATS) and record["verified"] and record["test_images"] == 4
+    for name, row in rows.items():
+        path = out / FORMATS[name].filename
+        assert path.exists() and row["path"] == path.name
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+        assert row["size_bytes"] == size
+        assert row["passed"] and row["same_twice"] and row["agreement"] == 1.0, row
+        assert row["accuracy"] == row["keras_accuracy"]
+        assert 0 < row["latency_ms_median"] <= row["latency_ms_p95"] and row["images_per_s"] > 0
+        assert f"\n{name:<12} {row['runtime']:<29} {size / 1e6:>5.1f} MB" in result.output  # the printed table
+    assert rows["litert_int8"]["size_bytes"] < rows["litert"]["size_bytes"] / 2
+    assert "litert_int8: calibrating on 32 training images from" in result.output  # train/, never the test split
+
+    client = MlflowClient()
+    registry = json.loads((out / "registered_model.json").read_text())
+    run = client.get_run(registry["run_id"])
+    for name, row in rows.items():  # the figures on the trial's run
+        assert run.data.metrics[f"export_{name}_accuracy"] == row["accuracy"]
+        assert run.data.metrics[f"export_{name}_latency_ms_median"] == pytest.approx(row["latency_ms_median"])
+    version = client.get_model_version_by_alias("sweep-best", "champion")
+    model_id = version.source.rsplit("/", 1)[-1]
+    assert sorted(a.path for a in client.list_logged_model_artifacts(model_id, "formats")) == [
+        "formats/formats.json", "formats/model.onnx", "formats/model.tflite", "formats/model_int8.tflite",
+        "formats/saved_model"]
+
+    images = tiny_data / "validation"
+    predicted = {}
+    for target in ("", "model.keras", "saved_model", "model.tflite", "model_int8.tflite", "model.onnx"):
+        got = runner.invoke(main, ["predict", str(out / target) if target else str(out), str(images)])
+        assert got.exit_code == 0, got.output
+        predicted[target] = [line.split("\t") for line in got.stdout.splitlines()]
+    keras_rows = predicted["model.keras"]
+    assert len(keras_rows) == 24 and predicted[""] == keras_rows  # the export folder runs its model.keras
+    for target in ("saved_model", "model.tflite", "model.onnx"):  # float formats: Keras' classes and probabilities
+        assert [r[:2] for r in predicted[target]] == [r[:2] for r in keras_rows], target
+        assert np.allclose([float(r[2]) for r in predicted[target]], [float(r[2]) for r in keras_rows], atol=2e-4)
+    assert [r[0] for r in predicted["model_int8.tflite"]] == [r[0] for r in keras_rows]
