@@ -125,7 +125,7 @@ def run(family, resume, sweep_name, workers, time_budget, **o) -> None:
     """
     quiet_tensorflow()
     stop_on_sigterm()
-    from sweep.study import run_study
+    from sweep.api import run_sweep
 
     tracking_settings = tracking_settings_for(o["config_path"], o["experiment"])
     families = list(FAMILY_NAMES) if family == "all" else [family]
@@ -139,9 +139,9 @@ def run(family, resume, sweep_name, workers, time_budget, **o) -> None:
                         time_budget)
         _print_results([result], tracking_settings)
         return
-    results = run_study(_specs(families, o), tracking_settings, report=click.echo,
-                        verbose=keras_verbosity(o["quiet"]), resume=resume, sweep_name=sweep_name,
-                        time_budget=time_budget)
+    results = run_sweep(_specs(families, o), config=o["config_path"], experiment=o["experiment"], name=sweep_name,
+                        resume=resume, time_budget=time_budget, progress=click.echo,
+                        epoch_lines=keras_verbosity(o["quiet"]))
     _print_results(results, tracking_settings)
 
 

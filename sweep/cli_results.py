@@ -56,7 +56,7 @@ def best(experiment, config_path, family, metric, export_dir, formats, no_verify
     if formats is not None and export_dir is None:
         raise click.UsageError("--format only applies with --export DIR.")
     quiet_tensorflow()
-    from sweep.export import export_best, find_best
+    from sweep.api import export_best, find_best
     from sweep.formats import DEFAULT_FORMATS, check_available
 
     formats = formats or DEFAULT_FORMATS
@@ -65,17 +65,17 @@ def best(experiment, config_path, family, metric, export_dir, formats, no_verify
         check_out_folder(export_dir, "--export")
         stop_on_sigterm()  # SIGTERM as Ctrl-C: the export is undone, not left half-made
     settings = tracking_settings_for(config_path, experiment)
-    found = find_best(settings, family, metric)
+    where = {"config": config_path, "experiment": experiment}
+    found = find_best(family=family, metric=metric, **where)
     click.echo(f"Best trial by {found.metric} in experiment {settings.experiment!r}:")
     click.echo(found.describe())
     if export_dir is not None and not found.has_model:
-        found = find_best(settings, family, found.metric, with_model=True)
+        found = find_best(family=family, metric=found.metric, with_model=True, **where)
         click.echo(f"That trial kept no model (only trials that improved their sweep do); exporting the best "
                    f"trial that did:\n{found.describe()}")
     if export_dir is not None:
-        result = export_best(found, export_dir, settings.registered_model, verify=not no_verify,
-                             report=click.echo, formats=formats)
-        registry = result["registry"]
+        result = export_best(found, export_dir, verify=not no_verify, progress=click.echo, formats=formats, **where)
+        registry = result.registry
         click.echo(f"Exported {', '.join(formats)} to {export_dir} (each takes raw {found.params.get('image_size', '')} "
                    f"RGB images, 0-255, and gives logits); registered as {registry['uri']}")
         click.echo(f"Serve it: MLFLOW_TRACKING_URI={redact(settings.tracking_uri)} mlflow models serve "
@@ -92,7 +92,7 @@ def predict(model, images) -> None:
     Unreadable or non-image files are reported by name and skipped; the exit code is 1 if any failed.
     """
     quiet_tensorflow()
-    from sweep.export import predict as run_predict
+    from sweep.api import predict as run_predict
 
     results = run_predict(model, list(images))
     failed = 0

@@ -56,6 +56,7 @@ class BestTrial:
     params: dict[str, str]
     has_model: bool
     metric: str = DEFAULT_OBJECTIVE  # what it is best by
+    tracking_uri: str = ""  # the store it was found in, which export reads and registers into
 
     def describe(self) -> str:
         r = self.record
@@ -101,6 +102,7 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
         params={**parent.data.params, **best.data.params},
         has_model=tracking.has_artifact(best.info.run_id, MODEL_ARTIFACT),
         metric=metric,
+        tracking_uri=settings.tracking_uri,
     )
 
 
@@ -133,6 +135,10 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
     out_dir = Path(out_dir)
     formats = tuple(formats)
     check_available(formats)
+    if best.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(best.tracking_uri)
     if out_dir.exists() and not out_dir.is_dir():
         raise SweepError(f"export folder {out_dir} is a file; pick a new folder.")
     if out_dir.exists() and any(out_dir.iterdir()):

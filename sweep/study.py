@@ -89,7 +89,13 @@ class SweepResult:
 
     @property
     def best(self) -> TrialRecord | None:
+        """The best finished trial by the sweep's objective (None when none finished)."""
         return best_record(self.records, self.objective)
+
+    @property
+    def trials(self) -> list[TrialRecord]:
+        """Every trial that finished, in the order they ended, with its hyperparameters and scores."""
+        return list(self.records)
 
 
 def run_sweep(
