@@ -189,7 +189,8 @@ def _write(best: BestTrial, out_dir: Path, verify: bool, report, formats: Sequen
         model = float32_copy(trained)  # what deploys everywhere; a float32 model is itself
         if model is not trained:
             keras_file = None
-            report("The trial trained in mixed_bfloat16; its model is exported in float32 (the same weights).")
+            policy = trained.dtype_policy.name if trained.dtype_policy.name != "float32" else "mixed precision"
+            report(f"The trial trained in {policy}; its model is exported in float32 (the same weights).")
         metrics = {"val_accuracy": best.record.val_accuracy, "val_loss": best.record.val_loss,
                    "test_accuracy": best.record.test_accuracy,
                    "test_loss": best.record.test_loss, "baseline_accuracy": best.baseline_accuracy}
