@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from sweep.config import load_tracking
+from sweep.config import folder_problem, load_tracking
 from sweep.errors import SweepError
 from sweep.spec import spec_defaults
 
@@ -116,16 +116,16 @@ def check_out_folder(folder: Path, option: str) -> None:
     Raises:
         SweepError: naming the option, the path and what is in the way.
     """
-    probe = Path(folder).absolute()
-    try:
-        while not probe.exists():
-            probe = probe.parent
-    except OSError as exc:  # a parent folder that cannot be searched
-        raise SweepError(f"{option} {folder}: cannot reach {probe} ({exc.strerror}); pick another path.") from None
-    if not probe.is_dir():
+    found = folder_problem(folder)
+    if found is None:
+        return
+    probe, problem = found
+    if problem == "file":
         raise SweepError(f"{option} {folder}: {probe} is a file, not a folder; pick another path.")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if problem == "read-only":
         raise SweepError(f"{option} {folder}: cannot write in {probe}; pick another path.")
+    raise SweepError(f"{option} {folder}: cannot reach {probe} {problem.removeprefix('unreachable ')}; "
+                     "pick another path.")
 
 
 def tracking_settings_for(config_path: Path | None, experiment: str | None):

@@ -144,3 +144,21 @@ def load_tracking(config_path: Path | None = None, environ: dict[str, str] | Non
         experiment=experiment,
         source=source,
     )
+
+
+def folder_problem(folder: Path) -> tuple[Path, str] | None:
+    """Why ``folder`` could not be created (or written) where it is, creating nothing: None when it can, else the
+    nearest path that exists at or above it and ``"file"`` (a file in the way), ``"read-only"``, or
+    ``"unreachable (REASON)"`` (a parent that cannot be searched)."""
+    probe = Path(folder).absolute()
+    try:
+        while not probe.exists():
+            probe = probe.parent
+    except OSError as exc:
+        return probe, f"unreachable ({exc.strerror})"
+    if not probe.is_dir():
+        return probe, "file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return probe, "read-only"
+    return None
+

@@ -147,7 +147,7 @@ def run_sweep(
                                            trains_here=chief is None)
     except KeyboardInterrupt:  # while computing cached features: only whole cache files are ever kept
         again = (f"Resume with: sweep run --family {spec.family} --resume --sweep {name}" if resume_run is not None
-                 else "Run the same command again to start it")
+                 else f"Start it again with: sweep run --family {spec.family} and the same options")
         report(f"[{spec.family}] stopped before its first trial; no run was logged and no partial feature cache "
                f"is kept. {again}.")
         raise

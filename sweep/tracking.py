@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweep.config import TrackingSettings, require_store, sqlite_path
+from sweep.config import TrackingSettings, folder_problem, require_store, sqlite_path
 from sweep.errors import ConfigError
 from sweep.server import check_server, redact
 
@@ -89,13 +89,15 @@ def check_sqlite_file(database: Path) -> None:
 
 def _check_folder(folder: Path, what: str, fix: str = "pick another path, or fix the permissions.") -> None:
     """A folder that can be created (or written) where ``folder`` is, creating nothing."""
-    existing = Path(folder)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
+    found = folder_problem(folder)
+    if found is None:
+        return
+    existing, problem = found
+    if problem == "file":
         raise ConfigError(f"cannot create {what} {folder}: {existing} is a file; {fix}")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if problem == "read-only":
         raise ConfigError(f"{what} {folder} cannot be written ({existing} is read-only); {fix}")
+    raise ConfigError(f"{what} {folder}: cannot reach {existing} {problem.removeprefix('unreachable ')}; {fix}")
 
 
 def existing_experiment_id(settings: TrackingSettings) -> str | None:

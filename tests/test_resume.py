@@ -34,6 +34,27 @@ def run_states(db: Path) -> list[tuple[str, str]]:
         return []
 
 
+def signal_on_line(args: list[str], cwd: Path, prefix: str, signum: int) -> tuple[int, str, float]:
+    """Run ``sweep ARGS``, send ``signum`` as the first output line starting with ``prefix`` appears, and
+    return its exit code, its whole output and the seconds it took to end after the signal."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([SWEEP_BIN, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines, signalled = [], time.monotonic()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(prefix):
+                signalled = time.monotonic()
+                proc.send_signal(signum)
+                break
+        output = "".join(lines) + proc.communicate(timeout=60)[0]
+        return proc.returncode, output, time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.slow
 def test_sigkill_mid_trial_then_resume(tiny_data, tracking_env, runner):
     args = ["run", "--family", "scratch", "--trials", "4", "--epochs", "6", "--data-dir", str(tiny_data),
@@ -247,23 +268,10 @@ def test_ctrl_c_between_trials_then_resume_then_sigterm_during_export(tiny_data,
     """Ctrl-C just after trial 1 ends: every run KILLED or FINISHED, the exact resume command printed, and that
     command finishes the sweep with each trial counted once; SIGTERM during `sweep best --export` leaves no
     folder, whole or half-made."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     args = ["run", "--family", "scratch", "--trials", "3", "--epochs", "4", "--data-dir", str(tiny_data),
             "--batch-size", "4", "--image-size", "32", "--seed", "5", "--sweep", "faults"]
-    proc = subprocess.Popen([SWEEP_BIN, *args], cwd=tracking_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("[scratch] trial 1/3"):
-                proc.send_signal(signal.SIGINT)
-                break
-        output = "".join(lines) + proc.communicate(timeout=60)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
+    code, output, _ = signal_on_line(args, tracking_env, "[scratch] trial 1/3", signal.SIGINT)
+    assert code != 0 and "Traceback" not in output, output[-3000:]
     statuses = sorted(r.info.status for r in runs_in(tracking_env))
     assert "RUNNING" not in statuses and statuses.count("FINISHED") == 1, statuses  # trial 1 only
     resume = "sweep run --family scratch --resume --sweep faults"
@@ -276,18 +284,9 @@ def test_ctrl_c_between_trials_then_resume_then_sigterm_during_export(tiny_data,
     assert sorted(int(r.data.tags["trial_number"]) for r in finished) == [1, 2, 3]  # each counted once
     assert "RUNNING" not in {r.info.status for r in runs}
 
-    export = subprocess.Popen([SWEEP_BIN, "best", "--export", "out"], cwd=tracking_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        for line in export.stdout:
-            if line.startswith("Best trial"):  # chosen; the export is being written
-                export.send_signal(signal.SIGTERM)
-                break
-        export.communicate(timeout=60)
-    finally:
-        if export.poll() is None:
-            export.kill()
-    assert export.returncode != 0
+    # SIGTERM once the best trial is chosen and the export is being written
+    code, _, _ = signal_on_line(["best", "--export", "out"], tracking_env, "Best trial", signal.SIGTERM)
+    assert code != 0
     assert not (tracking_env / "out").exists() and not list(tracking_env.glob(".out.*"))
 
 
@@ -301,26 +300,11 @@ def test_sigterm_while_caching_features_leaves_no_partial_cache_and_a_rerun_comp
 
     if not SHARED_WEIGHTS.is_file():
         pytest.skip(f"{SHARED_WEIGHTS} is not available")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
     args = ["run", "--family", "transfer", "--trials", "2", "--epochs", "2", "--data-dir", str(tiny_data),
             "--batch-size", "4", "--image-size", "96", "--seed", "5", "--weights", str(SHARED_WEIGHTS),
             "--sweep", "caching"]
-    proc = subprocess.Popen([SWEEP_BIN, *args], cwd=tracking_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Computing MobileNetV2 features"):
-                signalled = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
-                break
-        output = "".join(lines) + proc.communicate(timeout=60)[0]
-        stopped_in = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
+    code, output, stopped_in = signal_on_line(args, tracking_env, "Computing MobileNetV2 features", signal.SIGTERM)
+    assert code != 0 and "Traceback" not in output, output[-3000:]
     assert stopped_in < 30, stopped_in
     assert "[transfer] stopped before its first trial; no run was logged" in output, output[-3000:]
     cache = tracking_env / "mlruns" / "feature_cache"
