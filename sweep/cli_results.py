@@ -83,14 +83,24 @@ def best(experiment, config_path, family, metric, export_dir, formats, no_verify
 
 
 @click.command()
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-def predict(model, images) -> None:
+@click.option("--model", "model_option", type=click.Path(exists=True, path_type=Path), default=None,
+              help="The model (else the first argument): an export folder, or one of its model files.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="[MODEL] IMAGES...")
+def predict(model_option, paths) -> None:
     """Predict the class of each image (folders are walked) with an export folder or one of its model files
-    (.keras, a SavedModel folder, .tflite, .onnx), each run in its own runtime.
+    (.keras, a SavedModel folder, .tflite, .onnx), each run in its own runtime: `sweep predict MODEL IMAGES...`
+    or `sweep predict --model MODEL IMAGES...`.
 
     Unreadable or non-image files are reported by name and skipped; the exit code is 1 if any failed.
     """
+    if model_option is None:
+        model, images = paths[0], paths[1:]
+        if not model.exists():
+            raise click.BadParameter(f"Path '{model}' does not exist.", param_hint="'MODEL'")
+        if not images:
+            raise click.UsageError("Missing argument 'IMAGES...': name the images or folders to predict.")
+    else:
+        model, images = model_option, paths
     quiet_tensorflow()
     from sweep.api import predict as run_predict
 

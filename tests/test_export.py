@@ -553,6 +553,11 @@ def test_predict_names_a_damaged_model_file_of_each_kind(tmp_path, runner):
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = runner.invoke(main, ["predict", str(tmp_path / "model.onnx"), str(tmp_path / "a.txt")])
     assert result.exit_code == 1  # the model is refused before any image is read
+    for args, message in ((["predict", str(tmp_path / "nope"), str(tmp_path)], "Path '"),
+                          (["predict", str(tmp_path / "model.onnx")], "Missing argument 'IMAGES...'"),
+                          (["predict", "--model", str(tmp_path / "nope"), str(tmp_path)], "does not exist")):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2 and message in result.output, result.output
     plain = tmp_path / "folder"
     plain.mkdir()
     result = runner.invoke(main, ["predict", str(plain), str(tmp_path)])
@@ -641,7 +646,8 @@ def test_every_format_is_written_verified_logged_and_predicts_as_keras_does(swep
     images = tiny_data / "validation"
     predicted = {}
     for target in ("", "model.keras", "saved_model", "model.tflite", "model_int8.tflite", "model.onnx"):
-        got = runner.invoke(main, ["predict", str(out / target) if target else str(out), str(images)])
+        model = ["--model"] if target == "model.onnx" else []  # either form names the model
+        got = runner.invoke(main, ["predict", *model, str(out / target) if target else str(out), str(images)])
         assert got.exit_code == 0, got.output
         predicted[target] = [line.split("\t") for line in got.stdout.splitlines()]
     keras_rows = predicted["model.keras"]
