@@ -169,7 +169,7 @@ def test_a_fine_tuning_sweep_logs_both_stages_and_keeps_the_fine_tuned_model(tin
     cache = tracking_env / "mlruns" / "feature_cache"
     assert sorted(p.name.split("-", 1)[1] for p in cache.glob("*.npy")) == ["block_16.npy", "block_16.npy"]
 
-    exported = runner.invoke(main, ["best", "--export", str(tracking_env / "out")])
+    exported = runner.invoke(main, ["best", "--export", str(tracking_env / "out"), "--format", "keras"])
     assert exported.exit_code == 0, exported.output
     model = keras.models.load_model(tracking_env / "out" / "model.keras")
     splits = load_splits(tiny_data, (96, 96), 4, 3)
