@@ -592,13 +592,14 @@ class FeatureCache:
         n, dim = len(files), self.feature_dim
         maxes = np.empty((n, views, dim), dtype="float32")
         avgs = np.empty((n, views, dim), dtype="float32")
-        writers = {cut: _ArrayWriter(self._cut_path(key, cut), (n, views, *shape))
-                   for cut, shape in self.cut_shapes.items()}
         extractor = self.extractor
-        started, next_report = time.monotonic(), 0.1
-        self.report(f"Computing MobileNetV2 features of {what} ({n * views} forward passes through "
-                    f"{extractor.backend}, once; cached on disk) ...")
-        try:
+        writers: dict[str, _ArrayWriter] = {}
+        try:  # from the first temporary file on: a stop (Ctrl-C, SIGTERM) at any point leaves none behind
+            for cut, shape in self.cut_shapes.items():
+                writers[cut] = _ArrayWriter(self._cut_path(key, cut), (n, views, *shape))
+            started, next_report = time.monotonic(), 0.1
+            self.report(f"Computing MobileNetV2 features of {what} ({n * views} forward passes through "
+                        f"{extractor.backend}, once; cached on disk) ...")
             for i in range(0, n, self.chunk):
                 rows = slice(i, min(i + self.chunk, n))
                 x = render(preprocess(self.decode(files[rows])), rows)
@@ -618,6 +619,9 @@ class FeatureCache:
         finally:
             for writer in writers.values():
                 writer.discard()
+            if self.directory is not None:  # one opened but not yet in ``writers`` when the stop came
+                for stray in self.directory.glob(f".{key}-*.{os.getpid()}.tmp"):
+                    stray.unlink(missing_ok=True)
         for cut, value in cuts.items():
             if isinstance(value, np.ndarray):
                 self._memory[f"{key}-{cut}"] = {"activations": value}

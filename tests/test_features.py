@@ -394,3 +394,24 @@ def test_cut_activations_are_streamed_to_files_and_read_back_block_by_block(tmp_
     assert (again.hits, again.misses) == (0, 1)
     assert any("block_16.npy is unreadable" in r for r in reports)
     assert np.load(pool.cut_files["block_16"]).shape == (3, 19, *shapes["block_16"])
+
+
+@pytest.mark.parametrize("stop_on", ["Computing", "  features:"])
+def test_a_stop_at_any_point_of_the_pass_leaves_no_temporary_file(tmp_path, small_base, image_files, stop_on):
+    """Ctrl-C or SIGTERM raise KeyboardInterrupt wherever Python is: right after the "Computing" line (before the
+    loop; a real SIGTERM once landed there and left a ``.tmp`` behind) or mid-pass. Nothing half-written stays."""
+    from search_spaces.finetune import CUTS
+
+    base = small_base.build_base()
+    shapes = {cut: tuple(base.get_layer(layer).output.shape[1:]) for cut, layer in CUTS.items()}
+
+    def report(line: str) -> None:
+        if line.startswith(stop_on):
+            assert list(tmp_path.glob(".*.tmp")), "the temporary files are open by now"
+            raise KeyboardInterrupt
+
+    cache = FeatureCache(tmp_path, lambda: FeatureExtractor(base, backend="tensorflow", cuts=CUTS), "w1", (32, 32),
+                         decode32, cut_shapes=shapes, report=report, chunk=2)
+    with pytest.raises(KeyboardInterrupt):
+        cache.pool(image_files[:5], SPEC)
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.npy"))
