@@ -656,3 +656,31 @@ def test_every_format_is_written_verified_logged_and_predicts_as_keras_does(swep
         assert [r[:2] for r in predicted[target]] == [r[:2] for r in keras_rows], target
         assert np.allclose([float(r[2]) for r in predicted[target]], [float(r[2]) for r in keras_rows], atol=2e-4)
     assert [r[0] for r in predicted["model_int8.tflite"]] == [r[0] for r in keras_rows]
+
+
+def test_a_mixed_bfloat16_model_exports_as_its_float32_equivalent_that_litert_runs(tmp_path):
+    """Layers trained under mixed_bfloat16 keep that policy; their LiteRT conversion needed Flex ops
+    (FlexConv2D) that the interpreter lacks. The export is the same weights computing in float32."""
+    import keras
+
+    from sweep.formats import float32_copy, load, write
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        inputs = keras.Input((16, 16, 3))
+        inner = keras.Sequential([keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D()])
+        model = keras.Model(inputs, keras.layers.Dense(2, dtype="float32")(inner(inputs)))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert inner.layers[0].dtype_policy.name == "mixed_bfloat16"
+    copy = float32_copy(model)
+    assert {layer.dtype_policy.name for layer in copy.layers[1].layers} == {"float32"}
+    for a, b in zip(model.get_weights(), copy.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    expected = copy.predict(x, verbose=0)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=0.05, atol=0.5)  # bfloat16's rounding
+    assert float32_copy(copy) is copy  # a float32 model is itself
+    path = write("litert", copy, None, tmp_path / "model.tflite", lambda: None)
+    np.testing.assert_allclose(load("litert", path)(x), expected, atol=1e-4)
