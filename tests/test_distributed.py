@@ -312,9 +312,10 @@ def test_chief_fails_the_trial_of_a_silent_worker_and_keeps_a_slow_one(tmp_path,
     assert oracle.end_order == ["0", "1", "2"]
 
 
-def test_a_worker_whose_chief_vanishes_says_so_and_closes_its_trial_run(tiny_data, tracking_env):
+def test_a_worker_whose_chief_vanishes_says_so_and_closes_its_trial_run(tiny_data, tracking_env, runner):
     """SIGKILL to the chief mid-trial: the worker gives up after --chief-timeout (twice: the heartbeat, then the
-    failed trial's report), exits 1 with one line, and leaves no trial run RUNNING."""
+    failed trial's report), exits 1 with one line, and leaves no trial run RUNNING; the resume command it
+    prints then finishes the sweep with every trial counted once."""
     from sweep.distributed import free_port
 
     address = f"127.0.0.1:{free_port()}"
@@ -345,3 +346,14 @@ def test_a_worker_whose_chief_vanishes_says_so_and_closes_its_trial_run(tiny_dat
     assert "debug_error_string" not in output
     assert "Traceback" not in output
     assert running_trials(db) == []
+
+    # only the killed chief's own sweep run was left RUNNING (SIGKILL runs no handler): --resume closes it,
+    # re-runs the interrupted trial and finishes the sweep
+    from sweep.cli import main
+
+    resumed = runner.invoke(main, ["run", "--family", "scratch", "--resume", "--sweep", "lost", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    runs = runs_in(tracking_env)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    _, finished = finished_trials(tracking_env)
+    assert sorted(int(c.data.tags["trial_number"]) for c in finished) == [1, 2, 3]
