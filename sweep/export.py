@@ -106,9 +106,10 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
     )
 
 
-def _class_names(best: BestTrial, tmp: Path) -> list[str]:
+def _sweep_data(best: BestTrial, tmp: Path) -> tuple[list[str], Path]:
+    """The sweep's class names and the data folder it read (its ``data.json``)."""
     data = json.loads(tracking.download(best.sweep_run_id, "data.json", tmp).read_text())
-    return list(data["class_names"])
+    return list(data["class_names"]), Path(data["source"])
 
 
 def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: bool = True,
@@ -184,7 +185,7 @@ def _write(best: BestTrial, out_dir: Path, verify: bool, report, formats: Sequen
         staging.mkdir()
         keras_file = tracking.download(best.record.run_id, MODEL_ARTIFACT, tmp / "logged")
         shutil.copy(tracking.download(best.record.run_id, "accuracy.png", tmp), staging / "accuracy.png")
-        classes = _class_names(best, tmp)
+        classes, source = _sweep_data(best, tmp)
         trained = keras.models.load_model(keras_file)
         model = float32_copy(trained)  # what deploys everywhere; a float32 model is itself
         if model is not trained:
@@ -199,7 +200,7 @@ def _write(best: BestTrial, out_dir: Path, verify: bool, report, formats: Sequen
             manifest = tracking.download(best.sweep_run_id, "test_files.txt", tmp).read_text()
             test = load_manifest(manifest, classes, spec.image_size)
             metrics.update(_reevaluate(model, best, test, spec.batch_size, report))
-        checks = _write_formats(model, keras_file, staging, formats, test, best, classes, spec, report)
+        checks = _write_formats(model, keras_file, staging, formats, test, source, classes, spec, report)
         (staging / FORMAT_FILE).write_text(json.dumps(
             format_record(checks, len(test) if test else 0, verify, formats), indent=2) + "\n")
         (staging / "hyperparameters.json").write_text(json.dumps(best.record.hyperparameters, indent=2) + "\n")
@@ -211,7 +212,7 @@ def _write(best: BestTrial, out_dir: Path, verify: bool, report, formats: Sequen
     return model, metrics, checks
 
 
-def _write_formats(model, keras_file: Path | None, staging: Path, formats: Sequence[str], test, best: BestTrial,
+def _write_formats(model, keras_file: Path | None, staging: Path, formats: Sequence[str], test, source: Path,
                    classes: list[str], spec: SweepSpec, report) -> list[Verification]:
     """Write each format into ``staging`` and (with the ``test`` split) verify it in its runtime.
 
@@ -227,7 +228,7 @@ def _write_formats(model, keras_file: Path | None, staging: Path, formats: Seque
         started = time.monotonic()
         try:
             write_format(name, model, keras_file, dest,
-                         lambda: _representative_images(best, classes, spec.image_size, report))
+                         lambda: _representative_images(source, classes, spec.image_size, report))
         except SweepError:
             raise
         except Exception as exc:  # a converter that fails on this model: say which format, keep nothing
@@ -251,17 +252,16 @@ def _write_formats(model, keras_file: Path | None, staging: Path, formats: Seque
     return checks
 
 
-def _representative_images(best: BestTrial, classes: list[str], image_size: tuple[int, int], report) -> np.ndarray:
+def _representative_images(source: Path, classes: list[str], image_size: tuple[int, int], report) -> np.ndarray:
     """Training images (never test images) that int8 quantisation calibrates its ranges on: a seeded draw of
-    ``REPRESENTATIVE_IMAGES`` from the sweep's ``train/`` folder, decoded as the sweep decoded them.
+    ``REPRESENTATIVE_IMAGES`` from the ``train/`` folder of ``source``, the data the sweep read, decoded as the
+    sweep decoded them.
 
     Raises:
         SweepError: the sweep's training images are no longer where it read them.
     """
     from sweep.data import decode_images, list_images
 
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(json.loads(tracking.download(best.sweep_run_id, "data.json", Path(tmp)).read_text())["source"])
     files, _ = list_images(source / "train", tuple(classes)) if (source / "train").is_dir() else ([], [])
     if not files:
         raise SweepError(f"--format litert_int8 calibrates on the sweep's training images, and {source / 'train'} "
@@ -335,8 +335,7 @@ def load_model_and_classes(model_path: Path):
 
     name, path = detect(Path(model_path))
     runtime = load(name, path)
-    n_classes = int(runtime(np.zeros((1, *runtime.input_size, 3), dtype="float32")).shape[-1])
-    return runtime, classes_for(path, n_classes), name
+    return runtime, classes_for(path, runtime.num_classes), name
 
 
 def image_files(paths: list[Path]) -> list[Path]:

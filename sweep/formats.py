@@ -222,9 +222,11 @@ def native_output_held() -> Iterator[None]:
 
 
 class Runtime:
-    """A loaded model: ``runtime(x)`` gives the logits of the batch ``x``; ``input_size`` is (height, width)."""
+    """A loaded model: ``runtime(x)`` gives the logits of the batch ``x``; ``input_size`` is (height, width);
+    ``num_classes`` is set by ``load``."""
 
     input_size: tuple[int, int]
+    num_classes: int = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -312,7 +314,8 @@ def load(name: str, path: Path) -> Runtime:
     try:
         with native_output_held():
             runtime = RUNTIMES[name](Path(path))
-            runtime(np.zeros((1, *runtime.input_size, 3), dtype="float32"))  # the runtime's first-call lines
+            # the runtime's first-call lines held too; the output tells the number of classes
+            runtime.num_classes = int(runtime(np.zeros((1, *runtime.input_size, 3), dtype="float32")).shape[-1])
         return runtime
     except Exception as exc:  # damaged, or another kind of file under the expected name
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
