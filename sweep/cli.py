@@ -60,7 +60,7 @@ SWEEP_OPTIONS = options(
                  help="transfer only: train every trial on raw images through the full model (the study's way, "
                       "much slower) instead of on cached base features."),
     click.option("--prune/--no-prune", default=DEFAULTS["prune"], show_default=True,
-                 help="Stop a from-scratch trial at epoch 2, 6 or 18 when it is not in the best third of the "
+                 help="Stop a from-scratch trial at epoch 1, 3 or 9 when it is not in the best third of the "
                       "sweep's trials there (successive halving; random and Bayesian search). Trial 1 runs in full."),
     click.option("--fine-tune-leaders/--fine-tune-any", default=DEFAULTS["fine_tune_leaders"], show_default=True,
                  help="transfer only: the first half of the trials search the frozen head, and each later one "

@@ -43,14 +43,14 @@ def test_a_trial_stops_at_the_first_rung_it_misses_and_trial_1_always_runs_in_fu
     oracle = make_oracle(tmp_path)
     first = run(oracle, flat(0.9))  # trial 1: the study's model, never stopped, however it scores
     assert first[1] == 20
-    assert run(oracle, flat(1.5))[1] == 2  # worse than trial 1 at epoch 2: stopped there
-    better = run(oracle, [0.85] * 5 + [0.5] * 15)  # the best at epoch 2, and at epoch 6: runs on
+    assert run(oracle, flat(1.5))[1] == 1  # worse than trial 1 at epoch 1: stopped there
+    better = run(oracle, [0.85] * 5 + [0.5] * 15)  # the best at epochs 1, 3 and 9: runs on
     assert better[1] == 20
-    assert run(oracle, [0.8] * 5 + [0.95] * 15)[1] == 6  # the best at epoch 2, misses epoch 6
-    # Ranked among the trials that ran every epoch only: stopped at epoch 2 with a loss of 0.82, below trial 1's
+    assert run(oracle, [0.8] * 5 + [0.95] * 15)[1] == 9  # the best at epochs 1 and 3, misses epoch 9
+    # Ranked among the trials that ran every epoch only: stopped at epoch 1 with a loss of 0.82, below trial 1's
     # final 0.9, ...
-    assert run(oracle, flat(0.82))[1] == 2
-    assert oracle.pruned == {"01": 2, "03": 6, "04": 2}
+    assert run(oracle, flat(0.82))[1] == 1
+    assert oracle.pruned == {"01": 1, "03": 9, "04": 1}
     best = oracle.get_best_trials(10)
     assert [t.trial_id for t in best] == [better[0], first[0]]  # ... a pruned trial is never "best"
 
@@ -61,14 +61,14 @@ def test_the_pruning_record_survives_a_restart(tmp_path):
     run(oracle, flat(1.5))
     again = make_oracle(tmp_path)
     again.reload()
-    assert again.pruned == {"01": 2}
+    assert again.pruned == {"01": 1}
     assert [t.trial_id for t in again.get_best_trials(5)] == ["00"]
-    # the rung record too: a third trial worse than trial 1 at epoch 2 is stopped there
-    assert run(again, flat(1.2))[1] == 2
+    # the rung record too: a third trial worse than trial 1 at epoch 1 is stopped there
+    assert run(again, flat(1.2))[1] == 1
     assert len(again.pruner().study.trials) == 3
 
 
-@pytest.mark.parametrize("spec", [{"prune": False}, {"tuner": "hyperband"}, {"epochs": 2}])
+@pytest.mark.parametrize("spec", [{"prune": False}, {"tuner": "hyperband"}, {"epochs": 1}])
 def test_pruning_is_off_without_prune_under_hyperband_or_with_too_few_epochs(tmp_path, spec):
     assert make_oracle(tmp_path, **spec).pruning is False
 
@@ -105,11 +105,11 @@ def test_a_pruned_trial_is_a_finished_trial_with_fewer_epochs(tiny_data, trackin
     pruned = {int(r.data.tags["trial_number"]): int(r.data.tags["pruned_at_epoch"])
               for r in trials if "pruned_at_epoch" in r.data.tags}
     assert pruned and 1 not in pruned and steps[1] == 6  # trial 1, the study's model, ran in full
-    assert all(epoch in (2,) and steps[number] == epoch for number, epoch in pruned.items())  # rungs: 2 (then 6)
+    assert all(epoch in (1, 3) and steps[number] == epoch for number, epoch in pruned.items())  # rungs: 1 and 3
     assert all(steps[n] == 6 for n in steps if n not in pruned)
     for number in pruned:
         assert f"trial {number}/6 (" in result.output
-    assert result.output.count("(pruned after epoch 2)") == len(pruned)
+    assert sum(result.output.count(f"(pruned after epoch {epoch})") for epoch in (1, 3)) == len(pruned)
     best = runner.invoke(main, ["best"])
     assert best.exit_code == 0, best.output
     best_number = int(best.output.split(", trial ")[1].split()[0])
@@ -120,7 +120,7 @@ def test_a_pruned_trial_is_a_finished_trial_with_fewer_epochs(tiny_data, trackin
 def test_the_rungs_of_a_20_epoch_sweep():
     from sweep.pruning import rungs
 
-    assert rungs(20) == [2, 6, 18] and rungs(6) == [2] and rungs(2) == []
+    assert rungs(20) == [1, 3, 9] and rungs(6) == [1, 3] and rungs(2) == [1] and rungs(1) == []
 
 
 def test_a_trial_handed_out_again_starts_its_record_over(tmp_path):
@@ -130,14 +130,14 @@ def test_a_trial_handed_out_again_starts_its_record_over(tmp_path):
     trial = oracle.create_trial("tuner1")
     report = lambda epoch, value: oracle.update_trial(trial.trial_id, {epoch_metric("val_loss"): value},  # noqa
                                                       step=epoch).status
-    assert [report(1, 1.5), report(2, 1.5)] == [TrialStatus.RUNNING, TrialStatus.STOPPED]
+    assert report(1, 1.5) == TrialStatus.STOPPED
     again = oracle.create_trial("tuner1")  # the worker died and came back before ending the trial
     assert again.trial_id == trial.trial_id and trial.trial_id not in oracle.pruned
     assert [report(1, 0.5), report(2, 0.5), report(3, 0.5)] == [TrialStatus.RUNNING] * 3  # judged afresh: passes
 
 
 def test_the_last_epoch_is_never_judged(tmp_path):
-    oracle = make_oracle(tmp_path, epochs=6)  # rung 6 falls on the last epoch: a trial that got there ran in full
-    run(oracle, [0.9] * 6)
-    assert run(oracle, [0.8] * 5 + [5.0])[1] == 6
+    oracle = make_oracle(tmp_path, epochs=3)  # rung 3 falls on the last epoch: a trial that got there ran in full
+    run(oracle, [0.9] * 3)
+    assert run(oracle, [0.8] * 2 + [5.0])[1] == 3
     assert oracle.pruned == {}

@@ -146,7 +146,7 @@ def test_a_two_worker_sweep_on_postgresql_behind_basic_auth(team_server, tiny_da
     assert {c.info.status for c in children} == {"FINISHED"}
     assert {c.data.tags["tuner_id"] for c in children} <= {"worker0", "worker1"}
 
-    exported = sweep(["best", "--export", str(work / "export")], work, uri)
+    exported = sweep(["best", "--export", str(work / "export"), "--format", "keras"], work, uri)
     assert exported.returncode == 0, (exported.stdout + exported.stderr)[-4000:]
     version = client.get_model_version_by_alias("sweep-best", "champion")
     assert version.run_id == parents[0].data.tags["best_run_id"]
