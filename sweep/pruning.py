@@ -8,7 +8,8 @@ oracle judges every worker's trials.
 
 Why successive halving and not median stopping: its rungs (epochs 1, 3 and 9 of 20 with the defaults) fix the
 budget in advance (about a third of the trials pass epoch 1, a ninth epoch 3, a 27th epoch 9: under 3 epochs a
-trial on average instead of 20), and it compares each trial with every trial that reached the same rung, pruned ones included.
+trial on average instead of 20), and it compares each trial with every trial that reached the same rung, pruned
+ones included.
 "The best third" is Optuna's rule once six trials have reached a rung; before that a trial passes only if it is
 at least as good there as every trial before it (the best of fewer than six), so early in a sweep it is strict.
 Optuna's ``MedianPruner`` compares with completed trials only, so it needs several full trials first (its
