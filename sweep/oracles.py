@@ -16,7 +16,7 @@ from keras_tuner.engine.trial import TrialStatus
 
 from search_spaces import FAMILIES, default_values, fixed_space, hyperparameters
 from sweep import compat
-from sweep.pruning import MIN_EPOCHS, RungPruner
+from sweep.pruning import RungPruner, rungs
 from sweep.spec import OBJECTIVES, SweepSpec
 from sweep.staging import LeaderStaging
 
@@ -301,7 +301,7 @@ def build_oracle(spec: SweepSpec) -> kt.Oracle:
     cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
     oracle = cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
     oracle.staging = LeaderStaging.for_sweep(spec)
-    oracle.pruning = spec.prune and FAMILIES[spec.family].prunable and spec.epochs > MIN_EPOCHS
+    oracle.pruning = spec.prune and FAMILIES[spec.family].prunable and bool(rungs(spec.epochs))  # a rung to judge at
     oracle.epochs = spec.epochs
     oracle.planned_trials = spec.trials
     return oracle
