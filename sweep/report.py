@@ -48,11 +48,13 @@ class FamilyRow:
         loss = self.fine_tuned.val_loss < self.frozen.val_loss
         accuracy = self.fine_tuned.val_accuracy > self.frozen.val_accuracy
         if loss and accuracy:
-            return "Fine-tuning beat the frozen base on validation loss and accuracy."
-        if loss or accuracy:
-            return (f"Fine-tuning beat the frozen base on validation {'loss' if loss else 'accuracy'} only, not on "
-                    f"{'accuracy' if loss else 'loss'}.")
-        return "Fine-tuning did not beat the frozen base on validation loss or accuracy."
+            verdict = "Fine-tuning beat the frozen base on validation loss and accuracy."
+        elif loss or accuracy:
+            verdict = (f"Fine-tuning beat the frozen base on validation {'loss' if loss else 'accuracy'} only, not on "
+                       f"{'accuracy' if loss else 'loss'}.")
+        else:
+            verdict = "Fine-tuning did not beat the frozen base on validation loss or accuracy."
+        return f"{verdict}{images_apart(self.fine_tuned, self.frozen)}"
 
     @property
     def gain_points(self) -> float:
@@ -63,6 +65,17 @@ class FamilyRow:
     def gap_points(self) -> float:
         """Overfitting gap: final training minus validation accuracy, in percentage points."""
         return (self.train_accuracy - self.best.val_accuracy) * 100
+
+
+def images_apart(tuned: TrialRecord, frozen: TrialRecord) -> str:
+    """How many validation images the two trials' accuracies are apart, so a reader can tell a real gain from
+    one image of luck ("" when the runs do not say how many images they were scored on)."""
+    n = tuned.val_images
+    if not n or frozen.val_images != n:
+        return ""
+    right = [round(record.val_accuracy * n) for record in (tuned, frozen)]
+    return (f" Of {n} validation images, the fine-tuned trial got {right[0]} right and the frozen one {right[1]} "
+            f"(one image is {100 / n:.2f} points).")
 
 
 def build_report(settings: TrackingSettings, metric: str | None = None) -> list[FamilyRow]:

@@ -26,6 +26,7 @@ class TrialRecord:
     test_accuracy: float = float("nan")
     test_loss: float = float("nan")
     test_images: int = 0  # how many images test_accuracy was measured on
+    val_images: int = 0  # how many images val_accuracy was measured on (0: a run logged before it was recorded)
     seconds: float = 0.0
     run_id: str = ""
     stages: dict[str, int] = field(default_factory=dict)  # a later training stage (fine_tune) -> its first epoch
@@ -159,6 +160,7 @@ def record_from_run(run: Any, history: dict[str, list[float]] | None = None) -> 
         test_accuracy=float(metrics.get("test_accuracy", float("nan"))),
         test_loss=float(metrics.get("test_loss", float("nan"))),
         test_images=int(metrics.get("test_images", 0)),
+        val_images=int(metrics.get("validation_images", 0)),
         seconds=float(metrics.get("train_seconds", 0.0)),
         run_id=run.info.run_id,
         stages={name[:-len("_first_epoch")]: int(value) for name, value in tags.items() if name.endswith("_first_epoch")},

@@ -250,13 +250,14 @@ class SweepTuner(kt.Tuner):
                     history=fitted.history, first_epoch=initial_epoch + 1,
                     val_accuracy=fitted.val_accuracy, val_loss=fitted.val_loss,
                     test_accuracy=fitted.test_accuracy, test_loss=fitted.test_loss,
-                    test_images=len(self.data.test), seconds=time.monotonic() - started, run_id=run.run_id,
+                    test_images=len(self.data.test), val_images=len(self.data.validation),
+                    seconds=time.monotonic() - started, run_id=run.run_id,
                     stages=dict(fitted.stages), pruned_at=heartbeat.pruned_at,
                 )
                 low, high = accuracy_interval(record.test_accuracy, record.test_images)
                 run.log_metrics({"test_accuracy": record.test_accuracy, "test_loss": record.test_loss,
                                  "test_accuracy_ci_low": low, "test_accuracy_ci_high": high,
-                                 "test_images": record.test_images,
+                                 "test_images": record.test_images, "validation_images": record.val_images,
                                  "baseline_accuracy": self.data.baseline_accuracy, "train_seconds": record.seconds,
                                  **process_memory()})
                 run.set_tags({"training": fitted.scored_on,  # and where each later stage began, e.g. fine_tune_first_epoch

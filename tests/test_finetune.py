@@ -218,16 +218,23 @@ def test_the_report_says_whether_fine_tuning_beat_the_frozen_best(tuned_loss, tu
 
     def record(number, loss, accuracy, **hp):
         return TrialRecord("transfer", str(number - 1), number, {"fine_tune_from": "none", **hp}, val_loss=loss,
-                           val_accuracy=accuracy, test_accuracy=0.975, test_images=192, run_id=f"run{number}")
+                           val_accuracy=accuracy, test_accuracy=0.975, test_images=192, val_images=800,
+                           run_id=f"run{number}")
 
     frozen = record(13, 0.04, 0.98)
     tuned = record(4, tuned_loss, tuned_accuracy, fine_tune_from="block_16", fine_tune_epochs=4, fine_tune_lr_factor=0.1)
     best = tuned if tuned_loss < 0.04 else frozen
     row = FamilyRow("transfer", best, 0.474, 20, 0.99, frozen=frozen, fine_tuned=tuned)
-    assert row.fine_tuning_verdict == verdict
+    right = round(tuned_accuracy * 800)
+    images = (f" Of 800 validation images, the fine-tuned trial got {right} right and the frozen one 784 (one image is "
+              "0.12 points).")
+    assert row.fine_tuning_verdict == verdict + images
     text = to_markdown([row], "exp")
     assert "## Fine-tuning (transfer)" in text and verdict in text
     assert "| best frozen-base trial | 13 | no | 98.0% | 0.040 |" in text
     assert f"| best fine-tuned trial | 4 | from block_16, 4 epochs, learning rate x 0.1 | {tuned_accuracy:.1%} |" in text
+    # runs logged before the validation size was recorded: the verdict alone
+    frozen.val_images = 0
+    assert FamilyRow("transfer", best, 0.474, 20, 0.99, frozen=frozen, fine_tuned=tuned).fine_tuning_verdict == verdict
     assert FamilyRow("transfer", frozen, 0.474, 20, 0.99).fine_tuning_verdict == ""  # no fine-tuning trial: no section
     assert "Fine-tuning" not in to_markdown([FamilyRow("transfer", frozen, 0.474, 20, 0.99)], "exp")

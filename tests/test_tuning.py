@@ -73,7 +73,7 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
             history = client.get_metric_history(child.info.run_id, metric)
             assert [m.step for m in history] == [1, 2], metric
         # 24 validation images in batches of 4: the test split is the first of 6 batches
-        assert child.data.metrics["test_images"] == 4
+        assert child.data.metrics["test_images"] == 4 and child.data.metrics["validation_images"] == 20
         low, high = child.data.metrics["test_accuracy_ci_low"], child.data.metrics["test_accuracy_ci_high"]
         assert (low, high) == pytest.approx(accuracy_interval(child.data.metrics["test_accuracy"], 4))
         assert 0.0 <= low <= child.data.metrics["test_accuracy"] <= high <= 1.0 and high - low > 0.3  # 4 images
