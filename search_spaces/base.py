@@ -94,6 +94,11 @@ class HyperFamily(kt.HyperModel):
             ),
         }
 
+    @staticmethod
+    def stage_epochs(values: dict[str, Any]) -> int:
+        """Epochs a trial with these values trains after its ``--epochs`` (a later stage's); none here."""
+        return 0
+
     # -- training (Keras Tuner's HyperModel.fit hook) ---------------------------------------------------
     def new_session(self) -> None:
         """Called before each trial: release the previous trial's Keras state (and collect its garbage)."""

@@ -37,6 +37,11 @@ class HyperTransfer(HyperFamily):
     prunable = False  # a trial on cached features takes seconds: nothing to save
     mixed_precision = False  # its head trains on cached features in float32
 
+    @staticmethod
+    def stage_epochs(values: dict[str, Any]) -> int:
+        """A fine-tuning trial's ``fine_tune_epochs``, after the head's."""
+        return int(values.get("fine_tune_epochs", 0)) if values.get("fine_tune_from", "none") != "none" else 0
+
     def __init__(
         self,
         num_classes: int = 2,

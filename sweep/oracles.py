@@ -9,12 +9,13 @@ import json
 import statistics
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import keras_tuner as kt
 from keras_tuner.engine.trial import TrialStatus
 
 from search_spaces import FAMILIES, default_values, fixed_space, hyperparameters
+from search_spaces.base import HyperFamily
 from sweep import compat
 from sweep.pruning import RungPruner, rungs
 from sweep.spec import OBJECTIVES, SweepSpec
@@ -62,6 +63,7 @@ class SweepOracle:
         # seconds of each epoch seen so far, which say whether another trial still fits.
         self.deadline: float | None = None
         self.epochs = 1  # a trial's epochs (set by build_oracle)
+        self.stage_epochs: Callable[[dict[str, Any]], int] = HyperFamily.stage_epochs  # and a later stage's (ditto)
         self.epoch_seconds: list[float] = []
         self.out_of_time = False
         self._last_epoch: dict[str, tuple[int, float]] = {}
@@ -139,8 +141,11 @@ class SweepOracle:
         self.last_heard[trial_id] = time.monotonic()
         epoch_score = metrics.get(epoch_metric(self.objective.name))
         if epoch_score is not None:
-            self._time_epoch(trial_id, step)
-            last = step >= int(self.trials[trial_id].hyperparameters.values.get("tuner/epochs", self.epochs))
+            values = self.trials[trial_id].hyperparameters.values
+            head = int(values.get("tuner/epochs", self.epochs))
+            if step <= head:  # the budget estimates a trial per head epoch (a later stage costs more)
+                self._time_epoch(trial_id, step)
+            last = step >= head + self.stage_epochs(values)  # a later stage is stopped at the deadline too
             out_of_time = self.deadline is not None and time.time() >= self.deadline
             if trial_id not in self.pruned and not last and (self._prune(trial_id, step, epoch_score) or out_of_time):
                 self.pruned[trial_id] = step  # stopped at a rung, or at the time budget
@@ -296,13 +301,13 @@ def build_oracle(spec: SweepSpec) -> kt.Oracle:
     if spec.tuner == "hyperband":
         oracle = SweepHyperband(objective=score, max_epochs=spec.epochs, seed=spec.seed, **space)
         oracle.max_trials = spec.trials
-        oracle.epochs = spec.epochs
+        oracle.epochs, oracle.stage_epochs = spec.epochs, FAMILIES[spec.family].stage_epochs
         return oracle
     cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
     oracle = cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
     oracle.staging = LeaderStaging.for_sweep(spec)
     oracle.pruning = spec.prune and FAMILIES[spec.family].prunable and bool(rungs(spec.epochs))  # a rung to judge at
-    oracle.epochs = spec.epochs
+    oracle.epochs, oracle.stage_epochs = spec.epochs, FAMILIES[spec.family].stage_epochs
     oracle.planned_trials = spec.trials
     return oracle
 

@@ -35,6 +35,46 @@ def test_a_trial_running_at_the_deadline_stops_there_as_a_pruned_one(tmp_path):
     assert oracle.seconds_left() == 0.0
 
 
+def test_a_fine_tuning_stage_running_at_the_deadline_stops_there_too(tmp_path):
+    """A fine-tuning trial's epochs after the head's (the costly ones) are stopped at the deadline like any other;
+    only its very last epoch is not judged, and only head epochs feed the budget's per-epoch estimate."""
+    from search_spaces.transfer import HyperTransfer
+    from sweep.spec import SweepSpec
+    from sweep.tuning import build_oracle
+
+    fixed = (("fine_tune_from", "block_16"), ("fine_tune_epochs", 4))
+    oracle = build_oracle(SweepSpec(family="transfer", trials=3, epochs=20, seed=1, fixed=fixed, weights="none"))
+    oracle._set_project_dir(str(tmp_path), "budget")
+    space = oracle.get_space()
+    HyperTransfer().declare(space)
+    oracle.update_space(space)
+    oracle.deadline = time.time() + 3600
+
+    def run(stop_at: int | None) -> list[str]:
+        """One trial's answers to its epoch reports (24: 20 of the head, 4 of fine-tuning); the deadline passes
+        before epoch ``stop_at``."""
+        trial = oracle.create_trial("tuner0")
+        answers = []
+        for epoch in range(1, 25):
+            if epoch == stop_at:
+                oracle.deadline = time.time() - 1
+            answers.append(oracle.update_trial(trial.trial_id, {"epoch_val_loss": 0.5}, step=epoch).status)
+            if answers[-1] == TrialStatus.STOPPED:
+                break
+        oracle.update_trial(trial.trial_id, {"val_loss": 0.5, "val_accuracy": 0.5})
+        trial.status = TrialStatus.COMPLETED
+        oracle.end_trial(trial)
+        oracle.deadline = time.time() + 3600
+        return answers
+
+    assert run(stop_at=None) == [TrialStatus.RUNNING] * 24
+    assert len(oracle.epoch_seconds) == 19  # head epochs 2-20; the fine-tuning epochs are not timed
+    assert run(stop_at=22)[-1] == TrialStatus.STOPPED
+    stopped = max(oracle.pruned, key=int)
+    assert oracle.pruned[stopped] == 22  # stopped in its fine-tuning stage, as a pruned trial
+    assert run(stop_at=24) == [TrialStatus.RUNNING] * 24  # its last epoch: the trial finishes
+
+
 @pytest.mark.parametrize("text", ["soon", "10x", "0m", "-5"])
 def test_a_bad_budget_is_refused_with_the_forms_it_takes(runner, text):
     result = runner.invoke(main, ["run", "--family", "scratch", "--time-budget", text])
