@@ -37,10 +37,11 @@ class HyperTransfer(HyperFamily):
     prunable = False  # a trial on cached features takes seconds: nothing to save
     mixed_precision = False  # its head trains on cached features in float32
 
-    @staticmethod
-    def stage_epochs(values: dict[str, Any]) -> int:
-        """A fine-tuning trial's ``fine_tune_epochs``, after the head's."""
-        return int(values.get("fine_tune_epochs", 0)) if values.get("fine_tune_from", "none") != "none" else 0
+    @classmethod
+    def stage_epochs(cls, values: dict[str, Any]) -> int:
+        """A fine-tuning trial's ``fine_tune_epochs``, after the head's (the stage is on by ``stage_switch``)."""
+        switch, off = cls.stage_switch
+        return int(values.get("fine_tune_epochs", 0)) if values.get(switch, off) != off else 0
 
     def __init__(
         self,
