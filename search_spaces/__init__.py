@@ -1,133 +1,30 @@
-"""Keras Tuner search spaces, one hypermodel per model family, and the ``FAMILIES`` registry."""
+"""Keras Tuner search spaces: one hypermodel per model family, and where families come from.
+
+Each family declares its hyperparameters and builds its model, and nothing else (how the transfer family's
+trials train fast is the ``feature_cache`` package's). ``registry`` finds a family by name (the
+``sweep.families`` entry points), ``module:Class`` or ``file.py:Class``; ``space`` reads its search space.
+
+Importing this package imports nothing heavy; the names below load TensorFlow when first used.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-import keras_tuner as kt
-
-from search_spaces.base import Fitted, HyperFamily
-from search_spaces.conv import HyperAugmented, HyperPreprocessed, HyperScratch
-from search_spaces.transfer import HyperTransfer
-
-FAMILIES: dict[str, type[HyperFamily]] = {
-    cls.name: cls for cls in (HyperScratch, HyperAugmented, HyperPreprocessed, HyperTransfer)
+_EXPORTS = {
+    "Fitted": "search_spaces.base", "HyperFamily": "search_spaces.base", "PlainFamily": "search_spaces.plain",
+    "default_values": "search_spaces.space", "describe": "search_spaces.space", "fixed_space": "search_spaces.space",
+    "fix_hyperparameters": "search_spaces.space", "hyperparameters": "search_spaces.space",
+    "make_hypermodel": "search_spaces.registry",
 }
 
 
-def make_hypermodel(
-    family: str, num_classes: int = 2, image_size: tuple[int, int] = (160, 160), weights: str | None = None
-) -> HyperFamily:
-    """Instantiate a family's hypermodel; ``weights`` (a local path or None) only applies to ``transfer``."""
-    cls = FAMILIES[family]
-    if cls is HyperTransfer:
-        return cls(num_classes=num_classes, image_size=image_size, weights=weights)
-    return cls(num_classes=num_classes, image_size=image_size)
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'search_spaces' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    return getattr(module, "make" if name == "make_hypermodel" else name)
 
 
-def default_values(hp: kt.HyperParameters) -> dict[str, Any]:
-    """The default value of every active hyperparameter in ``hp``'s space."""
-    defaults = kt.HyperParameters()
-    for item in hp.space:
-        defaults.merge([item])
-    return hyperparameters(defaults.values)
-
-
-def hyperparameters(values: dict[str, Any]) -> dict[str, Any]:
-    """A trial's hyperparameter values without Keras Tuner's own ``tuner/*`` bookkeeping (Hyperband's
-    epochs, bracket and round), which are not choices of the model."""
-    return {name: value for name, value in values.items() if not name.startswith("tuner/")}
-
-
-def fix_hyperparameters(family: str, assignments: dict[str, str]) -> dict[str, Any]:
-    """Check ``NAME=VALUE`` texts against the family's search space and return the typed values.
-
-    Raises:
-        ValueError: an unknown name, or a value outside its hyperparameter's choices, range or step.
-    """
-    hp = kt.HyperParameters()
-    FAMILIES[family]().declare(hp)
-    space = {item.name: item for item in hp.space}
-    fixed: dict[str, Any] = {}
-    for name, text in assignments.items():
-        if name not in space:
-            raise ValueError(f"{family} has no hyperparameter {name!r}; it has {', '.join(space)}.")
-        item, config = space[name], space[name].get_config()
-        if isinstance(item, kt.engine.hyperparameters.Boolean):
-            if text.lower() not in ("true", "false"):
-                raise ValueError(f"{name} takes True or False, not {text!r}.")
-            fixed[name] = text.lower() == "true"
-        elif isinstance(item, kt.engine.hyperparameters.Choice):
-            match = [v for v in config["values"] if str(v) == text]
-            if not match:
-                raise ValueError(f"{name} takes one of {', '.join(map(str, config['values']))}, not {text!r}.")
-            fixed[name] = match[0]
-        else:
-            try:
-                value = float(text)
-            except ValueError:
-                raise ValueError(f"{name} takes a number, not {text!r}.") from None
-            low, high, step = config["min_value"], config["max_value"], config.get("step")
-            if not low - 1e-9 <= value <= high + 1e-9:
-                raise ValueError(f"{name} takes a value in [{low}, {high}], not {text!r}.")
-            if step:
-                steps = round((value - low) / step)
-                if abs(low + steps * step - value) > 1e-9:
-                    raise ValueError(f"{name} takes multiples of {step} from {low}, not {text!r}.")
-                value = low + steps * step  # the value Keras Tuner itself would give
-            fixed[name] = int(value) if isinstance(item, kt.engine.hyperparameters.Int) else value
-    return fixed
-
-
-def fixed_space(family: str, fixed: dict[str, Any]) -> kt.HyperParameters:
-    """Keras Tuner hyperparameters holding ``fixed`` (checked by ``fix_hyperparameters``) at their values, each
-    declared under the same conditions as in the family's space (a fine-tuning setting exists only when
-    ``fine_tune_from`` is a cut), so that the family's own declaration finds the fixed one instead of adding
-    a second, drawn one."""
-    space = kt.HyperParameters()
-    FAMILIES[family]().declare(space)
-    parents = {c.name for item in space.space if item.name in fixed for c in item.conditions}
-    hp = kt.HyperParameters()
-    for item in space.space:  # in the family's order: a parent before what it conditions
-        if item.name in fixed:
-            scopes = [hp.conditional_scope(c.name, list(c.values)) for c in item.conditions]
-            for scope in scopes:
-                scope.__enter__()
-            try:
-                hp.Fixed(item.name, fixed[item.name])
-            finally:
-                for scope in reversed(scopes):
-                    scope.__exit__(None, None, None)
-        elif item.name in parents:  # drawn as usual, declared so the fixed one can be conditioned on it
-            hp.merge([item])
-    return hp
-
-
-def describe(family: str) -> list[dict[str, Any]]:
-    """Each hyperparameter of a family: name, type, range or choices, default, and ``when`` it is active
-    (a conditional one, e.g. the fine-tuning settings; empty when always). Builds no model."""
-    hp = kt.HyperParameters()
-    FAMILIES[family]().declare(hp)
-    rows = []
-    for item in hp.space:
-        config = item.get_config()
-        if isinstance(item, kt.engine.hyperparameters.Choice):
-            domain = "{" + ", ".join(map(str, config["values"])) + "}"
-        elif isinstance(item, kt.engine.hyperparameters.Boolean):
-            domain = "{False, True}"
-        elif isinstance(item, kt.engine.hyperparameters.Fixed):
-            domain = "{" + str(config["value"]) + "}"
-        else:
-            domain = f"[{config['min_value']}, {config['max_value']}]"
-            if config.get("step"):
-                domain += f" step {config['step']}"
-            if config.get("sampling") not in (None, "linear"):
-                domain += f" ({config['sampling']})"
-        when = "; ".join(f"when {c.name} is {' or '.join(map(str, c.values))}" for c in item.conditions)
-        rows.append({"name": item.name, "type": type(item).__name__, "domain": domain, "default": item.default,
-                     "when": when})
-    return rows
-
-
-__all__ = ["FAMILIES", "Fitted", "HyperFamily", "default_values", "describe", "fixed_space", "hyperparameters",
-           "make_hypermodel"]
+__all__ = sorted(_EXPORTS)

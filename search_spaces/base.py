@@ -11,7 +11,7 @@ import keras_tuner as kt
 
 FLIP_MODES = ("horizontal_and_vertical", "horizontal", "vertical", "none")
 MAX_ROTATION_FACTOR = 0.3
-# The transfer family's feature cache keeps one band of rotations per step (search_spaces/features.py).
+# The transfer family's feature cache keeps one band of rotations per step (feature_cache/features.py).
 ROTATION_STEP = 0.1
 
 
@@ -52,16 +52,33 @@ class Validation(keras.callbacks.Callback):
 
 
 class HyperFamily(kt.HyperModel):
-    """A model family as a Keras Tuner search space whose defaults build the study's model.
+    """What the sweep's trial loop asks of a model family: the one interface, and its defaults.
 
-    Subclasses declare their own hyperparameters in ``declare`` (every one with an explicit default) and
-    build the layers in ``build_layers``; this class adds the study's compile step (Adam, sparse categorical
-    cross-entropy from logits, accuracy).
+    A family is at least a Keras Tuner ``HyperModel`` whose ``build(hp)`` returns a Keras model from raw RGB
+    images (the sweep's size, values 0-255) to one output per class; ``search_spaces.registry.make`` wraps any
+    such class in ``PlainFamily``, which gives it everything below. A subclass of this class may declare more,
+    and the loop asks the class, never its name:
+
+    * attributes: ``description``; ``study_range`` (a published validation-accuracy range the report shows
+      beside its best trial); ``study_model`` (its place in the study, which ``--family all`` sweeps); ``prunable`` (stop hopeless trials at successive halving's rungs);
+      ``mixed_precision`` (its layers follow ``dtype_policy``); ``uses_weights`` (its constructor takes the
+      ``--weights`` file, and the sweep runs at the size that checkpoint was trained at); ``stage_switch`` and
+      ``stage_epochs`` (a costly later training stage, searched on the best trials only);
+    * hyperparameters the loop reads when the family declares them: ``learning_rate`` (Adam's, where the loop
+      compiles) and ``test_time_flip`` (the kept model averages each image with its mirror);
+    * hooks, as Keras Tuner's ``HyperModel.fit``: ``new_session`` before each trial, ``prepare`` once per
+      process (a cache of a frozen part's features), ``fit`` (train, return a ``Fitted``: the judged model and
+      its one score), ``evaluate_raw`` (the end-to-end check of a score computed another way).
+
+    The built-in families declare their hyperparameters in ``declare`` (each with an explicit default, the
+    study's model) and build their layers in ``build_layers``; this class adds the study's compile step (Adam,
+    sparse categorical cross-entropy from logits, accuracy).
     """
 
-    name: ClassVar[str]
-    description: ClassVar[str]
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
     study_range: ClassVar[tuple[float, float] | None] = None  # the study's published validation accuracy
+    study_model: ClassVar[int | None] = None  # which of the study's models it is (1-4): `--family all` sweeps these
     # (hyperparameter, value that leaves it off) of a costly optional stage, which a sweep may search only on its
     # best trials without it (sweep/staging.py); None: every hyperparameter is always drawn jointly.
     stage_switch: ClassVar[tuple[str, Any] | None] = None
@@ -69,6 +86,8 @@ class HyperFamily(kt.HyperModel):
     prunable: ClassVar[bool] = True
     # Whether its trials may compute in mixed bfloat16 (sweep/precision.py); ``dtype_policy`` is the one they use.
     mixed_precision: ClassVar[bool] = True
+    # Whether it loads a pretrained checkpoint (``--weights``, passed to its constructor as a local file or None).
+    uses_weights: ClassVar[bool] = False
     dtype_policy: str = "float32"
 
     def __init__(self, num_classes: int = 2, image_size: tuple[int, int] = (160, 160)) -> None:
@@ -93,6 +112,12 @@ class HyperFamily(kt.HyperModel):
                 "rotation_factor", 0.0, MAX_ROTATION_FACTOR, step=ROTATION_STEP, default=0.2
             ),
         }
+
+    def declared_space(self) -> kt.HyperParameters:
+        """Every hyperparameter of the family at its default, declared without building a model."""
+        hp = kt.HyperParameters()
+        self.declare(hp)
+        return hp
 
     @staticmethod
     def stage_epochs(values: dict[str, Any]) -> int:
@@ -158,7 +183,7 @@ class HyperFamily(kt.HyperModel):
         without custom objects.
         """
         model = without_augmentation(model)
-        if not values["test_time_flip"]:
+        if not values.get("test_time_flip", False):
             return model
         inputs = keras.Input(shape=model.input_shape[1:], name="image")
         mirrored = keras.ops.flip(inputs, axis=2)  # (batch, height, width, channels): width is axis 2
@@ -216,11 +241,15 @@ class HyperFamily(kt.HyperModel):
         return keras.layers.Dense(self.num_classes, name="logits", dtype="float32")(x)  # logits and loss in float32
 
 
-AUGMENTATION_LAYERS = (keras.layers.RandomFlip, keras.layers.RandomRotation)
+# Keras' random augmentation layers (RandomFlip, RandomRotation, RandomZoom, RandomContrast, ...), which augment
+# whenever a model is called without ``training=False``. RandomCrop is not among them: it changes the shape.
+AUGMENTATION_LAYERS = tuple(getattr(keras.layers, name) for name in dir(keras.layers)
+                            if name.startswith("Random") and name != "RandomCrop"
+                            and isinstance(getattr(keras.layers, name), type))
 
 
 def without_augmentation(model: keras.Model) -> keras.Model:
-    """``model`` with its RandomFlip and RandomRotation layers taken out, every other layer (and so every weight,
+    """``model`` with its random augmentation layers (``AUGMENTATION_LAYERS``) taken out, every other layer (and so every weight,
     and the optimizer) shared: ``model`` itself when it has none.
 
     Keras 3's random layers augment whenever they are called without ``training=False``: ``model(x)`` and

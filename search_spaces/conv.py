@@ -49,12 +49,14 @@ class HyperScratch(HyperConv):
     name = "scratch"
     description = "small CNN on raw pixels (study: ~58-62 % validation)"
     study_range = (0.58, 0.62)
+    study_model = 1
 
 
 class HyperAugmented(HyperConv):
     name = "augmented"
     description = "small CNN behind RandomFlip + RandomRotation (study: ~58-64 %)"
     study_range = (0.58, 0.64)
+    study_model = 2
     use_augmentation = True
 
 
@@ -62,4 +64,5 @@ class HyperPreprocessed(HyperConv):
     name = "preprocessed"
     description = "small CNN behind MobileNetV2 preprocess_input scaling (study: ~68-73 %)"
     study_range = (0.68, 0.73)
+    study_model = 3
     use_preprocessing = True

@@ -31,6 +31,10 @@ _EXPORTS = {
     "ConfigError": "sweep.errors",
     "DataError": "sweep.errors",
     "WeightsError": "sweep.errors",
+    "FamilyError": "sweep.errors",
+    # for your own family (docs/your-own-family.md): the interface the trial loop asks of one, and a trial's result
+    "HyperFamily": "search_spaces.base",
+    "Fitted": "search_spaces.base",
 }
 __all__ = list(_EXPORTS)
 

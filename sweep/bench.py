@@ -2,7 +2,7 @@
 
 The plain way is a stock Keras Tuner trial: ``kt.Tuner`` with its own ``run_trial`` (checkpointing, its
 callbacks) and the family's model fitted on raw images every epoch. Our way is ``sweep run``'s trial loop with
-everything it logs to MLflow; for the transfer family it trains the head on cached base features.
+everything it logs to MLflow; a family with a cached frozen base trains its head on the cached features.
 
 Our sweeps run in child processes, one after the other, so each one's peak memory is its own: first with a
 cold feature cache (a temporary folder), then again on the cache the first one filled (warm). The plain trials
@@ -164,7 +164,7 @@ def _child_main(spec_json: str, settings_json: str, out_path: str, quiet: str) -
     sys.stdout.reconfigure(line_buffering=True)  # the parent shows each line as it comes
     spec = SweepSpec.from_params(json.loads(spec_json))
     settings = _settings_from_json(settings_json)
-    prepared = prepare(spec, settings, spec.family == "transfer", report=print)
+    prepared = prepare(spec, settings, report=print)
     result = run_sweep(spec, prepared, settings, print, 0 if quiet == "1" else 1, tags={"bench": "true"})
     Path(out_path).write_text(json.dumps({"run_id": result.run_id, "experiment_id": prepared.experiment_id,
                                           "setup_seconds": result.setup_seconds}))
@@ -187,7 +187,7 @@ def run_bench(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingSe
         report(f"[bench] plain Keras Tuner: {plain} trial(s) x {spec.epochs} epoch(s) on raw images ...")
         scores, plain_seconds = plain_trials(spec, prepared.splits, prepared.weights_path, plain, Path(tmp), verbose)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return BenchResult(spec.family, spec.epochs, spec.trials, scores, plain_seconds, peak, sweeps,
+    return BenchResult(spec.family_name, spec.epochs, spec.trials, scores, plain_seconds, peak, sweeps,
                        prepared.splits.baseline_accuracy)
 
 
@@ -251,7 +251,7 @@ def cut_costs(family, train_images: int, validation_images: int, batch_size: int
     cost depends on their shape only."""
     import numpy as np
 
-    from search_spaces.finetune import CUT_LAYERS, CUTS, TopTrainer, view_logits
+    from feature_cache.finetune import CUT_LAYERS, CUTS, TopTrainer, view_logits
 
     base = family.build_base()
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from sweep.cli_common import (
     DATA_OPTIONS,
     DEFAULTS,
     FIXED,
-    FAMILY_NAMES,
+    FAMILY,
     TIME_BUDGET,
     TRACKING_OPTIONS,
     WEIGHTS,
@@ -57,15 +57,15 @@ SWEEP_OPTIONS = options(
     FIXED,
     TRACKING_OPTIONS,
     click.option("--no-cache", "feature_cache", flag_value=False, default=True,
-                 help="transfer only: train every trial on raw images through the full model (the study's way, "
-                      "much slower) instead of on cached base features."),
+                 help="A family with a cached frozen base only: train every trial on raw images through the full "
+                      "model (the study's way, much slower) instead of on cached base features."),
     click.option("--prune/--no-prune", default=DEFAULTS["prune"], show_default=True,
                  help="Stop a from-scratch trial at epoch 1, 3 or 9 when it is not in the best third of the "
                       "sweep's trials there (successive halving; random and Bayesian search). Trial 1 runs in full."),
     click.option("--fine-tune-leaders/--fine-tune-any", default=DEFAULTS["fine_tune_leaders"], show_default=True,
-                 help="transfer only: the first half of the trials search the frozen head, and each later one "
-                      "fine-tunes one of the three best frozen models, reproduced exactly; --fine-tune-any draws "
-                      "fine_tune_from with the head in every trial."),
+                 help="A family with a costly later stage (fine-tuning) only: the first half of the trials search "
+                      "without it, and each later one refines one of the three best, reproduced exactly; "
+                      "--fine-tune-any draws the stage with the rest in every trial."),
     click.option("--precision", default=DEFAULTS["precision"], show_default=True, type=click.Choice(PRECISIONS),
                  help="From-scratch families: mixed_bfloat16 computes the convolutions in bfloat16 (weights, logits "
                       "and loss stay float32); auto uses it where the CPU (AVX512_BF16, AMX) or GPU has it."),
@@ -74,12 +74,15 @@ SWEEP_OPTIONS = options(
 
 
 def _specs(families, o: dict) -> list[SweepSpec]:
-    if "transfer" not in families:  # an option that would change nothing is a mistake worth one line
-        given = [name for name, set_ in (("--weights", o.get("weights", DEFAULTS["weights"]) != DEFAULTS["weights"]),
-                                         ("--no-cache", o.get("feature_cache") is False)) if set_]
-        if given:
-            raise click.UsageError(f"{' and '.join(given)} only apply to --family transfer (or all); "
-                                   f"drop {'them' if len(given) > 1 else 'it'} for --family {families[0]}.")
+    from search_spaces import registry
+
+    given = [name for name, set_ in (("--weights", o.get("weights", DEFAULTS["weights"]) != DEFAULTS["weights"]),
+                                     ("--no-cache", o.get("feature_cache") is False)) if set_]
+    # an option that would change nothing is a mistake worth one line
+    if given and not any(registry.family_class(f).uses_weights for f in families):
+        raise click.UsageError(f"{' and '.join(given)} only apply to a family that loads pretrained weights (see "
+                               f"`sweep families`); drop {'them' if len(given) > 1 else 'it'} for --family "
+                               f"{families[0]}.")
     return [SweepSpec.from_options(f, o) for f in families]
 
 
@@ -107,8 +110,7 @@ def _print_results(results, tracking_settings) -> None:
 
 
 @main.command()
-@click.option("--family", required=True, type=click.Choice([*FAMILY_NAMES, "all"]),
-              help="Model family to sweep; 'all' runs the four in turn (the whole study).")
+@FAMILY
 @SWEEP_OPTIONS
 @click.option("--resume", is_flag=True,
               help="Continue the newest unfinished sweep of --family (or the one --sweep names) with its own "
@@ -128,7 +130,9 @@ def run(family, resume, sweep_name, workers, time_budget, **o) -> None:
     from sweep.api import run_sweep
 
     tracking_settings = tracking_settings_for(o["config_path"], o["experiment"])
-    families = list(FAMILY_NAMES) if family == "all" else [family]
+    from search_spaces import registry
+
+    families = registry.study_families() if family == "all" else [family]
     if workers:
         if family == "all" or resume:
             raise click.UsageError("--workers runs one family's new sweep; drop --resume and pick a family.")
@@ -151,13 +155,14 @@ def _serve(spec: SweepSpec, tracking_settings, sweep_name, chief, time_budget: f
     name = sweep_name or default_name(spec)
     check_new_name(tracking_settings, name, spec.family)
     started = time.time()  # the budget counts from the command's start, data loading included
-    prepared = prepare(spec, tracking_settings, spec.family == "transfer", click.echo)
+    prepared = prepare(spec, tracking_settings, click.echo)
     return run_sweep(spec, prepared, tracking_settings, click.echo, name=name, chief=chief,
                      deadline=None if time_budget is None else started + time_budget)
 
 
 @main.command()
-@click.option("--family", required=True, type=click.Choice(FAMILY_NAMES))
+@click.option("--family", required=True, metavar="FAMILY",
+              help="The family to sweep: a name from `sweep families`, package.module:Class or path/to/file.py:Class.")
 @SWEEP_OPTIONS
 @click.option("--sweep", "sweep_name", default=None, help="The sweep's name (default: family, tuner, time).")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -206,7 +211,8 @@ def worker(chief_address, sweep_name, tuner_id, chief_timeout, experiment, confi
 
 
 @main.command()
-@click.option("--family", default="transfer", show_default=True, type=click.Choice(FAMILY_NAMES))
+@click.option("--family", required=True, metavar="FAMILY",
+              help="The family to time: a name from `sweep families`, package.module:Class or path/to/file.py:Class.")
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1),
               help="Trials of the whole sweep timed our way.")
 @click.option("--plain-trials", default=1, show_default=True, type=click.IntRange(min=1),
@@ -220,7 +226,8 @@ def worker(chief_address, sweep_name, tuner_id, chief_timeout, experiment, confi
 @click.option("--warm", is_flag=True,
               help="One sweep on the configured feature cache (default: a cold, temporary cache, then warm).")
 @click.option("--cut-costs", is_flag=True,
-              help="transfer only: instead, time one fine-tuning epoch from each cut point and size its cache.")
+              help="A family that fine-tunes on cached activations only: instead, time one fine-tuning epoch from "
+                   "each cut point and size its cache.")
 @click.option("-q", "--quiet", is_flag=True)
 def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, image_size, weights, fixed, experiment,
           config_path, warm, cut_costs, quiet) -> None:
@@ -230,18 +237,20 @@ def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, imag
     from sweep.bench import format_table, run_bench
     from sweep.study import prepare
 
-    if cut_costs and family != "transfer":
-        raise click.BadParameter("only the transfer family fine-tunes.", param_hint="--cut-costs")
+    from feature_cache.trainer import CachedTraining
+    from search_spaces import registry
+
+    if cut_costs and not issubclass(registry.family_class(family), CachedTraining):
+        raise click.BadParameter(f"family {family} does not fine-tune on cached activations.", param_hint="--cut-costs")
     tracking_settings = tracking_settings_for(config_path, experiment)
     spec = SweepSpec.from_options(family, locals())
-    prepared = prepare(spec, tracking_settings, family == "transfer", report=click.echo)
+    prepared = prepare(spec, tracking_settings, report=click.echo)
     if cut_costs:
-        from search_spaces import make_hypermodel
-        from search_spaces.features import PoolSpec
+        from feature_cache.features import PoolSpec
         from sweep.bench import cut_costs as measure, format_cut_costs
 
-        hypermodel = make_hypermodel("transfer", len(prepared.splits.class_names), prepared.splits.image_size,
-                                     prepared.weights_path)
+        hypermodel = registry.make(family, len(prepared.splits.class_names), prepared.splits.image_size,
+                                   prepared.weights_path)
         views = PoolSpec().views_per_image
         rows = measure(hypermodel, len(prepared.splits.train), len(prepared.splits.validation), spec.batch_size,
                        views, report=click.echo)
@@ -255,13 +264,41 @@ def bench(family, trials, plain_trials, epochs, data_dir, seed, batch_size, imag
 
 
 @main.command()
-def families() -> None:
-    """List each model family and its hyperparameters (type, range or choices, default)."""
-    quiet_tensorflow()
-    from search_spaces import FAMILIES, describe
+@click.argument("names", nargs=-1, metavar="[FAMILY]...")
+def families(names) -> None:
+    """List the registered model families; with FAMILY (a name, package.module:Class or path/to/file.py:Class),
+    what it can do and its hyperparameters (type, range or choices, default).
 
-    for name, cls in FAMILIES.items():
-        click.echo(f"{name}: {cls.description}")
+    Listing reads package metadata only: nothing is imported. A package registers its own families under the
+    `sweep.families` entry-point group.
+    """
+    from search_spaces import registry
+
+    if not names:
+        entries = registry.registered()
+        width = max((len(e.name) for e in entries), default=0)
+        for entry in entries:
+            origin = "built in" if entry.builtin else f"from {entry.package}"
+            click.echo(f"{entry.name:<{width}}  {entry.target} ({origin})")
+        click.echo("\n`sweep families NAME` shows a family's hyperparameters; `--family` also takes "
+                   "package.module:Class or path/to/file.py:Class (docs/your-own-family.md).")
+        return
+    quiet_tensorflow()
+    from search_spaces.space import describe
+
+    for name in names:
+        cls = registry.family_class(name)
+        family = registry.make(name)
+        click.echo(f"{registry.display_name(name)}: {family.description}")
+        can = [text for text, has in (
+            (f"study's validation accuracy {cls.study_range[0]:.0%}-{cls.study_range[1]:.0%}" if cls.study_range
+             else "", bool(cls.study_range)),
+            ("loads --weights", cls.uses_weights), ("pruned early when hopeless", cls.prunable),
+            ("mixed bfloat16 where the CPU has it", cls.mixed_precision),
+            (f"a later stage switched by {cls.stage_switch[0]}" if cls.stage_switch else "", bool(cls.stage_switch)),
+        ) if has]
+        if can:
+            click.echo(f"  {'; '.join(can)}")
         for row in describe(name):
             when = f" ({row['when']})" if row["when"] else ""
             click.echo(f"  {row['name']:<20} {row['type']:<7} {row['domain']:<44} default {row['default']}{when}")

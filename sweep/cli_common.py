@@ -15,7 +15,10 @@ from sweep.spec import spec_defaults
 
 DEFAULTS = spec_defaults()
 
-FAMILY_NAMES = ("scratch", "augmented", "preprocessed", "transfer")
+FAMILY = click.option(
+    "--family", required=True, metavar="FAMILY",
+    help="The model family: a name from `sweep families`, your own as package.module:Class or "
+         "path/to/file.py:Class (a Keras Tuner HyperModel), or 'all' for the study's families in turn.")
 
 
 # What TensorFlow's C++ side writes to stderr while it loads, before its log level applies: no news to a user.

@@ -10,7 +10,6 @@ import click
 from sweep.cli_common import (
     CONFIG,
     DATA_OPTIONS,
-    FAMILY_NAMES,
     TRACKING_OPTIONS,
     check_out_folder,
     quiet_tensorflow,
@@ -37,7 +36,8 @@ def _parse_formats(ctx: click.Context, param: click.Parameter, value: str | None
 
 @click.command()
 @TRACKING_OPTIONS
-@click.option("--family", default=None, type=click.Choice(FAMILY_NAMES), help="Only this family's trials.")
+@click.option("--family", default=None, metavar="FAMILY",
+              help="Only this family's trials (its name, or the reference it was swept with).")
 @click.option("--metric", default=None, type=click.Choice(list(RANKINGS)),
               help="What 'best' means: the lowest final validation loss, or the highest accuracy. Default: the "
                    "objective the sweeps ran with (val_loss unless --objective said otherwise).")
@@ -66,6 +66,10 @@ def best(experiment, config_path, family, metric, export_dir, formats, no_verify
         stop_on_sigterm()  # SIGTERM as Ctrl-C: the export is undone, not left half-made
     settings = tracking_settings_for(config_path, experiment)
     where = {"config": config_path, "experiment": experiment}
+    if family is not None and ":" in family:  # the reference a sweep ran with: its trials carry its name
+        from search_spaces import registry
+
+        family = registry.display_name(family)
     found = find_best(family=family, metric=metric, **where)
     click.echo(f"Best trial by {found.metric} in experiment {settings.experiment!r}:")
     click.echo(found.describe())
@@ -151,8 +155,10 @@ def data(experiment, config_path, data_dir, seed, batch_size, image_size, out_di
 
     check_out_folder(out_dir, "--out")
     settings = tracking_settings_for(config_path, experiment)
-    spec = SweepSpec.from_options("scratch", locals())
-    prepared = prepare(spec, settings, need_weights=False, report=click.echo)
+    from search_spaces import registry
+
+    spec = SweepSpec.from_options(registry.study_families()[0], locals())  # data options only
+    prepared = prepare(spec, settings, report=click.echo, need_weights=False)
     files, run_id = write_data_overview(prepared.splits, settings, out_dir, seed)
     splits = prepared.splits
     for split, counts in splits.counts().items():

@@ -150,7 +150,6 @@ class Chief:
         """
         from sweep import compat
 
-        oracle.trial_retries = self.trial_retries
         address = f"{self.host}:{self.port}"
         server, search_over = compat.serve_oracle(oracle, address)  # one thread: oracle calls never overlap
         if server is None:
@@ -279,7 +278,7 @@ def run_worker(tracking_settings, chief_address: str, sweep_name: str, tuner_id:
     experiment_id = tracking.use_experiment(tracking_settings)
     run = wait_for_sweep(lambda: tracking.find_sweep(experiment_id, None, sweep_name), sweep_name, report=report)
     spec = SweepSpec.from_params(run.data.params)
-    prepared = prepare(spec, tracking_settings, spec.family == "transfer", report)
+    prepared = prepare(spec, tracking_settings, report)
     for child in tracking.child_runs(experiment_id, run.info.run_id):  # this worker's previous life
         if child.info.status == "RUNNING" and child.data.tags.get("tuner_id") == tuner_id:
             tracking.mark_killed(child.info.run_id, f"worker {tuner_id} died; the chief hands its trial out again")

@@ -21,3 +21,7 @@ class DataError(SweepError):
 
 class WeightsError(SweepError):
     """Pretrained weights could not be found, downloaded or loaded."""
+
+
+class FamilyError(SweepError):
+    """A ``--family`` that cannot be found, imported, built, or whose model does not fit the data."""

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import keras_tuner as kt
 import optuna
 
-from search_spaces import FAMILIES
+from search_spaces import registry
 from sweep.pruning import study_direction  # which also quiets Optuna's per-trial log lines
 from sweep.results import PRUNED_TAG, RANKINGS
 
@@ -24,9 +24,9 @@ MIN_TRIALS = 5
 
 
 def distributions(family: str) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The family's search space as Optuna distributions (Fixed hyperparameters have none)."""
-    hp = kt.HyperParameters()
-    FAMILIES[family]().declare(hp)
+    """The family's search space as Optuna distributions (Fixed hyperparameters have none); ``family`` as
+    ``registry.load`` takes it."""
+    hp = registry.space(family)
     found: dict[str, optuna.distributions.BaseDistribution] = {}
     for item in hp.space:
         config = item.get_config()
@@ -48,20 +48,21 @@ def _value(distribution: optuna.distributions.BaseDistribution, text: str) -> An
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
         return next((choice for choice in distribution.choices if str(choice) == text), None)
     number = float(text)
-    number = min(max(number, distribution.low), distribution.high)  # logged with 4 significant digits
+    number = min(max(number, distribution.low), distribution.high)  # older sweeps logged 4 significant digits
     return int(round(number)) if isinstance(distribution, optuna.distributions.IntDistribution) else number
 
 
-def param_importances(runs: list, family: str, metric: str,
-                      history: Callable[[str], list] | None = None) -> tuple[dict[str, float], int | None]:
+def param_importances(runs: list, family: str, metric: str, history: Callable[[str], list] | None = None,
+                      reference: str | None = None) -> tuple[dict[str, float], int | None]:
     """Each hyperparameter's share of the variance of ``metric`` over the family's trials among ``runs`` (fANOVA,
     summing to 1), most important first, and the epoch it was compared at (None: the final scores).
 
     The full trials' final scores are used when there are ``MIN_TRIALS`` of them. Otherwise, with ``history``
     (a run id -> the metric's per-epoch MLflow history), every random or Bayesian trial's value at the deepest
-    epoch that all of them reached. Empty when neither gives ``MIN_TRIALS`` trials.
+    epoch that all of them reached. Empty when neither gives ``MIN_TRIALS`` trials. ``family`` is the name the
+    trials are tagged with, ``reference`` what the family is loaded by (default: the name).
     """
-    space = distributions(family)
+    space = distributions(reference or family)
     mine = [run for run in runs if run.data.tags.get("family") == family and metric in run.data.metrics
             and run.data.params.get("tuner") != "hyperband"]  # Hyperband's trials ran different epochs
     full = [(run, float(run.data.metrics[metric])) for run in mine if PRUNED_TAG not in run.data.tags]

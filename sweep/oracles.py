@@ -14,8 +14,9 @@ from typing import Any, Callable
 import keras_tuner as kt
 from keras_tuner.engine.trial import TrialStatus
 
-from search_spaces import FAMILIES, default_values, fixed_space, hyperparameters
+from search_spaces import registry
 from search_spaces.base import HyperFamily
+from search_spaces.space import default_values, fixed_space, hyperparameters
 from sweep import compat
 from sweep.pruning import RungPruner, rungs
 from sweep.spec import OBJECTIVES, SweepSpec
@@ -49,28 +50,41 @@ class SweepOracle:
       return), so it is kept as ``failure`` (a ``ConsecutiveFailures``) for the caller to raise outside.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, staging: LeaderStaging | None = None, pruning: bool = False, epochs: int = 1,
+                 stage_epochs: Callable[[dict[str, Any]], int] = HyperFamily.stage_epochs,
+                 planned_trials: int | None = None, deadline: float | None = None, trial_retries: int = 1,
+                 **kwargs: Any) -> None:
+        """The sweep's concerns, each given here (``build_oracle`` reads them from the spec and the family):
+
+        Args:
+            staging: the two-phase plan of a family with a costly stage (``sweep.staging``), or None.
+            pruning: stop trials that miss a rung of successive halving.
+            epochs: a trial's epochs; ``stage_epochs(values)``: the later stage's after them.
+            planned_trials: the spec's trial count (re-runs of expired trials come on top of it).
+            deadline: the wall-clock time (``time.time()``) by which the sweep ends (``--time-budget``), or None.
+            trial_retries: re-runs of an expired trial's values (``--trial-retries``).
+        Other arguments go to Keras Tuner's oracle.
+        """
         super().__init__(*args, **kwargs)
         self.last_heard: dict[str, float] = {}
         self.expired: set[str] = set()
         self.failure: ConsecutiveFailures | None = None
         self.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
-        self.staging: LeaderStaging | None = None  # set by build_oracle for a family with a costly stage
-        self.pruning = False  # set by build_oracle
+        self.staging = staging
+        self.pruning = pruning
         self.pruned: dict[str, int] = {}  # trial id -> the epoch it stopped at (saved with the oracle's state)
         self._pruner: RungPruner | None = None
-        # The time budget (``--time-budget``): the wall-clock time (time.time()) by which the sweep ends, and the
-        # seconds of each epoch seen so far, which say whether another trial still fits.
-        self.deadline: float | None = None
-        self.epochs = 1  # a trial's epochs (set by build_oracle)
-        self.stage_epochs: Callable[[dict[str, Any]], int] = HyperFamily.stage_epochs  # and a later stage's (ditto)
+        # The time budget: the seconds of each epoch seen so far say whether another trial still fits.
+        self.deadline = deadline
+        self.epochs = epochs
+        self.stage_epochs = stage_epochs
         self.epoch_seconds: list[float] = []
         self.out_of_time = False
         self._last_epoch: dict[str, tuple[int, float]] = {}
-        self.trial_retries = 1  # re-runs of an expired trial's values (``--trial-retries``)
+        self.trial_retries = trial_retries
         self.retry_values: list[dict[str, Any]] = []  # values of expired trials, handed out before new draws
         self.retry_counts: dict[str, int] = {}  # values (as JSON) -> times they were queued again
-        self.planned_trials: int | None = None  # the spec's trial count (set by build_oracle)
+        self.planned_trials = planned_trials
 
     # Hyperband's first draw opens a bracket: its tuner/* values must come from Hyperband itself.
     defaults_inside_draw = False
@@ -289,27 +303,27 @@ class SweepHyperband(SweepOracle, kt.oracles.HyperbandOracle):
     defaults_inside_draw = True
 
 
-def build_oracle(spec: SweepSpec) -> kt.Oracle:
+def build_oracle(spec: SweepSpec, deadline: float | None = None, trial_retries: int = 1) -> kt.Oracle:
     """The oracle for the spec's tuner, scoring trials by its objective; Hyperband's trial count is capped at
     ``trials`` as well, and ``epochs`` is its maximum. The spec's fixed hyperparameters are held at their
-    values (Keras Tuner's ``hyperparameters`` with ``tune_new_entries``). A family with a costly stage (the
-    transfer family's fine-tuning) is searched in two phases (``sweep.staging``), except by Hyperband."""
+    values (Keras Tuner's ``hyperparameters`` with ``tune_new_entries``). A family with a costly stage (its
+    ``stage_switch``) is searched in two phases (``sweep.staging``), except by Hyperband; a ``prunable`` one's
+    hopeless trials stop at successive halving's rungs, except under Hyperband (its brackets prune)."""
     score = kt.Objective(spec.objective, direction=OBJECTIVES[spec.objective])
+    family = registry.family_class(spec.family)
     space = {}
     if spec.fixed:
         space = {"hyperparameters": fixed_space(spec.family, dict(spec.fixed)), "tune_new_entries": True}
+    concerns = dict(epochs=spec.epochs, stage_epochs=family.stage_epochs, deadline=deadline,
+                    trial_retries=trial_retries)
     if spec.tuner == "hyperband":
-        oracle = SweepHyperband(objective=score, max_epochs=spec.epochs, seed=spec.seed, **space)
-        oracle.max_trials = spec.trials
-        oracle.epochs, oracle.stage_epochs = spec.epochs, FAMILIES[spec.family].stage_epochs
+        oracle = SweepHyperband(objective=score, max_epochs=spec.epochs, seed=spec.seed, **concerns, **space)
+        oracle.max_trials = spec.trials  # Keras Tuner's Hyperband takes no trial count of its own
         return oracle
     cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
-    oracle = cls(objective=score, max_trials=spec.trials, seed=spec.seed, **space)
-    oracle.staging = LeaderStaging.for_sweep(spec)
-    oracle.pruning = spec.prune and FAMILIES[spec.family].prunable and bool(rungs(spec.epochs))  # a rung to judge at
-    oracle.epochs, oracle.stage_epochs = spec.epochs, FAMILIES[spec.family].stage_epochs
-    oracle.planned_trials = spec.trials
-    return oracle
+    return cls(objective=score, max_trials=spec.trials, seed=spec.seed, staging=LeaderStaging.for_sweep(spec),
+               pruning=spec.prune and family.prunable and bool(rungs(spec.epochs)),  # a rung to judge at
+               planned_trials=spec.trials, **concerns, **space)
 
 
 def epoch_metric(objective: str) -> str:

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from search_spaces import FAMILIES
+from search_spaces import registry
 from sweep import plots, tracking
 from sweep.config import TrackingSettings
-from sweep.errors import SweepError
+from sweep.errors import FamilyError, SweepError
 from sweep.importance import param_importances
-from sweep.results import (PRUNED_TAG, TrialRecord, best_run, format_duration, interval_text, objective_of,
-                           record_from_run)
+from sweep.results import (PRUNED_TAG, TrialRecord, best_run, format_duration, format_value, interval_text,
+                           objective_of, record_from_run)
 from sweep.spec import DEFAULT_OBJECTIVE
+from sweep.staging import stage_names
 
 
 @dataclass
@@ -33,12 +34,8 @@ class FamilyRow:
     wall_seconds: float = 0.0  # the family's sweeps, start to end, summed
     importances: dict[str, float] = field(default_factory=dict)  # hyperparameter -> fANOVA share, largest first
     importance_epoch: int | None = None  # the epoch every trial was compared at; None: the full trials' final scores
-
-    @property
-    def study_range(self) -> tuple[float, float] | None:
-        """The study's published validation accuracy for the family (None for a family it did not have)."""
-        cls = FAMILIES.get(self.family)
-        return cls.study_range if cls else None
+    study_range: tuple[float, float] | None = None  # a published validation accuracy the family declares
+    stage_settings: tuple[str, ...] = ()  # its later stage's switch and settings (for the fine-tuning section)
 
     @property
     def fine_tuning_verdict(self) -> str:
@@ -93,7 +90,9 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
     client = tracking.MlflowClient()
     rows = []
     sweeps = tracking.sweep_runs(experiment_id)
-    order = list(FAMILIES) + sorted({r.data.tags.get("family", "?") for r in runs} - set(FAMILIES))
+    tagged = {r.data.tags.get("family", "?") for r in runs}
+    study = registry.study_families()
+    order = [f for f in study if f in tagged] + sorted(tagged - set(study))  # the study's first, in its order
     for family in order:
         mine = [r for r in runs if r.data.tags.get("family") == family]
         if not mine:
@@ -105,11 +104,22 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
         row.pruned = sum(PRUNED_TAG in r.data.tags for r in mine)
         row.wall_seconds = sum((r.info.end_time - r.info.start_time) / 1000 for r in sweeps
                                if r.data.tags.get("family") == family and r.info.end_time)
-        if family in FAMILIES:
-            row.importances, row.importance_epoch = param_importances(
-                mine, family, metric, history=lambda run_id: client.get_metric_history(run_id, metric))
-        tuned = [r for r in mine if r.data.params.get("fine_tune_from", "none") != "none"]
-        frozen = [r for r in mine if r.data.params.get("fine_tune_from", "none") == "none"]
+        reference = best.data.params.get("family", family)
+        try:
+            cls = registry.family_class(reference)
+        except FamilyError:  # a family whose module is not importable here: its figures, without what it declares
+            rows.append(row)
+            continue
+        row.study_range = cls.study_range
+        row.importances, row.importance_epoch = param_importances(
+            mine, family, metric, history=lambda run_id: client.get_metric_history(run_id, metric), reference=reference)
+        if cls.stage_switch is None:
+            rows.append(row)
+            continue
+        switch, off = cls.stage_switch
+        row.stage_settings = tuple(sorted(stage_names(registry.space(reference), switch), key=lambda n: n != switch))
+        tuned = [r for r in mine if r.data.params.get(switch, str(off)) != str(off)]
+        frozen = [r for r in mine if r.data.params.get(switch, str(off)) == str(off)]
         if tuned and frozen:
             best_tuned = best_run(tuned, metric)
             row.frozen, row.fine_tuned = record_from_run(best_run(frozen, metric)), record_from_run(best_tuned)
@@ -159,8 +169,8 @@ def to_markdown(rows: list[FamilyRow], experiment: str) -> str:
                   "|---|---:|---|---:|---:|---:|"]
         for label, record in (("best frozen-base trial", r.frozen), ("best fine-tuned trial", r.fine_tuned)):
             hp = record.hyperparameters
-            how = (f"from {hp['fine_tune_from']}, {hp.get('fine_tune_epochs', '?')} epochs, learning rate x "
-                   f"{hp.get('fine_tune_lr_factor', '?')}" if hp.get("fine_tune_from", "none") != "none" else "no")
+            how = (", ".join(f"{name} {format_value(hp[name])}" for name in r.stage_settings if name in hp)
+                   if record is r.fine_tuned else "no")
             if record is r.fine_tuned and r.fine_tuned_head is not None:
                 how += f", on trial {r.fine_tuned_head}'s model"
             lines.append(f"| {label} | {record.number} | {how} | {record.val_accuracy:.1%} | {record.val_loss:.3f} | "

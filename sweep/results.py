@@ -104,8 +104,28 @@ def best_run(runs: list[Any], metric: str = DEFAULT_OBJECTIVE) -> Any:
     return min(runs, key=key)
 
 
+def param_text(value: Any) -> str:
+    """A hyperparameter value as an MLflow param, exactly: a float as its shortest text that reads back as the
+    same float, so ``--hp NAME=<the logged value>`` reruns the very trial."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def param_value(text: str) -> Any:
+    """A logged hyperparameter param read back as the value it was: a bool, int or float where it reads as one,
+    else the text."""
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def format_value(value: Any) -> str:
-    """Short, stable text for a hyperparameter value (floats to 4 significant digits)."""
+    """Short text for a hyperparameter value in progress lines and tables (floats to 4 significant digits);
+    MLflow gets the exact value (``param_text``)."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -146,7 +166,7 @@ def objective_of(runs: list[Any]) -> str:
 def record_from_run(run: Any, history: dict[str, list[float]] | None = None) -> TrialRecord:
     """A finished trial's MLflow run as a ``TrialRecord`` (latest metric values; histories if given)."""
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    hyperparameters = {k: v for k, v in params.items() if k not in SweepSpec.param_names()}
+    hyperparameters = {k: param_value(v) for k, v in params.items() if k not in SweepSpec.param_names()}
     if history is None:
         history = {name: [metrics[name]] for name in ("accuracy", "val_accuracy", "loss", "val_loss") if name in metrics}
     return TrialRecord(

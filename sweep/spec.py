@@ -61,6 +61,8 @@ def _param(key: str | None = None, encode=str, decode=str, since: bool = False, 
 class SweepSpec:
     """One sweep of one family. Every field is an MLflow param of the sweep's run and of each trial's run."""
 
+    # The family: a registered name (``sweep families``), ``package.module:Class``, ``path/to/file.py:Class``
+    # (kept with its absolute path), or the class itself (kept as the reference it can be imported by again).
     family: str = field(metadata=_param())
     trials: int = field(default=10, metadata=_param(decode=int))
     tuner: str = field(default="random", metadata=_param())
@@ -89,6 +91,9 @@ class SweepSpec:
     fine_tune_leaders: bool = field(default=True, metadata=_param(decode=_bool_from_text, since=True, legacy=False))
 
     def __post_init__(self) -> None:
+        from search_spaces import registry
+
+        object.__setattr__(self, "family", registry.normalize(self.family))
         # Absolute paths, so resume, workers and export find the files from any working directory.
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().resolve())
@@ -103,13 +108,12 @@ class SweepSpec:
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         fixed = dict(self.fixed)
         if fixed:
-            from search_spaces import FAMILIES, fix_hyperparameters
+            from search_spaces.space import fix_hyperparameters
 
-            if self.family in FAMILIES:
-                try:
-                    fixed = fix_hyperparameters(self.family, {k: str(v) for k, v in fixed.items()})
-                except ValueError as exc:
-                    raise ConfigError(f"--hp: {exc}") from None
+            try:
+                fixed = fix_hyperparameters(self.family, {k: str(v) for k, v in fixed.items()})
+            except ValueError as exc:
+                raise ConfigError(f"--hp: {exc}") from None
         object.__setattr__(self, "fixed", tuple(sorted(fixed.items())))
         if self.trials < 1:
             raise ConfigError(f"trials must be at least 1, got {self.trials}.")
@@ -125,6 +129,13 @@ class SweepSpec:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         if min(self.image_size) < 32:
             raise ConfigError(f"image size must be at least 32x32, got {self.image_size}.")
+
+    @property
+    def family_name(self) -> str:
+        """The family's short name, as progress lines, tags and the report show it (``registry.display_name``)."""
+        from search_spaces import registry
+
+        return registry.display_name(self.family)
 
     def to_params(self) -> dict[str, str]:
         """The spec as MLflow params (strings)."""

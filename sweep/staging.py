@@ -17,8 +17,8 @@ from typing import Any
 
 import keras_tuner as kt
 
-from search_spaces import FAMILIES
-from sweep.results import format_value
+from search_spaces import registry
+from sweep.results import param_text
 from sweep.spec import SweepSpec
 
 # How many of the best stage-off trials the later trials refine, in turn.
@@ -46,7 +46,7 @@ class LeaderStaging:
         """The plan for a sweep (``--fine-tune-leaders``, the default), or None where the search draws
         everything jointly: ``--fine-tune-any``, a family without a staged hyperparameter, a sweep that fixes it
         (``--hp fine_tune_from=...``), Hyperband (its brackets decide which trials go on) and one trial."""
-        switch = getattr(FAMILIES.get(spec.family), "stage_switch", None)
+        switch = registry.family_class(spec.family).stage_switch
         if (not spec.fine_tune_leaders or switch is None or spec.tuner == "hyperband"
                 or switch[0] in dict(spec.fixed) or spec.trials < 2):
             return None
@@ -119,7 +119,7 @@ def leader_of(runs: list, values: dict[str, Any], space: kt.HyperParameters, swi
     if values.get(name, off) == off:
         return None
     stage = stage_names(space, name)
-    head = {k: format_value(v) for k, v in values.items() if k not in stage}
+    head = {k: param_text(v) for k, v in values.items() if k not in stage}
     matches = [run for run in runs
                if run.info.status == "FINISHED" and run.data.params.get(name) == str(off)
                and "trial_number" in run.data.tags and objective in run.data.metrics

@@ -14,7 +14,9 @@ from typing import Callable
 import keras
 import mlflow
 
-from search_spaces import FAMILIES, HyperFamily, default_values, describe, make_hypermodel
+from search_spaces import registry
+from search_spaces.base import HyperFamily
+from search_spaces.space import default_values, describe
 from sweep import plots, precision, pruning, tracking
 from sweep.config import TrackingSettings
 from sweep.data import Splits, check_layout, download_dataset, load_splits
@@ -48,20 +50,22 @@ class Prepared:
         return self._experiment_id
 
 
-def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, need_weights: bool,
-            report: Reporter = print) -> Prepared:
-    """Check data, weights and the tracking store, and that every image decodes (the splits decode them when
-    they are used).
+def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, report: Reporter = print,
+            need_weights: bool | None = None) -> Prepared:
+    """Check the family, data, weights and the tracking store, and that every image decodes (the splits decode
+    them when they are used). ``need_weights``: resolve ``--weights`` (default: when the family ``uses_weights``).
 
     Raises:
-        SweepError: bad data, weights or tracking settings.
+        SweepError: a family that cannot be imported; bad data, weights or tracking settings.
     """
+    if need_weights is None:
+        need_weights = registry.family_class(spec.family).uses_weights  # imports it: a bad --family fails first
     data_dir = spec.data_dir if spec.data_dir is not None else download_dataset()
     check_layout(data_dir)  # fail in a second, before decoding thousands of images
     weights_path = resolve_weights(spec.weights, spec.image_size) if need_weights else None
     tracking.check_store(tracking_settings)  # nothing is written until the data has passed its checks
     mlflow.set_tracking_uri(tracking_settings.tracking_uri)  # the store the tuner's client logs to (made on first use)
-    line = image_size_line(spec.family, weights_path, spec.image_size) if need_weights else None
+    line = image_size_line(weights_path, spec.image_size) if need_weights else None
     if line:
         report(line)
     report(f"Loading images from {data_dir} ...")
@@ -144,24 +148,24 @@ def run_sweep(
     try:
         tuner, setup_seconds = build_tuner(spec, splits, tracking_settings, prepared.weights_path, name,
                                            overwrite=resume_run is None, report=report, verbose=verbose,
-                                           trains_here=chief is None)
+                                           trains_here=chief is None, deadline=deadline,
+                                           trial_retries=chief.trial_retries if chief is not None else 1)
     except KeyboardInterrupt:  # while computing cached features: only whole cache files are ever kept
         again = (f"Resume with: sweep run --family {spec.family} --resume --sweep {name}" if resume_run is not None
                  else f"Start it again with: sweep run --family {spec.family} and the same options")
-        report(f"[{spec.family}] stopped before its first trial; no run was logged and no partial feature cache "
+        report(f"[{spec.family_name}] stopped before its first trial; no run was logged and no partial feature cache "
                f"is kept. {again}.")
         raise
     tuner.experiment_id = prepared.experiment_id
-    tuner.oracle.deadline = deadline
     if resume_run is not None:
         _adopt_finished_trials(tuner, prepared.experiment_id, resume_run.info.run_id, report)
     params = {**spec.to_params(), "num_classes": len(splits.class_names), "tuner_dir": tuner.project_dir}
     policy = tuner.hypermodel.dtype_policy
-    run_tags = {"family": spec.family, "sweep": name, "kind": "sweep", "dtype_policy": policy, **(tags or {})}
+    run_tags = {"family": spec.family_name, "sweep": name, "kind": "sweep", "dtype_policy": policy, **(tags or {})}
     goal = "lowest" if OBJECTIVES[spec.objective] == "min" else "highest"
     rungs = pruning.rungs(spec.epochs) if getattr(tuner.oracle, "pruning", False) else []
     report(
-        f"[{spec.family}] {'resuming ' if resume_run else ''}sweep {name}: {spec.trials} trial(s) x "
+        f"[{spec.family_name}] {'resuming ' if resume_run else ''}sweep {name}: {spec.trials} trial(s) x "
         f"{spec.epochs} epoch(s), {spec.tuner} search for the {goal} {spec.objective}"
         f"{', pruning at epochs ' + ', '.join(map(str, rungs)) if rungs else ''}"
         f"{', in ' + policy if policy != 'float32' else ''}"
@@ -173,11 +177,11 @@ def run_sweep(
         with tracking.open_run(tuner.client, prepared.experiment_id, name, params, run_tags, resume_run_id=resume_id,
                                report=report) as run:
             tuner.parent_run_id = run.run_id
-            result = SweepResult(spec.family, run.run_id, tuner.records, splits.baseline_accuracy, setup_seconds,
+            result = SweepResult(spec.family_name, run.run_id, tuner.records, splits.baseline_accuracy, setup_seconds,
                                  spec.objective)
             run.log_json(splits.summary(), "data.json")
             run.log_text(splits.test_manifest(), "test_files.txt")
-            run.log_json({"family": spec.family, "hyperparameters": describe(spec.family),
+            run.log_json({"family": spec.family_name, "reference": spec.family, "hyperparameters": describe(spec.family),
                           "defaults": default_values(tuner.oracle.hyperparameters)}, "search_space.json")
             try:
                 if chief is None:
@@ -189,7 +193,7 @@ def run_sweep(
                 if tuner.oracle.out_of_time:
                     run.set_tags({"stopped": TIME_BUDGET})
                     done = len(tuner.oracle.trials)
-                    report(f"[{spec.family}] time budget reached after {done} of {spec.trials} trials; continue with: "
+                    report(f"[{spec.family_name}] time budget reached after {done} of {spec.trials} trials; continue with: "
                            f"sweep run --family {spec.family} --resume --sweep {name} [--time-budget ...]")
                 elif resume_run is not None and resume_run.data.tags.get("stopped") == TIME_BUDGET:
                     tracking.clear_tag(run.run_id, "stopped")  # all its trials ran this time
@@ -197,12 +201,12 @@ def run_sweep(
             except ConsecutiveFailures as exc:
                 run.set_tags({"stopped": "consecutive_failures"})
                 raise SweepError(
-                    f"{spec.family}: {tuner.oracle.max_consecutive_failed_trials} trials failed in a row, so the "
+                    f"{spec.family_name}: {tuner.oracle.max_consecutive_failed_trials} trials failed in a row, so the "
                     f"sweep stopped. Last error: {exc}. Each failed trial's MLflow run holds its error."
                 ) from None
             _log_summary(run, result)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs are closed KILLED by now; say how to go on
-        report(f"[{spec.family}] stopped; its open runs are marked KILLED. Resume with: "
+        report(f"[{spec.family_name}] stopped; its open runs are marked KILLED. Resume with: "
                f"sweep run --family {spec.family} --resume --sweep {name}")
         raise
     return result
@@ -210,23 +214,23 @@ def run_sweep(
 
 def default_name(spec: SweepSpec) -> str:
     """A new sweep's name when ``--sweep`` gives none: family, tuner and the time."""
-    return f"{spec.family}-{spec.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
+    return f"{spec.family_name}-{spec.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def build_tuner(spec: SweepSpec, splits: Splits, tracking_settings: TrackingSettings, weights_path: str | None,
-                name: str, overwrite: bool, report: Reporter, verbose: int = 0, trains_here: bool = True):
+                name: str, overwrite: bool, report: Reporter, verbose: int = 0, trains_here: bool = True,
+                deadline: float | None = None, trial_retries: int = 1):
     """The family's hypermodel, prepared to train here (its cached features, when the spec caches), and the
     tuner around it.
 
     Returns:
         (tuner, seconds spent loading or computing cached features)
     """
-    if spec.family not in FAMILIES:
-        raise SweepError(f"unknown family {spec.family!r}; choose one of {', '.join(FAMILIES)}.")
-    keras.utils.set_random_seed(spec.seed)
-    hypermodel: HyperFamily = make_hypermodel(
+    hypermodel: HyperFamily = registry.make(
         spec.family, num_classes=len(splits.class_names), image_size=splits.image_size, weights=weights_path
     )
+    registry.check(hypermodel)  # before the seed: its draws do not shift the trials'
+    keras.utils.set_random_seed(spec.seed)
     if hypermodel.mixed_precision:
         hypermodel.dtype_policy = precision.resolve(spec.precision)
     started = time.monotonic()
@@ -234,7 +238,7 @@ def build_tuner(spec: SweepSpec, splits: Splits, tracking_settings: TrackingSett
         hypermodel.prepare(splits, tracking_settings.cache_dir, report, fixed=dict(spec.fixed))
     setup_seconds = time.monotonic() - started
     tuner = SweepTuner(
-        spec=spec, data=splits, report=report, verbose=verbose, oracle=build_oracle(spec), hypermodel=hypermodel,
+        spec=spec, data=splits, report=report, verbose=verbose, oracle=build_oracle(spec, deadline=deadline), hypermodel=hypermodel,
         directory=str(tracking_settings.tuner_dir), project_name=name, overwrite=overwrite,
     )
     return tuner, setup_seconds
@@ -330,7 +334,7 @@ def run_study(specs: list[SweepSpec], tracking_settings: TrackingSettings, repor
         raise SweepError("--resume and --sweep take one family, not 'all'; run each family's sweep in turn.")
     resume_run = None
     if resume:
-        resume_run, resumed = find_resumable(specs[0].family, tracking_settings, sweep_name)
+        resume_run, resumed = find_resumable(specs[0].family_name, tracking_settings, sweep_name)
         specs = [resumed]
         report(f"Resuming sweep {resume_run.data.tags['sweep']} (MLflow run {resume_run.info.run_id}) with its "
                f"own settings: {resumed.trials} trials x {resumed.epochs} epochs, {resumed.tuner}, objective "
@@ -343,8 +347,9 @@ def run_study(specs: list[SweepSpec], tracking_settings: TrackingSettings, repor
         by_size.setdefault(spec.image_size, []).append(spec)
     prepared = {}
     for size, group in by_size.items():
-        lead = next((g for g in group if g.family == "transfer"), group[0])
-        prepared[size] = prepare(lead, tracking_settings, lead.family == "transfer", report)
+        # one weights check for the group, by a family that loads weights (where one does)
+        lead = next((g for g in group if registry.family_class(g.family).uses_weights), group[0])
+        prepared[size] = prepare(lead, tracking_settings, report)
     results = []
     for done, s in enumerate(specs):
         deadline = None if ends is None else time.time() + (ends - time.time()) / (len(specs) - done)

@@ -23,7 +23,7 @@ from sweep import compat, plots, staging, tracking
 from sweep.errors import SweepError
 from sweep.oracles import ConsecutiveFailures, build_oracle, epoch_metric  # noqa: F401 (re-exported)
 from sweep.results import (PRUNED_TAG, TrialRecord, accuracy_interval, best_record, best_run, format_duration,
-                           format_value)
+                           format_value, param_text)
 from sweep.spec import OBJECTIVES, SweepSpec
 from sweep.staging import LeaderStaging
 
@@ -155,9 +155,9 @@ def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, experiment
         _check_agreement(scored, raw, {"val": len(data.validation), "test": len(data.test)})
     except kt.errors.FailedTrialError as exc:
         logger.set_tags({"raw_check": "failed", "error": str(exc)[:5000]})
-        raise SweepError(f"{spec.family} trial {number}: {exc}") from None
+        raise SweepError(f"{spec.family_name} trial {number}: {exc}") from None
     logger.set_tags({"raw_check": "passed"})
-    report(f"[{spec.family}] trial {number}'s kept model on raw images: val {raw['raw_val_accuracy']:.1%} (loss "
+    report(f"[{spec.family_name}] trial {number}'s kept model on raw images: val {raw['raw_val_accuracy']:.1%} (loss "
            f"{raw['raw_val_loss']:.4f}), test {raw['raw_test_accuracy']:.1%}: its cached score, checked end to "
            f"end ({time.monotonic() - started:.0f}s)")
 
@@ -212,7 +212,7 @@ class SweepTuner(kt.Tuner):
         hp = trial.hyperparameters
         done = next((r for r in self.records if r.trial_id == trial.trial_id), None)
         if done is not None:  # killed after MLflow finished the trial but before Keras Tuner saved it
-            self.report(f"[{self.spec.family}] trial {done.number} was already finished; not run again")
+            self.report(f"[{self.spec.family_name}] trial {done.number} was already finished; not run again")
             return done.scores
         values = hyperparameters(hp.values)
         spec = self.spec
@@ -223,12 +223,12 @@ class SweepTuner(kt.Tuner):
         seed = spec.seed + (leader or number) - 1  # a refinement reproduces its leader's first stage
         self.family.new_session()
         keras.utils.set_random_seed(seed)
-        params = {**spec.to_params(), **{name: format_value(value) for name, value in values.items()}}
-        tags = {"family": spec.family, "trial_id": trial.trial_id, "trial_number": str(number),
+        params = {**spec.to_params(), **{name: param_text(value) for name, value in values.items()}}
+        tags = {"family": spec.family_name, "trial_id": trial.trial_id, "trial_number": str(number),
                 "tuner_id": self.tuner_id, "dtype_policy": self.family.dtype_policy,
                 **({"refines_trial": str(leader)} if leader else {})}
         started = time.monotonic()
-        with tracking.open_run(self.client, self.experiment_id, f"{spec.family}-trial-{number}", params, tags,
+        with tracking.open_run(self.client, self.experiment_id, f"{spec.family_name}-trial-{number}", params, tags,
                                parent_run_id=self.parent_run_id, report=self.report) as run:
             try:
                 heartbeat = Heartbeat(self.oracle, trial.trial_id, spec.objective)
@@ -246,7 +246,7 @@ class SweepTuner(kt.Tuner):
                     run.log_metrics({name: series[step - initial_epoch - 1]
                                      for name, series in fitted.history.items() if series}, step=step)
                 record = TrialRecord(
-                    family=spec.family, trial_id=trial.trial_id, number=number, hyperparameters=values,
+                    family=spec.family_name, trial_id=trial.trial_id, number=number, hyperparameters=values,
                     history=fitted.history, first_epoch=initial_epoch + 1,
                     val_accuracy=fitted.val_accuracy, val_loss=fitted.val_loss,
                     test_accuracy=fitted.test_accuracy, test_loss=fitted.test_loss,
@@ -270,7 +270,7 @@ class SweepTuner(kt.Tuner):
                 if tracking.interrupted(exc):  # stopped, not failed: Keras Tuner must not go on to the next trial
                     raise KeyboardInterrupt from exc
                 run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
-                self.report(f"[{spec.family}] trial {number} FAILED: {failure_line(exc)}")
+                self.report(f"[{spec.family_name}] trial {number} FAILED: {failure_line(exc)}")
                 raise
         self.records.append(record)
         self.report(self.progress_line(record))
@@ -323,7 +323,7 @@ class SweepTuner(kt.Tuner):
         budget = getattr(self.oracle, "seconds_left", lambda: None)()  # a worker's oracle is the chief's
         hps = " ".join(f"{k}={format_value(v)}" for k, v in record.hyperparameters.items())
         return (
-            f"[{s.family}] trial {record.number}/{s.trials} ({format_duration(record.seconds)}): {hps} | "
+            f"[{s.family_name}] trial {record.number}/{s.trials} ({format_duration(record.seconds)}): {hps} | "
             f"val {record.val_accuracy:.1%} (loss {record.val_loss:.3f}) test {record.test_accuracy:.1%}"
             f"{f' (pruned after epoch {record.pruned_at})' if record.pruned_at else ''} | "
             f"best trial {best.number} (val {best.val_accuracy:.1%}, loss {best.val_loss:.3f}) | "

@@ -67,23 +67,24 @@ def checkpoint_size(weights_path: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def default_image_size(family: str, weights: str | None) -> tuple[int, int]:
-    """The image size a sweep runs at when ``--image-size`` is not given: for the transfer family with a
-    weights file whose name carries Keras' size (``..._1.0_224_no_top...``), that size, since a checkpoint is
-    most accurate at the size it was trained at; otherwise the study's 160 (with ``--weights imagenet``,
-    Keras' own 160 checkpoint)."""
-    if family == "transfer" and weights and str(weights).lower() not in ("imagenet", "none"):
+def default_image_size(family, weights: str | None) -> tuple[int, int]:
+    """The image size a sweep runs at when ``--image-size`` is not given: for a family that ``uses_weights``
+    with a weights file whose name carries Keras' size (``..._1.0_224_no_top...``), that size, since a
+    checkpoint is most accurate at the size it was trained at; otherwise the study's 160 (with ``--weights
+    imagenet``, Keras' own 160 checkpoint)."""
+    if weights and str(weights).lower() not in ("imagenet", "none"):
         size = checkpoint_size(weights)
         if size is not None:
-            return size, size
+            from search_spaces import registry
+
+            if registry.family_class(family).uses_weights:
+                return size, size
     return STUDY_IMAGE_SIZE
 
 
-def image_size_line(family: str, weights_path: str | None, image_size: tuple[int, int]) -> str | None:
-    """The line a transfer sweep starts with: which size it runs at and why, or a warning when the weights
-    file's name says it is another size's checkpoint. None for families without a checkpoint."""
-    if family != "transfer":
-        return None
+def image_size_line(weights_path: str | None, image_size: tuple[int, int]) -> str | None:
+    """The line a sweep of a family that loads weights starts with: which size it runs at and why, or a
+    warning when the weights file's name says it is another size's checkpoint."""
     warning = checkpoint_size_warning(weights_path, image_size)
     if warning:
         return warning

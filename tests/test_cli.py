@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,11 +32,26 @@ def test_commands_print_no_tensorflow_start_up_lines():
     assert result.stderr == ""
 
 
+def test_families_lists_the_registered_ones_without_importing_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from sweep.cli import main; "
+            "r = CliRunner().invoke(main, ['families']); print(r.output); print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for family, target in (("scratch", "search_spaces.conv:HyperScratch"),
+                           ("transfer", "search_spaces.transfer:HyperTransfer")):
+        assert re.search(rf"^{family} +{target} \(built in\)$", out, re.M), out
+    assert out.strip().endswith("False")  # nothing heavy was imported
+
+
 def test_families_prints_hyperparameters_and_defaults(runner):
-    result = runner.invoke(main, ["families"])
+    result = runner.invoke(main, ["families", "scratch", "augmented", "preprocessed", "transfer"])
     assert result.exit_code == 0, result.output
     for family in ("scratch", "augmented", "preprocessed", "transfer"):
         assert f"{family}: " in result.output
+    assert "study's validation accuracy 95%-98%; loads --weights" in result.output
+    assert "a later stage switched by fine_tune_from" in result.output
     assert "rotation_factor      Float   [0.0, 0.3] step 0.1" in result.output
     assert "fine_tune_from       Choice  {none, conv_1, block_16}" in result.output
     assert "default 4 (when fine_tune_from is conv_1 or block_16)" in result.output
@@ -59,7 +75,8 @@ BASE = ["run", "--trials", "1", "--epochs", "1", "--batch-size", "4", "--image-s
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["run", "--family", "resnet"], 2, "Invalid value for '--family': 'resnet' is not one of"),
+        (["run", "--family", "resnet"], 1, "Error: unknown family 'resnet' (registered: augmented, preprocessed, "
+                                          "scratch, transfer); give a registered name"),
         (["run", "--family", "scratch", "--trials", "0"], 2, "Invalid value for '--trials': 0 is not in the range x>=1"),
         (["run", "--family", "scratch", "--tuner", "grid"], 2, "Invalid value for '--tuner'"),
         (["run", "--family", "scratch", "--image-size", "abc"], 2, "'abc' is not a size like 160 or 160x160"),

@@ -9,9 +9,9 @@ import pytest
 
 from search_spaces import make_hypermodel
 from search_spaces.base import FLIP_MODES
-from search_spaces.features import (FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, flip,
+from feature_cache.features import (FeatureCache, FeatureExtractor, PooledFeatures, PoolSpec, TrainPool, flip,
                                     preprocess, rotate)
-from search_spaces.head import ViewDraws, stack_views
+from feature_cache.head import ViewDraws, stack_views
 from sweep.data import decode_images, list_images
 
 SPEC = PoolSpec()
@@ -269,7 +269,7 @@ def test_the_reused_head_starts_every_trial_afresh():
     """One head is reused by every trial of a process: a trial's result must not depend on the trials before."""
     from types import SimpleNamespace
 
-    from search_spaces.transfer import CachedFeatures
+    from feature_cache.trainer import CachedFeatures
 
     rng = np.random.default_rng(0)
     n, v, dim = 40, SPEC.views_per_image, 1280
@@ -353,8 +353,8 @@ def test_a_cached_trial_scores_what_the_end_to_end_model_scores_on_raw_images(ti
 
 @pytest.mark.slow
 def test_cut_activations_are_streamed_to_files_and_read_back_block_by_block(tmp_path, small_base, image_files):
-    from search_spaces.features import ActivationRows, flip_combo
-    from search_spaces.finetune import CUTS
+    from feature_cache.features import ActivationRows, flip_combo
+    from feature_cache.finetune import CUTS
 
     base = small_base.build_base()
     shapes = {cut: tuple(base.get_layer(layer).output.shape[1:]) for cut, layer in CUTS.items()}
@@ -400,7 +400,7 @@ def test_cut_activations_are_streamed_to_files_and_read_back_block_by_block(tmp_
 def test_a_stop_at_any_point_of_the_pass_leaves_no_temporary_file(tmp_path, small_base, image_files, stop_on):
     """Ctrl-C or SIGTERM raise KeyboardInterrupt wherever Python is: right after the "Computing" line (before the
     loop; a real SIGTERM once landed there and left a ``.tmp`` behind) or mid-pass. Nothing half-written stays."""
-    from search_spaces.finetune import CUTS
+    from feature_cache.finetune import CUTS
 
     base = small_base.build_base()
     shapes = {cut: tuple(base.get_layer(layer).output.shape[1:]) for cut, layer in CUTS.items()}

@@ -9,9 +9,9 @@ import pytest
 from mlflow import MlflowClient
 
 from search_spaces import make_hypermodel
-from search_spaces.features import FeatureExtractor, preprocess
-from search_spaces.finetune import CUTS, top_layers, trainable_names, view_logits
-from search_spaces.transfer import own_base
+from feature_cache.features import FeatureExtractor, preprocess
+from feature_cache.finetune import CUTS, top_layers, trainable_names, view_logits
+from feature_cache.trainer import own_base
 from sweep.cli import main
 from sweep.data import load_splits
 from tests.conftest import runs_in
@@ -224,7 +224,8 @@ def test_the_report_says_whether_fine_tuning_beat_the_frozen_best(tuned_loss, tu
     frozen = record(13, 0.04, 0.98)
     tuned = record(4, tuned_loss, tuned_accuracy, fine_tune_from="block_16", fine_tune_epochs=4, fine_tune_lr_factor=0.1)
     best = tuned if tuned_loss < 0.04 else frozen
-    row = FamilyRow("transfer", best, 0.474, 20, 0.99, frozen=frozen, fine_tuned=tuned)
+    row = FamilyRow("transfer", best, 0.474, 20, 0.99, frozen=frozen, fine_tuned=tuned,
+                    stage_settings=("fine_tune_from", "fine_tune_epochs", "fine_tune_lr_factor"))
     right = round(tuned_accuracy * 800)
     images = (f" Of 800 validation images, the fine-tuned trial got {right} right and the frozen one 784 (one image is "
               "0.12 points).")
@@ -232,7 +233,8 @@ def test_the_report_says_whether_fine_tuning_beat_the_frozen_best(tuned_loss, tu
     text = to_markdown([row], "exp")
     assert "## Fine-tuning (transfer)" in text and verdict in text
     assert "| best frozen-base trial | 13 | no | 98.0% | 0.040 |" in text
-    assert f"| best fine-tuned trial | 4 | from block_16, 4 epochs, learning rate x 0.1 | {tuned_accuracy:.1%} |" in text
+    assert (f"| best fine-tuned trial | 4 | fine_tune_from block_16, fine_tune_epochs 4, fine_tune_lr_factor 0.1 | "
+            f"{tuned_accuracy:.1%} |") in text
     # runs logged before the validation size was recorded: the verdict alone
     frozen.val_images = 0
     assert FamilyRow("transfer", best, 0.474, 20, 0.99, frozen=frozen, fine_tuned=tuned).fine_tuning_verdict == verdict

@@ -19,7 +19,7 @@ from tests.conftest import REAL_DATA, SHARED_WEIGHTS, copy_sample
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 SURFACE = ["SweepSpec", "SweepResult", "TrialRecord", "BestTrial", "Export", "Verification", "Prediction",
            "run_sweep", "find_best", "export_best", "predict", "tracking_settings", "FORMATS", "DEFAULT_FORMATS",
-           "SweepError", "ConfigError", "DataError", "WeightsError"]
+           "SweepError", "ConfigError", "DataError", "WeightsError", "FamilyError", "HyperFamily", "Fitted"]
 
 
 def test_the_surface_is_stable_and_importing_it_loads_neither_tensorflow_nor_mlflow():

@@ -9,7 +9,9 @@ import keras_tuner as kt
 import numpy as np
 import pytest
 
-from search_spaces import FAMILIES, default_values, describe, make_hypermodel
+from search_spaces import default_values, describe, make_hypermodel, registry
+
+FAMILIES = registry.study_families()
 
 
 def build(family: str, image_size=(160, 160), weights=None, **fixed):

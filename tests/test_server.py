@@ -332,8 +332,8 @@ def test_more_doors_each_get_one_line_and_leave_no_store(tracking_env, runner, t
     """Found by trying bad inputs as a new user would (docs/faults.md)."""
     data = ["--data-dir", str(tiny_data), "--image-size", "32", "--trials", "1", "--epochs", "1"]
     code, line = run_cli(runner, ["run", "--family", "scratch", "--weights", "/nowhere.h5", "--no-cache", *data])
-    assert code == 2 and line == ("Error: --weights and --no-cache only apply to --family transfer (or all); drop them "
-                                  "for --family scratch.")
+    assert code == 2 and line == ("Error: --weights and --no-cache only apply to a family that loads pretrained "
+                                  "weights (see `sweep families`); drop them for --family scratch.")
     code, line = run_cli(runner, ["worker", "--chief", "127.0.0.1:99999", "--sweep", "s"])
     assert code == 1 and "with a port from 1 to 65535" in line
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from search_spaces import FAMILIES, describe
+from search_spaces import describe, registry
+
+FAMILIES = registry.study_families()
 from sweep.errors import ConfigError
 from sweep.spec import DATASET_URL, SweepSpec
 

@@ -6,7 +6,7 @@ import keras_tuner as kt
 import pytest
 
 from search_spaces import default_values, hyperparameters
-from search_spaces.finetune import CUTS
+from feature_cache.finetune import CUTS
 from search_spaces.transfer import HyperTransfer
 from sweep.spec import SweepSpec
 from sweep.staging import LeaderStaging

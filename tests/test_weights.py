@@ -94,9 +94,8 @@ def test_the_image_size_follows_the_checkpoint_unless_given(family, weights, siz
 
 def test_one_line_says_which_size_and_why():
     path = f"/w/{SHARED_NAME}"
-    assert image_size_line("transfer", path, (224, 224)) == (
+    assert image_size_line(path, (224, 224)) == (
         f"Image size 224x224: {SHARED_NAME} is MobileNetV2's 224x224 checkpoint, most accurate at its own size "
         "(--image-size overrides).")
-    assert image_size_line("transfer", path, (160, 160)).startswith("Warning:")  # --image-size 160 given
-    assert image_size_line("transfer", "/w/my_base.h5", (160, 160)) == "Image size 160x160 (--image-size overrides)."
-    assert image_size_line("scratch", None, (160, 160)) is None
+    assert image_size_line(path, (160, 160)).startswith("Warning:")  # --image-size 160 given
+    assert image_size_line("/w/my_base.h5", (160, 160)) == "Image size 160x160 (--image-size overrides)."

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import keras
 import numpy as np
 
-from search_spaces.features import PooledFeatures, TrainPool
+from feature_cache.features import PooledFeatures, TrainPool
 
 
 class ViewDraws:
@@ -87,3 +89,23 @@ class ScoreEachEpoch(keras.callbacks.Callback):
 def stack_views(views: list[PooledFeatures], pooling: str) -> np.ndarray:
     """``[images, len(views), dim]``: the head's input for images seen through several views."""
     return np.stack([v.pooled(pooling) for v in views], axis=1)
+
+
+class RateDropout(keras.layers.Layer):
+    """Dropout whose rate is a variable (``reset``), for the head that trains every trial of a process."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(0)
+        self.rate = self.add_weight(shape=(), initializer="zeros", trainable=False, name="rate")
+
+    def reset(self, rate: float, seed: int) -> None:
+        self.rate.assign(rate)
+        self.seed_generator.state.assign(np.array([seed, 0], dtype=self.seed_generator.state.dtype))
+
+    def call(self, inputs, training: bool = False):
+        if not training:
+            return inputs
+        # inverted dropout, as keras.layers.Dropout: keep each unit with 1 - rate, scale the kept ones up
+        keep = keras.random.uniform(keras.ops.shape(inputs), seed=self.seed_generator) >= self.rate
+        return keras.ops.where(keep, inputs / (1.0 - self.rate), keras.ops.zeros_like(inputs))

@@ -18,6 +18,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from feature_cache.head import RateDropout, score
+
 # cut point -> the layer of MobileNetV2 whose output the trainable top takes (cached per image and view).
 # All measured by ``sweep bench --cut-costs``; ``CUTS`` are those a sweep offers.
 CUT_LAYERS = {
@@ -56,8 +58,6 @@ class TopTrainer:
 
     def __init__(self, base: keras.Model, cut: str, num_classes: int, steps_per_execution: int,
                  compile_model) -> None:
-        from search_spaces.transfer import RateDropout
-
         shared = top_layers(base, cut)
         self.cut = cut
         self.top = keras.models.clone_model(shared)
@@ -188,8 +188,6 @@ class ScoreViewsEachEpoch(keras.callbacks.Callback):
         self.views, self.y = views, np.asarray(labels)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        from search_spaces.head import score
-
         loss, accuracy = score(self.model, None, self.y, view_logits(self.model, self.views))
         if logs is not None:
             logs.update(val_loss=loss, val_accuracy=accuracy)
