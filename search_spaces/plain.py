@@ -12,6 +12,8 @@ import keras_tuner as kt
 from search_spaces.base import Fitted, HyperFamily, Validation, fitted
 from sweep.errors import FamilyError
 
+# What a plain HyperModel class may declare as class attributes, as a HyperFamily would (the rest need its hooks).
+PLAIN_CAPABILITIES = ("study_range", "prunable")
 # Adam's learning rate where the family declares no ``learning_rate`` hyperparameter and compiles nothing itself.
 DEFAULT_LEARNING_RATE = 1e-3
 
@@ -26,7 +28,8 @@ class PlainFamily(HyperFamily):
       model without them), or the user's own ``fit(hp, model, *args, **kwargs)`` where the class overrides Keras
       Tuner's hook: it gets the training batches, ``epochs``, ``initial_epoch``, ``callbacks`` and ``verbose``
       as ``model.fit`` takes them, and must pass ``callbacks`` on (they score validation and log each epoch).
-    * Not mixed precision (the user's layers choose their own dtypes), prunable, no later stage.
+    * Not mixed precision (the user's layers choose their own dtypes), prunable, no later stage; the class may
+      declare ``study_range`` and ``prunable`` as a ``HyperFamily`` does.
     """
 
     mixed_precision = False
@@ -81,10 +84,7 @@ class PlainFamily(HyperFamily):
 
 def build_error(name: str, exc: BaseException) -> FamilyError:
     """The one line for a family whose ``build(hp)`` raised, with where in the user's code."""
-    import traceback
+    from search_spaces.registry import first_line, where
 
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return FamilyError(f"family {name}: build(hp) raised {type(exc).__name__}: {first}{where}; fix the family's "
-                       "build, then run again.")
+    return FamilyError(f"family {name}: build(hp) raised {first_line(exc)}{where(exc)}; fix the family's build, then "
+                       "run again.")

@@ -125,10 +125,18 @@ def family_class(family: str | type) -> type[HyperFamily]:
         FamilyError: the family cannot be loaded.
     """
     from search_spaces.base import HyperFamily
-    from search_spaces.plain import PlainFamily
 
     cls = load(normalize(family))
-    return cls if issubclass(cls, HyperFamily) else PlainFamily
+    return cls if issubclass(cls, HyperFamily) else _plain_class(cls)
+
+
+@lru_cache(maxsize=None)
+def _plain_class(cls: type) -> type:
+    """``PlainFamily`` with what a plain ``HyperModel`` class declares of ``PLAIN_CAPABILITIES``."""
+    from search_spaces.plain import PLAIN_CAPABILITIES, PlainFamily
+
+    declared = {name: getattr(cls, name) for name in PLAIN_CAPABILITIES if hasattr(cls, name)}
+    return type(f"Plain{cls.__name__}", (PlainFamily,), declared) if declared else PlainFamily
 
 
 def display_name(family: str | type) -> str:
@@ -187,13 +195,16 @@ def _is_hypermodel(cls: type) -> bool:
     return issubclass(cls, kt.HyperModel)
 
 
-def _where(exc: BaseException) -> str:
-    """`` (file:line)`` of the innermost frame of the user's code an exception came from."""
+def where(exc: BaseException) -> str:
+    """`` (file:line)`` of the innermost frame of the user's code an exception came from (not an installed
+    library's, nor the import machinery's)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "importlib" not in f.filename]
+    own = [f for f in frames if "-packages" not in f.filename and "/search_spaces/" not in f.filename]
+    frames = own or frames
     return f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
@@ -205,10 +216,10 @@ def _import_module(name: str, what: str):
             raise FamilyError(f"{what}: no module named {exc.name!r}; install its package, run from the folder "
                               "that holds it (or add that folder to PYTHONPATH), or give path/to/file.py:Class."
                               ) from None
-        raise FamilyError(f"{what}: importing {name} failed: {_first_line(exc)}{_where(exc)}; install what it "
+        raise FamilyError(f"{what}: importing {name} failed: {first_line(exc)}{where(exc)}; install what it "
                           "imports.") from None
     except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
-        raise FamilyError(f"{what}: importing {name} raised {_first_line(exc)}{_where(exc)}; fix the module.") from None
+        raise FamilyError(f"{what}: importing {name} raised {first_line(exc)}{where(exc)}; fix the module.") from None
 
 
 def _import_file(path: Path, reference: str):
@@ -230,7 +241,7 @@ def _import_file(path: Path, reference: str):
         spec.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001 - the user's file raised while importing
         del sys.modules[name]
-        raise FamilyError(f"--family {reference}: importing {path.name} raised {_first_line(exc)}{_where(exc)}; "
+        raise FamilyError(f"--family {reference}: importing {path.name} raised {first_line(exc)}{where(exc)}; "
                           "fix the file.") from None
     return module
 
@@ -248,7 +259,6 @@ def make(family: str | type, num_classes: int = 2, image_size: tuple[int, int] =
         FamilyError: the class cannot be found, or its constructor raised.
     """
     from search_spaces.base import HyperFamily
-    from search_spaces.plain import PlainFamily
 
     reference = normalize(family)
     cls = load(reference)
@@ -269,7 +279,7 @@ def make(family: str | type, num_classes: int = 2, image_size: tuple[int, int] =
         instance = cls(**kwargs)
     except Exception as exc:  # noqa: BLE001 - the user's constructor
         given = ", ".join(kwargs) or "no arguments"
-        raise FamilyError(f"family {name}: {cls.__name__}({given}) raised {_first_line(exc)}{_where(exc)}; sweep "
+        raise FamilyError(f"family {name}: {cls.__name__}({given}) raised {first_line(exc)}{where(exc)}; sweep "
                           "constructs a family with no arguments, or with whichever of num_classes (or classes) and "
                           "image_size (or input_shape) its constructor takes.") from None
     if isinstance(instance, HyperFamily):
@@ -277,7 +287,7 @@ def make(family: str | type, num_classes: int = 2, image_size: tuple[int, int] =
         if not isinstance(cls.__dict__.get("name"), str):
             instance.name = name
         return instance
-    return PlainFamily(instance, name, num_classes, size)
+    return _plain_class(cls)(instance, name, num_classes, size)
 
 
 def space(family: str | type):
@@ -334,7 +344,7 @@ def check(family: HyperFamily) -> None:
             outputs = model.predict_on_batch(np.zeros((1, *wanted), "float32"))
         except Exception as exc:  # noqa: BLE001
             raise FamilyError(f"family {name}: its model failed on a {height}x{width}x3 image: "
-                              f"{_first_line(exc)}; build it for the sweep's --image-size.") from None
+                              f"{first_line(exc)}; build it for the sweep's --image-size.") from None
         out = tuple(np.shape(outputs))
     else:
         out = tuple(model.outputs[0].shape)

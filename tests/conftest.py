@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_DATA = SHARED / "datasets" / "cats_and_dogs_filtered"
 SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.coral-ptq-dequant.h5"
+# the installed command, for tests that run it as a user would (in its own process)
+SWEEP_BIN = str(Path(sys.executable).with_name("sweep"))
 
 
 def make_image_folders(root: Path, classes=("cats", "dogs"), train=16, validation=12, size=40, seed=0) -> Path:
@@ -114,3 +119,24 @@ def copy_sample(src: Path, dst: Path, per_class: dict[str, int]) -> Path:
             for image in sorted(class_dir.iterdir())[:count]:
                 shutil.copy(image, target / image.name)
     return dst
+
+
+def signal_on_line(args: list[str], cwd: Path, prefix: str, signum: int) -> tuple[int, str, float]:
+    """Run ``sweep ARGS``, send ``signum`` as the first output line starting with ``prefix`` appears, and
+    return its exit code, its whole output and the seconds it took to end after the signal."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([SWEEP_BIN, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines, signalled = [], time.monotonic()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(prefix):
+                signalled = time.monotonic()
+                proc.send_signal(signum)
+                break
+        output = "".join(lines) + proc.communicate(timeout=60)[0]
+        return proc.returncode, output, time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()

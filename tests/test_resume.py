@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 
 from sweep.cli import main
-from tests.conftest import runs_in
-
-SWEEP_BIN = str(Path(sys.executable).with_name("sweep"))
+from tests.conftest import SWEEP_BIN, runs_in, signal_on_line
 
 
 def run_states(db: Path) -> list[tuple[str, str]]:
@@ -32,27 +30,6 @@ def run_states(db: Path) -> list[tuple[str, str]]:
                 "on t.run_uuid = r.run_uuid and t.key = 'mlflow.parentRunId'").fetchall()
     except sqlite3.Error:
         return []
-
-
-def signal_on_line(args: list[str], cwd: Path, prefix: str, signum: int) -> tuple[int, str, float]:
-    """Run ``sweep ARGS``, send ``signum`` as the first output line starting with ``prefix`` appears, and
-    return its exit code, its whole output and the seconds it took to end after the signal."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([SWEEP_BIN, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    lines, signalled = [], time.monotonic()
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith(prefix):
-                signalled = time.monotonic()
-                proc.send_signal(signum)
-                break
-        output = "".join(lines) + proc.communicate(timeout=60)[0]
-        return proc.returncode, output, time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.mark.slow
