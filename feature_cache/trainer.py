@@ -30,7 +30,9 @@ LITERT_MIN_PASSES = 4000
 
 
 class CachedTraining:
-    """Mixin: a frozen-base family's trials on cached features (see the module's docstring)."""
+    """Mixin: a frozen-base family's trials on cached features (see the module's docstring). The family's
+    ``stage_switch`` names the hyperparameter that picks the cut (a key of ``CUTS``, or its off value), and its
+    ``stage_epochs(values)`` the fine-tuning stage's epochs."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -94,7 +96,7 @@ class CachedTraining:
 
         ``data`` gives the splits' ``files`` and ``labels``, and ``decode(files)`` (float32 0-255 images).
         """
-        fixed_cut = (fixed or {}).get("fine_tune_from")
+        fixed_cut = (fixed or {}).get(self.stage_switch[0])
         cuts = [c for c in CUTS if fixed_cut in (None, c)]
         base = self.build_base()
         cut_shapes = {c: tuple(base.get_layer(CUTS[c]).output.shape[1:]) for c in cuts}
@@ -136,7 +138,7 @@ class CachedTraining:
         if self.features is None:
             head_stage = super().fit(hp, model, data=data, batch_size=batch_size, epochs=epochs,
                                      initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose, seed=seed)
-            if values.get("fine_tune_from", "none") == "none" or model.stop_training:  # stopped: no next stage
+            if not self.stage_epochs(values) or model.stop_training:  # stopped: no next stage
                 return head_stage
             return fine_tune_raw(self, values, model, head_stage, data=data, batch_size=batch_size, epochs=epochs,
                                  callbacks=callbacks, verbose=verbose, seed=seed)
@@ -153,7 +155,7 @@ class CachedTraining:
                            callbacks=[ScoreEachEpoch(validation, data.validation.labels), *(callbacks or [])])
         model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
         # a trial the oracle stopped (at the time budget) ends with its head stage
-        if values.get("fine_tune_from", "none") != "none" and not head.stop_training:
+        if self.stage_epochs(values) and not head.stop_training:
             return self.fine_tune_cached(values, model, history.history, data=data, batch_size=batch_size,
                                          epochs=epochs, callbacks=callbacks, verbose=verbose, seed=seed)
         test = stack_views([f.test, f.mirrored_test][:views], values["pooling"])
@@ -166,7 +168,7 @@ class CachedTraining:
         """The fine-tuning stage on the cut's cached activations: the top (a copy of the base's, from its
         ImageNet weights) and the trained head train together; the result is ``model`` on its own copy of the
         base (``with_own_base``) holding the fine-tuned top, and ``model``'s head (shared) holds the tuned head."""
-        cut, f = values["fine_tune_from"], self.features
+        cut, f = values[self.stage_switch[0]], self.features
         draws = ViewDraws(f.pool, data.train.labels, values["pooling"], values["flip_mode"],
                           values["rotation_factor"], batch_size, [seed, 1])  # its own stream of view draws
         batches = ActivationDraws(f.pool.activations(cut), data.train.labels, draws, batch_size)
@@ -175,7 +177,7 @@ class CachedTraining:
             self._trainers[key] = TopTrainer(self.build_base(), cut, self.num_classes, batches.steps_per_epoch,
                                              self.compile)
         trainer = self._trainers[key]
-        more = values["fine_tune_epochs"]
+        more = self.stage_epochs(values)
         tuned = trainer.reset(model.get_layer("logits").get_weights(), values, seed,
                               steps=more * batches.steps_per_epoch)
         views = 2 if values["test_time_flip"] else 1
@@ -230,11 +232,12 @@ def fine_tune_raw(family: Any, values: dict[str, Any], model: keras.Model, head_
 
     model = family.with_own_base(model)
     base = own_base(model)
-    top = set(trainable_names(base, values["fine_tune_from"]))
+    cut = values[family.stage_switch[0]]  # the stage's switch names the cut: fine_tune_from
+    top = set(trainable_names(base, cut))
     base.trainable = True
     for layer in base.layers:
         layer.trainable = layer.name in top
-    more = values["fine_tune_epochs"]
+    more = family.stage_epochs(values)
     family.compile(model, {"learning_rate": fine_tune_rate(values, more * math.ceil(len(data.train) / batch_size))})
     final = family.inference_model(model, values)
     trained, train = augmenting_pipeline(model, data.train.batches(batch_size, shuffle_seed=seed))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -298,3 +297,25 @@ def test_the_own_family_page_runs_as_written(tiny_data, tracking_env, runner, mo
     namespace: dict = {}
     exec(compile(python[1], "your-own-family.md", "exec"), namespace)  # noqa: S102
     assert len(namespace["result"].trials) == 2 and namespace["result"].family == "WideNet"
+
+
+@pytest.mark.slow
+def test_a_plain_family_under_every_tuner_the_time_budget_the_report_and_bench(family_file, tiny_data, tracking_env,
+                                                                               runner):
+    ref = f"{family_file}:Tiny"
+    common = ["--family", ref, "--data-dir", str(tiny_data), *TINY]
+    for tuner, trials in (("bayesian", 3), ("hyperband", 3), ("random", 6)):
+        result = runner.invoke(main, ["run", *common, "--tuner", tuner, "--trials", str(trials), "--epochs", "3",
+                                      "--sweep", tuner])
+        assert result.exit_code == 0, result.output
+        assert f"[Tiny] trial {trials}/{trials}" in result.output or tuner == "hyperband", result.output
+    result = runner.invoke(main, ["run", *common, "--trials", "50", "--epochs", "2", "--time-budget", "20s",
+                                  "--sweep", "budget"])
+    assert result.exit_code == 0 and "time budget reached after" in result.output, result.output
+    result = runner.invoke(main, ["report", "--out", "report"])
+    assert result.exit_code == 0, result.output
+    report = (tracking_env / "report" / "report.md").read_text()
+    assert re.search(r"^\| Tiny \| (final|epoch \d+) \| units 1\.00 \|$", report, re.M), report
+    result = runner.invoke(main, ["bench", "--family", ref, "--trials", "2", "--epochs", "1", "--data-dir",
+                                  str(tiny_data), "--batch-size", "4", "--image-size", "32", "-q"])
+    assert result.exit_code == 0 and "family Tiny" in result.output, result.output
