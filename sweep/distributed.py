@@ -17,6 +17,7 @@ trains them and logs each as a run nested under the sweep's. Two known faults of
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -125,6 +126,22 @@ class Chief:
     def configure_environment(self) -> None:
         os.environ.update(KERASTUNER_TUNER_ID="chief", KERASTUNER_ORACLE_IP=self.host,
                           KERASTUNER_ORACLE_PORT=str(self.port))
+
+    @contextlib.contextmanager
+    def environment(self):
+        """Keras Tuner's chief variables for the sweep only: a later sweep in the same process (the Python API, a
+        test) must not find itself the chief of a sweep that is over, and wait for workers for ever."""
+        names = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
+        saved = {name: os.environ.get(name) for name in names}
+        self.configure_environment()
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     def check_address(self) -> None:
         """Refuse an address the chief could not listen on, before the sweep's run or folders exist.

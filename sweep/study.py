@@ -141,8 +141,16 @@ def run_sweep(
                              f"{tracking_settings.tuner_dir / name} is gone.")
     else:
         name = name or default_name(spec)
-    if chief is not None:  # Keras Tuner's distributed mode: this process serves the oracle
-        chief.configure_environment()
+    if chief is not None:  # Keras Tuner's distributed mode: this process serves the oracle, until the sweep ends
+        with chief.environment():
+            return _run_sweep(spec, prepared, tracking_settings, report, verbose, resume_run, name, chief, tags,
+                              deadline)
+    return _run_sweep(spec, prepared, tracking_settings, report, verbose, resume_run, name, chief, tags, deadline)
+
+
+def _run_sweep(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingSettings, report: Reporter,
+               verbose: int, resume_run, name: str, chief, tags: dict[str, str] | None,
+               deadline: float | None) -> SweepResult:
     splits = prepared.splits
     # Built before any MLflow run exists: a model that cannot be built (bad weights file) leaves no run behind.
     try:

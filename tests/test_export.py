@@ -22,6 +22,7 @@ from search_spaces import describe
 from sweep.cli import main
 from sweep.data import load_splits
 from sweep.results import accuracy_interval
+from sweep.results import param_value
 from sweep.spec import SweepSpec
 from tests.conftest import make_image_folders, runs_in
 
@@ -165,7 +166,9 @@ def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner,
     assert json.loads((out / "classes.json").read_text()) == ["cats", "dogs"]
     hps = json.loads((out / "hyperparameters.json").read_text())
     assert set(hps) == {row["name"] for row in describe("scratch")}
-    assert hps == {k: v for k, v in best.data.params.items() if k not in SweepSpec.param_names()}
+    # typed and exact, as the trial drew them (MLflow holds each as its exact text)
+    assert hps == {k: param_value(v) for k, v in best.data.params.items() if k not in SweepSpec.param_names()}
+    assert isinstance(hps["learning_rate"], float) and isinstance(hps["conv1_filters"], int)
 
     import keras
 
