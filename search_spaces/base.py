@@ -60,7 +60,8 @@ class HyperFamily(kt.HyperModel):
     and the loop asks the class, never its name:
 
     * attributes: ``description``; ``study_range`` (a published validation-accuracy range the report shows
-      beside its best trial); ``study_model`` (its place in the study, which ``--family all`` sweeps); ``prunable`` (stop hopeless trials at successive halving's rungs);
+      beside its best trial); ``study_model`` (its place in the study, which ``--family all`` sweeps);
+      ``prunable`` and ``first_rung`` (stop hopeless trials at successive halving's rungs, the first at that epoch);
       ``mixed_precision`` (its layers follow ``dtype_policy``); ``uses_weights`` (its constructor takes the
       ``--weights`` file, and the sweep runs at the size that checkpoint was trained at); ``stage_switch`` and
       ``stage_epochs`` (a costly later training stage, searched on the best trials only);
@@ -82,8 +83,11 @@ class HyperFamily(kt.HyperModel):
     # (hyperparameter, value that leaves it off) of a costly optional stage, which a sweep may search only on its
     # best trials without it (sweep/staging.py); None: every hyperparameter is always drawn jointly.
     stage_switch: ClassVar[tuple[str, Any] | None] = None
-    # Whether a sweep may stop this family's hopeless trials early (sweep/pruning.py).
+    # Whether a sweep may stop this family's hopeless trials early (sweep/pruning.py), and the epoch it first
+    # judges them at (then every REDUCTION_FACTOR times as many: 1, 3, 9 of 20); a family whose models start slowly
+    # (heavy augmentation, batch normalisation) is judged later.
     prunable: ClassVar[bool] = True
+    first_rung: ClassVar[int] = 1
     # Whether its trials may compute in mixed bfloat16 (sweep/precision.py); ``dtype_policy`` is the one they use.
     mixed_precision: ClassVar[bool] = True
     # Whether it loads a pretrained checkpoint (``--weights``, passed to its constructor as a local file or None).

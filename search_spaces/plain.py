@@ -13,7 +13,7 @@ from search_spaces.base import Fitted, HyperFamily, Validation, fitted
 from sweep.errors import FamilyError
 
 # What a plain HyperModel class may declare as class attributes, as a HyperFamily would (the rest need its hooks).
-PLAIN_CAPABILITIES = ("study_range", "prunable")
+PLAIN_CAPABILITIES = ("study_range", "prunable", "first_rung")
 # Adam's learning rate where the family declares no ``learning_rate`` hyperparameter and compiles nothing itself.
 DEFAULT_LEARNING_RATE = 1e-3
 
@@ -29,7 +29,7 @@ class PlainFamily(HyperFamily):
       Tuner's hook: it gets the training batches, ``epochs``, ``initial_epoch``, ``callbacks`` and ``verbose``
       as ``model.fit`` takes them, and must pass ``callbacks`` on (they score validation and log each epoch).
     * Not mixed precision (the user's layers choose their own dtypes), prunable, no later stage; the class may
-      declare ``study_range`` and ``prunable`` as a ``HyperFamily`` does.
+      declare ``study_range``, ``prunable`` and ``first_rung`` as a ``HyperFamily`` does.
     """
 
     mixed_precision = False

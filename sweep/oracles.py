@@ -53,12 +53,12 @@ class SweepOracle:
     def __init__(self, *args: Any, staging: LeaderStaging | None = None, pruning: bool = False, epochs: int = 1,
                  stage_epochs: Callable[[dict[str, Any]], int] = HyperFamily.stage_epochs,
                  planned_trials: int | None = None, deadline: float | None = None, trial_retries: int = 1,
-                 **kwargs: Any) -> None:
+                 first_rung: int = 1, **kwargs: Any) -> None:
         """The sweep's concerns, each given here (``build_oracle`` reads them from the spec and the family):
 
         Args:
             staging: the two-phase plan of a family with a costly stage (``sweep.staging``), or None.
-            pruning: stop trials that miss a rung of successive halving.
+            pruning: stop trials that miss a rung of successive halving; ``first_rung``: the epoch of its first.
             epochs: a trial's epochs; ``stage_epochs(values)``: the later stage's after them.
             planned_trials: the spec's trial count (re-runs of expired trials come on top of it).
             deadline: the wall-clock time (``time.time()``) by which the sweep ends (``--time-budget``), or None.
@@ -72,6 +72,7 @@ class SweepOracle:
         self.verbose = 0  # our one line per trial replaces Keras Tuner's tables, in workers too
         self.staging = staging
         self.pruning = pruning
+        self.first_rung = first_rung
         self.pruned: dict[str, int] = {}  # trial id -> the epoch it stopped at (saved with the oracle's state)
         self._pruner: RungPruner | None = None
         # The time budget: the seconds of each epoch seen so far say whether another trial still fits.
@@ -200,7 +201,8 @@ class SweepOracle:
         """Successive halving's record, beside the oracle's own state (made on first use: the tuner sets the
         project folder after building the oracle)."""
         if self._pruner is None:
-            self._pruner = RungPruner(compat.oracle_folder(self), self.objective.direction, protected={0})
+            self._pruner = RungPruner(compat.oracle_folder(self), self.objective.direction, protected={0},
+                                      first=self.first_rung)
         return self._pruner
 
     @kt.synchronized  # workers ask for it through the chief while it expires trials
@@ -322,8 +324,8 @@ def build_oracle(spec: SweepSpec, deadline: float | None = None, trial_retries: 
         return oracle
     cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
     return cls(objective=score, max_trials=spec.trials, seed=spec.seed, staging=LeaderStaging.for_sweep(spec),
-               pruning=spec.prune and family.prunable and bool(rungs(spec.epochs)),  # a rung to judge at
-               planned_trials=spec.trials, **concerns, **space)
+               pruning=spec.prune and family.prunable and bool(rungs(spec.epochs, family.first_rung)),  # a rung to judge at
+               first_rung=family.first_rung, planned_trials=spec.trials, **concerns, **space)
 
 
 def epoch_metric(objective: str) -> str:

@@ -45,16 +45,17 @@ class RungPruner:
         direction: "min" or "max", the sweep objective's.
         protected: the trial numbers (Keras Tuner's ids, from 0) that always run in full: trial 1, the study's
             model, which every sweep promises to run as the study did.
+        first: the first rung (the family's ``first_rung``); the later ones follow by the reduction factor.
     """
 
-    def __init__(self, directory: str | Path, direction: str, protected: set[int]) -> None:
+    def __init__(self, directory: str | Path, direction: str, protected: set[int], first: int = MIN_EPOCHS) -> None:
         path = Path(directory) / JOURNAL
         path.parent.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
         self.study = optuna.create_study(
             study_name="sweep", storage=storage, load_if_exists=True,
             direction=study_direction(direction),
-            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=MIN_EPOCHS, reduction_factor=REDUCTION_FACTOR),
+            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, first), reduction_factor=REDUCTION_FACTOR),
         )
         self.protected = set(protected)
         self._open: dict[str, optuna.Trial] = {}
@@ -92,9 +93,10 @@ class RungPruner:
 
 
 
-def rungs(epochs: int) -> list[int]:
-    """The epochs at which a trial of ``epochs`` epochs is judged (1, 3, 9 for 20)."""
-    found, rung = [], MIN_EPOCHS
+def rungs(epochs: int, first: int = MIN_EPOCHS) -> list[int]:
+    """The epochs at which a trial of ``epochs`` epochs is judged (1, 3, 9 for 20; 3, 9 from a family whose
+    ``first_rung`` is 3)."""
+    found, rung = [], max(1, first)
     while rung < epochs:
         found.append(rung)
         rung *= REDUCTION_FACTOR

@@ -171,7 +171,7 @@ def _run_sweep(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingS
     policy = tuner.hypermodel.dtype_policy
     run_tags = {"family": spec.family_name, "sweep": name, "kind": "sweep", "dtype_policy": policy, **(tags or {})}
     goal = "lowest" if OBJECTIVES[spec.objective] == "min" else "highest"
-    rungs = pruning.rungs(spec.epochs) if getattr(tuner.oracle, "pruning", False) else []
+    rungs = pruning.rungs(spec.epochs, tuner.oracle.first_rung) if getattr(tuner.oracle, "pruning", False) else []
     report(
         f"[{spec.family_name}] {'resuming ' if resume_run else ''}sweep {name}: {spec.trials} trial(s) x "
         f"{spec.epochs} epoch(s), {spec.tuner} search for the {goal} {spec.objective}"

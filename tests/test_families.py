@@ -81,7 +81,13 @@ def test_a_plain_hypermodel_gets_the_loop_defaults(family_file):
 
 def test_the_example_declares_what_it_can_do():
     cls = registry.family_class(EXAMPLE_REF)
-    assert cls.study_range == (0.80, 1.00) and cls.prunable and not cls.uses_weights
+    assert cls.study_range == (0.80, 1.00) and cls.prunable and not cls.uses_weights and cls.first_rung == 3
+    from sweep.oracles import build_oracle
+    from sweep.pruning import rungs
+
+    oracle = build_oracle(SweepSpec(family=EXAMPLE_REF, image_size=(64, 64)))
+    assert oracle.pruning and oracle.first_rung == 3 and rungs(20, oracle.first_rung) == [3, 9]
+    assert build_oracle(SweepSpec(family="scratch")).first_rung == 1 and rungs(20) == [1, 3, 9]
     import keras_tuner as kt
 
     family = registry.make(EXAMPLE_REF, 2, (64, 64))

@@ -141,3 +141,15 @@ def test_the_last_epoch_is_never_judged(tmp_path):
     run(oracle, [0.9] * 3)
     assert run(oracle, [0.8] * 2 + [5.0])[1] == 3
     assert oracle.pruned == {}
+
+
+def test_a_family_that_starts_slowly_is_first_judged_at_its_own_first_rung(tmp_path, monkeypatch):
+    monkeypatch.setattr(HyperScratch, "first_rung", 3)  # as a family declares it
+    oracle = make_oracle(tmp_path)
+    assert oracle.first_rung == 3
+    run(oracle, flat(0.5))
+    assert run(oracle, flat(0.9))[1] == 3  # a worse trial still runs to epoch 3 (with the default: stopped at 1)
+    monkeypatch.undo()
+    default = make_oracle(tmp_path / "default")
+    run(default, flat(0.5))
+    assert run(default, flat(0.9))[1] == 1  # the default first rung
