@@ -60,8 +60,9 @@ SWEEP_OPTIONS = options(
                  help="A family with a cached frozen base only: train every trial on raw images through the full "
                       "model (the study's way, much slower) instead of on cached base features."),
     click.option("--prune/--no-prune", default=DEFAULTS["prune"], show_default=True,
-                 help="Stop a from-scratch trial at epoch 1, 3 or 9 when it is not in the best third of the "
-                      "sweep's trials there (successive halving; random and Bayesian search). Trial 1 runs in full."),
+                 help="Stop a trial at epoch 1, 3 or 9 (a family may declare a later first rung) when it is not in "
+                      "the best third of the sweep's trials there (successive halving; random and Bayesian search; "
+                      "families that allow it). Trial 1 runs in full."),
     click.option("--fine-tune-leaders/--fine-tune-any", default=DEFAULTS["fine_tune_leaders"], show_default=True,
                  help="A family with a costly later stage (fine-tuning) only: the first half of the trials search "
                       "without it, and each later one refines one of the three best, reproduced exactly; "
