@@ -10,7 +10,7 @@ import keras
 import keras_tuner as kt
 
 from search_spaces.base import Fitted, HyperFamily, Validation, fitted
-from sweep.errors import FamilyError
+from sweep.errors import FamilyError, first_line
 
 # What a plain HyperModel class may declare as class attributes, as a HyperFamily would (the rest need its hooks).
 PLAIN_CAPABILITIES = ("study_range", "prunable", "first_rung")
@@ -84,7 +84,7 @@ class PlainFamily(HyperFamily):
 
 def build_error(name: str, exc: BaseException) -> FamilyError:
     """The one line for a family whose ``build(hp)`` raised, with where in the user's code."""
-    from search_spaces.registry import first_line, where
+    from search_spaces.registry import where
 
     return FamilyError(f"family {name}: build(hp) raised {first_line(exc)}{where(exc)}; fix the family's build, then "
                        "run again.")

@@ -27,7 +27,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweep.errors import FamilyError
+from sweep.errors import FamilyError, first_line
 
 if TYPE_CHECKING:
     from search_spaces.base import HyperFamily
@@ -202,10 +202,6 @@ def where(exc: BaseException) -> str:
     own = [f for f in frames if "-packages" not in f.filename and "/search_spaces/" not in f.filename]
     frames = own or frames
     return f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-
-
-def first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def _import_module(name: str, what: str):

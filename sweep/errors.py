@@ -25,3 +25,8 @@ class WeightsError(SweepError):
 
 class FamilyError(SweepError):
     """A ``--family`` that cannot be found, imported, built, or whose model does not fit the data."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (many span several lines)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"

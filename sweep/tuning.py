@@ -20,7 +20,7 @@ from keras_tuner.engine.trial import TrialStatus
 
 from search_spaces import Fitted, HyperFamily, hyperparameters
 from sweep import compat, plots, staging, tracking
-from sweep.errors import SweepError
+from sweep.errors import SweepError, first_line
 from sweep.oracles import ConsecutiveFailures, build_oracle, epoch_metric  # noqa: F401 (re-exported)
 from sweep.results import (PRUNED_TAG, TrialRecord, accuracy_interval, best_record, best_run, format_duration,
                            format_value, param_text)
@@ -75,8 +75,7 @@ def failure_line(exc: BaseException, limit: int = 300) -> str:
             return f"lost its connection to the chief ({code().name})"
         except Exception:  # noqa: BLE001 - a gRPC error without a status
             pass
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}"[:limit]
+    return first_line(exc)[:limit]
 
 
 def process_memory() -> dict[str, float]:
