@@ -584,7 +584,8 @@ class FeatureCache:
     def _compute(self, key: str, files: Sequence[str], what: str, views: int,
                  render: Callable[[np.ndarray, slice], np.ndarray],
                  extra: dict) -> tuple[dict[str, np.ndarray], dict[str, Path | np.ndarray]]:
-        """Decode ``files`` a chunk at a time, render each image's ``views`` views, featurise, drop.
+        """Decode ``files`` a chunk at a time, render each image's ``views`` views, featurise, drop. The next
+        chunk is decoded and rendered while the base runs on this one (``_rendered_ahead``).
 
         The cuts' activations are streamed to their ``.npy`` files chunk by chunk (in memory without a disk
         cache), so they never sit in memory whole: at 224 they are gigabytes.
@@ -594,15 +595,16 @@ class FeatureCache:
         avgs = np.empty((n, views, dim), dtype="float32")
         extractor = self.extractor
         writers: dict[str, _ArrayWriter] = {}
+        rendered = None
         try:  # from the first temporary file on: a stop (Ctrl-C, SIGTERM) at any point leaves none behind
             for cut, shape in self.cut_shapes.items():
                 writers[cut] = _ArrayWriter(self._cut_path(key, cut), (n, views, *shape))
             started, next_report = time.monotonic(), 0.1
             self.report(f"Computing MobileNetV2 features of {what} ({n * views} forward passes through "
                         f"{extractor.backend}, once; cached on disk) ...")
-            for i in range(0, n, self.chunk):
-                rows = slice(i, min(i + self.chunk, n))
-                x = render(preprocess(self.decode(files[rows])), rows)
+            chunks = [slice(i, min(i + self.chunk, n)) for i in range(0, n, self.chunk)]
+            rendered = self._rendered_ahead(files, chunks, render)
+            for rows, x in zip(chunks, rendered):
                 count = len(x)
                 feats, cut_maps = extractor.outputs(x.reshape(count * views, *x.shape[2:]))
                 maxes[rows] = feats.max.reshape(count, views, dim)
@@ -617,6 +619,8 @@ class FeatureCache:
                     next_report = done + 0.1
             cuts = {cut: writer.close() for cut, writer in writers.items()}
         finally:
+            if rendered is not None:
+                rendered.close()  # stops the thread that renders ahead
             for writer in writers.values():
                 writer.discard()
             if self.directory is not None:  # one opened but not yet in ``writers`` when the stop came
@@ -626,6 +630,28 @@ class FeatureCache:
             if isinstance(value, np.ndarray):
                 self._memory[f"{key}-{cut}"] = {"activations": value}
         return {"max": maxes, "avg": avgs, **extra}, cuts
+
+
+    def _rendered_ahead(self, files: Sequence[str], chunks: list[slice],
+                        render: Callable[[np.ndarray, slice], np.ndarray]):
+        """Each chunk's rendered views, in order; the next chunk is decoded and rendered on a second thread
+        while the caller runs the base on this one. The base's own threads leave the CPU idle between its
+        batches and while Python copies views; decoding and rotating ran serially with it and took a quarter
+        of the pass's wall time (docs/measurements.md). At most two chunks' views are held at once."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def prepare(rows: slice) -> np.ndarray:
+            return render(preprocess(self.decode(files[rows])), rows)
+
+        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render-ahead")
+        try:
+            pending = ahead.submit(prepare, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                x = pending.result()
+                pending = ahead.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+                yield x
+        finally:  # a stop (Ctrl-C) or an error: no chunk is rendered after it
+            ahead.shutdown(wait=True, cancel_futures=True)
 
 
 class _ArrayWriter:

@@ -29,7 +29,7 @@ CUT_LAYERS = {
     "block_14": "block_13_project_BN",
     "block_13": "block_12_add",  # 14x14 maps at 224: a cache 2.4x larger per view
 }
-CUTS = {cut: CUT_LAYERS[cut] for cut in ("conv_1", "block_16")}
+CUTS = {cut: CUT_LAYERS[cut] for cut in ("block_16",)}
 FINE_TUNE_FROM = ("none", *CUTS)
 
 

@@ -196,13 +196,16 @@ class CachedTraining:
         return fine_tuned(self.inference_model(model, values), head_history, history.history, test_loss,
                           test_accuracy, "cached_features", epochs + 1)
 
-    def evaluate_raw(self, result: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
-        """The end-to-end model on the raw validation and test images: a check of the cached score. Images
-        are decoded a batch at a time and dropped (at 224 the two splits would hold 600 MB)."""
+    def evaluate_raw(self, result: Fitted, data: Any, batch_size: int,
+                     splits: tuple[str, ...] = ("val", "test")) -> dict[str, float] | None:
+        """The end-to-end model on the raw images of ``splits`` ("val", "test"): a check of the cached score.
+        Images are decoded a batch at a time and dropped (at 224 the two splits would hold 600 MB)."""
         if result.scored_on != "cached_features":
             return None
         figures = {}
         for name, split in (("val", data.validation), ("test", data.test)):
+            if name not in splits:
+                continue
             logits = np.concatenate([
                 np.asarray(result.model.predict_on_batch(data.decode(split.files[i:i + batch_size])))
                 for i in range(0, len(split), batch_size)])

@@ -160,9 +160,11 @@ class HyperFamily(kt.HyperModel):
         test_loss, test_accuracy = final.evaluate(data.test.batches(batch_size), verbose=0)
         return fitted(final, history.history, test_loss, test_accuracy, "raw_images")
 
-    def evaluate_raw(self, result: Fitted, data: Any, batch_size: int) -> dict[str, float] | None:
-        """The judged model's figures on raw images, for a family that scored it another way (cached
-        features); None when the score already is the raw images' figure."""
+    def evaluate_raw(self, result: Fitted, data: Any, batch_size: int,
+                     splits: tuple[str, ...] = ("val", "test")) -> dict[str, float] | None:
+        """The judged model's figures on the raw images of ``splits`` ("val", "test": ``raw_<split>_loss`` and
+        ``raw_<split>_accuracy``), for a family that scored it another way (cached features); None when the
+        score already is the raw images' figure."""
         return None
 
     # -- model -----------------------------------------------------------------------------------------

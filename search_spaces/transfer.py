@@ -27,7 +27,7 @@ class HyperTransfer(CachedTraining, HyperFamily):
                    "a cut point (study: ~95-98 %)")
     study_range = (0.95, 0.98)
     study_model = 4
-    stage_switch = ("fine_tune_from", "none")  # --fine-tune-leaders: fine-tuning only the best frozen models
+    stage_switch = ("fine_tune_from", "none")  # --fine-tune: which trials fine-tune (sweep/staging.py)
     prunable = False  # a trial on cached features takes seconds: nothing to save
     mixed_precision = False  # its head trains on cached features in float32
     uses_weights = True  # --weights: the base's checkpoint (sweep/weights.py resolves it to a file)
@@ -57,7 +57,7 @@ class HyperTransfer(CachedTraining, HyperFamily):
         # head's learning rate times the factor. "none" is the study's model.
         values["fine_tune_from"] = hp.Choice("fine_tune_from", list(FINE_TUNE_FROM), default="none")
         with hp.conditional_scope("fine_tune_from", list(CUTS)):
-            values["fine_tune_epochs"] = hp.Int("fine_tune_epochs", 2, 6, step=2, default=4)
+            values["fine_tune_epochs"] = hp.Int("fine_tune_epochs", 1, 3, default=2)
             values["fine_tune_lr_factor"] = hp.Float("fine_tune_lr_factor", 0.01, 0.3, sampling="log", default=0.1)
         return values
 

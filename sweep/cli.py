@@ -31,7 +31,7 @@ from sweep.cli_results import COMMANDS
 from sweep.precision import PRECISIONS
 from sweep.results import interval_text
 from sweep.server import redact
-from sweep.spec import OBJECTIVES, TUNERS, SweepSpec
+from sweep.spec import FINE_TUNE_PLANS, OBJECTIVES, TUNERS, SweepSpec
 
 
 @click.group(cls=SweepGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,10 +63,10 @@ SWEEP_OPTIONS = options(
                  help="Stop a trial at epoch 1, 3 or 9 (a family may declare a later first rung) when it is not in "
                       "the best third of the sweep's trials there (successive halving; random and Bayesian search; "
                       "families that allow it). Trial 1 runs in full."),
-    click.option("--fine-tune-leaders/--fine-tune-any", default=DEFAULTS["fine_tune_leaders"], show_default=True,
-                 help="A family with a costly later stage (fine-tuning) only: the first half of the trials search "
-                      "without it, and each later one refines one of the three best, reproduced exactly; "
-                      "--fine-tune-any draws the stage with the rest in every trial."),
+    click.option("--fine-tune", default=DEFAULTS["fine_tune"], show_default=True, type=click.Choice(FINE_TUNE_PLANS),
+                 help="A family with a costly later stage (fine-tuning) only: 'late': the last 30 %% of the trials "
+                      "take it, drawn afresh; 'leaders': each trial of the later half refines one of the three best "
+                      "without it, reproduced exactly; 'any': drawn with the rest in every trial."),
     click.option("--precision", default=DEFAULTS["precision"], show_default=True, type=click.Choice(PRECISIONS),
                  help="From-scratch families: mixed_bfloat16 computes the convolutions in bfloat16 (weights, logits "
                       "and loss stay float32); auto uses it where the CPU (AVX512_BF16, AMX) or GPU has it."),

@@ -18,9 +18,13 @@ from search_spaces import registry
 from search_spaces.base import HyperFamily
 from search_spaces.space import default_values, fixed_space, hyperparameters
 from sweep import compat
-from sweep.pruning import RungPruner, rungs
+from sweep.pruning import REDUCTION_FACTOR, RungPruner, rungs
 from sweep.spec import OBJECTIVES, SweepSpec
 from sweep.staging import LeaderStaging
+
+
+# Heads a sweep must have seen before the stage gate judges one (``SweepOracle._gate``).
+GATE_MIN_HEADS = 3
 
 
 class ConsecutiveFailures(RuntimeError):
@@ -53,7 +57,7 @@ class SweepOracle:
     def __init__(self, *args: Any, staging: LeaderStaging | None = None, pruning: bool = False, epochs: int = 1,
                  stage_epochs: Callable[[dict[str, Any]], int] = HyperFamily.stage_epochs,
                  planned_trials: int | None = None, deadline: float | None = None, trial_retries: int = 1,
-                 first_rung: int = 1, **kwargs: Any) -> None:
+                 first_rung: int = 1, stage_gate: bool = False, **kwargs: Any) -> None:
         """The sweep's concerns, each given here (``build_oracle`` reads them from the spec and the family):
 
         Args:
@@ -63,6 +67,8 @@ class SweepOracle:
             planned_trials: the spec's trial count (re-runs of expired trials come on top of it).
             deadline: the wall-clock time (``time.time()``) by which the sweep ends (``--time-budget``), or None.
             trial_retries: re-runs of an expired trial's values (``--trial-retries``).
+            stage_gate: stop a trial before its costly later stage when its first stage is in the worse half
+                (``_gate``).
         Other arguments go to Keras Tuner's oracle.
         """
         super().__init__(*args, **kwargs)
@@ -86,6 +92,8 @@ class SweepOracle:
         self.retry_values: list[dict[str, Any]] = []  # values of expired trials, handed out before new draws
         self.retry_counts: dict[str, int] = {}  # values (as JSON) -> times they were queued again
         self.planned_trials = planned_trials
+        self.stage_gate = stage_gate
+        self.head_scores: dict[str, float] = {}  # trial id -> its score at the last head epoch (saved)
 
     # Hyperband's first draw opens a bracket: its tuner/* values must come from Hyperband itself.
     defaults_inside_draw = False
@@ -162,7 +170,9 @@ class SweepOracle:
                 self._time_epoch(trial_id, step)
             last = step >= head + self.stage_epochs(values)  # a later stage is stopped at the deadline too
             out_of_time = self.deadline is not None and time.time() >= self.deadline
-            if trial_id not in self.pruned and not last and (self._prune(trial_id, step, epoch_score) or out_of_time):
+            gated = step == head and self._gate(trial_id, epoch_score, staged=not last)
+            if trial_id not in self.pruned and not last and (gated or self._prune(trial_id, step, epoch_score)
+                                                             or out_of_time):
                 self.pruned[trial_id] = step  # stopped at a rung, or at the time budget
                 self.save()
         if self.objective.name not in metrics:  # a heartbeat (and the epoch's score), not a result
@@ -172,6 +182,23 @@ class SweepOracle:
                 return stopped
             return self.trials[trial_id]
         return super().update_trial(trial_id, metrics, step)
+
+    def _gate(self, trial_id: str, score: float, staged: bool) -> bool:
+        """Record a trial's first-stage score (its head's, at the last head epoch), and say whether a trial
+        with a costly later stage (``staged``) stops before it: its head must be in the best third of every
+        trial's head so far, stage-off trials included (successive halving's rule, ``sweep.pruning``; the
+        first ``GATE_MIN_HEADS`` heads always pass). In the measured sweeps the fine-tuned pick's head was
+        the best head so far every time, and a head outside the best third never ended best after fine-tuning
+        (docs/fine-tuning.md); the stage costs as much as ten frozen trials."""
+        if trial_id in self.head_scores:  # a trial handed out again: its first report stands
+            return False
+        earlier = list(self.head_scores.values())
+        self.head_scores[trial_id] = float(score)
+        if not (self.stage_gate and staged) or len(earlier) < GATE_MIN_HEADS:
+            return False
+        sign = 1.0 if self.objective.direction == "min" else -1.0
+        better = sum(sign * other < sign * score for other in earlier)
+        return better * REDUCTION_FACTOR >= len(earlier)  # more than a third of them beat it
 
     def _prune(self, trial_id: str, step: int, score: float) -> bool:
         """Whether the trial misses a rung here. An error of the pruning record (its journal file) turns
@@ -215,6 +242,7 @@ class SweepOracle:
         state["pruned"] = dict(self.pruned)
         state["retry_values"] = list(self.retry_values)
         state["retry_counts"] = dict(self.retry_counts)
+        state["head_scores"] = dict(self.head_scores)
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -222,6 +250,7 @@ class SweepOracle:
         self.pruned = {k: int(v) for k, v in state.get("pruned", {}).items()}
         self.retry_values = list(state.get("retry_values", []))
         self.retry_counts = {k: int(v) for k, v in state.get("retry_counts", {}).items()}
+        self.head_scores = {k: float(v) for k, v in state.get("head_scores", {}).items()}
         if self.planned_trials is not None:  # the re-runs come on top of the spec's count
             self.max_trials = self.planned_trials + sum(self.retry_counts.values())
 
@@ -323,7 +352,9 @@ def build_oracle(spec: SweepSpec, deadline: float | None = None, trial_retries: 
         oracle.max_trials = spec.trials  # Keras Tuner's Hyperband takes no trial count of its own
         return oracle
     cls = {"random": SweepRandomSearch, "bayesian": SweepBayesian}[spec.tuner]
-    return cls(objective=score, max_trials=spec.trials, seed=spec.seed, staging=LeaderStaging.for_sweep(spec),
+    staging = LeaderStaging.for_sweep(spec)
+    return cls(objective=score, max_trials=spec.trials, seed=spec.seed, staging=staging,
+               stage_gate=staging is not None and staging.mode == "late",
                pruning=spec.prune and family.prunable and bool(rungs(spec.epochs, family.first_rung)),  # a rung to judge at
                first_rung=family.first_rung, planned_trials=spec.trials, **concerns, **space)
 

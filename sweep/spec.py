@@ -19,6 +19,7 @@ from sweep.precision import PRECISIONS
 OBJECTIVES = {"val_loss": "min", "val_accuracy": "max"}
 DEFAULT_OBJECTIVE = "val_loss"
 TUNERS = ("random", "bayesian", "hyperband")
+FINE_TUNE_PLANS = ("late", "leaders", "any")  # sweep/staging.py
 DATASET_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
 
 
@@ -51,10 +52,12 @@ def _fixed_from_text(text: str) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(json.loads(text).items()))
 
 
-def _param(key: str | None = None, encode=str, decode=str, since: bool = False, legacy: Any = None) -> dict[str, Any]:
+def _param(key: str | None = None, encode=str, decode=str, since: bool = False, legacy: Any = None,
+           renamed: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """``since``: a setting added after sweeps were already logged; a run without it had the default, or
-    ``legacy`` where that differs (what such a sweep did)."""
-    return {"param": key, "encode": encode, "decode": decode, "since": since, "legacy": legacy}
+    ``legacy`` where that differs (what such a sweep did). ``renamed``: (the param an older version logged
+    instead, its logged values -> this setting's)."""
+    return {"param": key, "encode": encode, "decode": decode, "since": since, "legacy": legacy, "renamed": renamed}
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,12 @@ class SweepSpec:
     # The number format of a from-scratch trial (sweep/precision.py): auto is mixed bfloat16 where the hardware
     # computes it natively; sweeps logged before it existed computed in float32.
     precision: str = field(default="auto", metadata=_param(since=True, legacy="float32"))
-    # transfer only: fine-tune only the best frozen models, each reproduced exactly (sweep/staging.py), instead of
-    # drawing fine_tune_from with the head in every trial; sweeps logged before it existed drew it jointly.
-    fine_tune_leaders: bool = field(default=True, metadata=_param(decode=_bool_from_text, since=True, legacy=False))
+    # A family with a costly later stage (transfer's fine-tuning): which trials take it (sweep/staging.py): "late"
+    # (the last 30 %, drawn afresh), "leaders" (the later half, each refining a best frozen model) or "any"
+    # (drawn with the rest in every trial). Sweeps logged with the older boolean ``fine_tune_leaders`` ran
+    # "leaders" (True) or "any" (False); sweeps logged before either drew it jointly.
+    fine_tune: str = field(default="late", metadata=_param(since=True, legacy="any", renamed=(
+        "fine_tune_leaders", {"True": "leaders", "False": "any"})))
 
     def __post_init__(self) -> None:
         from search_spaces import registry
@@ -125,6 +131,8 @@ class SweepSpec:
             raise ConfigError(f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}.")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+        if self.fine_tune not in FINE_TUNE_PLANS:
+            raise ConfigError(f"unknown fine-tuning plan {self.fine_tune!r}; choose one of {', '.join(FINE_TUNE_PLANS)}.")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         if min(self.image_size) < 32:
@@ -155,6 +163,10 @@ class SweepSpec:
         given = {f.name: f.metadata["decode"](params[_key(f)]) for f in fields(cls) if _key(f) in params}
         legacy = {f.name: f.metadata["legacy"] for f in fields(cls)
                   if _key(f) not in params and f.metadata["legacy"] is not None}
+        for f in fields(cls):
+            old = f.metadata["renamed"]
+            if old is not None and _key(f) not in params and params.get(old[0]) in old[1]:
+                legacy[f.name] = old[1][params[old[0]]]
         return cls(**given, **legacy)
 
     @classmethod

@@ -1,12 +1,19 @@
-"""Staged search for a family with a costly optional stage (the transfer family's fine-tuning): search the
-cheap part first, then spend the costly stage on the leaders.
+"""Staged search for a family with a costly optional stage (the transfer family's fine-tuning): the cheap trials
+first, then a bounded number with the stage on.
 
-A frozen-base trial takes 2-3 s and a fine-tuning one 13-47 s, and fine-tuning does not rescue a weak head (in
-sweeps that drew it jointly, heads trained at a learning rate near 1e-2 ended at validation loss 0.19-0.25 after
-fine-tuning, against 0.013-0.019 for the best). So the first half of a sweep's trials search the head with the
-stage off, and every later trial takes one of the best stage-off trials so far, in turn, with its seed, and draws
-only the stage's own settings. Over three seeds this found a lower best validation loss than drawing the stage
-jointly with the same fine-tuning stage, every time (docs/fine-tuning.md).
+A frozen-base trial takes 1-2 s and a fine-tuning one 7-45 s, so where the stage goes decides a sweep's time.
+Three plans (``--fine-tune``):
+
+* ``late`` (the default): the first half of the trials search with the stage off; each later one draws all
+  its values afresh, with the stage on, and the oracle's stage gate (``SweepOracle._gate``) lets it take the
+  stage only if its first stage (the head) is in the best third of the sweep's so far. The best fine-tuned
+  models came from heads the frozen ranking does not favour (average pooling, whose frozen scores trail max
+  pooling's), and each time from the best head so far, so the late trials draw their own heads rather than
+  inherit the frozen leaders', and the gate spends the stage only on good ones (docs/fine-tuning.md).
+* ``leaders``: the first half search with the stage off; every later trial takes one of the three best
+  stage-off trials so far, in turn, with its seed, and draws only the stage's own settings: a controlled
+  comparison of a model with and without the stage.
+* ``any``: the stage is drawn with everything else in every trial (no plan).
 """
 
 from __future__ import annotations
@@ -21,15 +28,18 @@ from search_spaces import registry
 from sweep.results import param_text
 from sweep.spec import SweepSpec
 
-# How many of the best stage-off trials the later trials refine, in turn.
+# How many of the best stage-off trials the later trials refine, in turn (``leaders``).
 LEADERS = 3
+# The share of a sweep's trials that take the stage, at its end (``late``).
+LATE_SHARE = 0.5
 # Redraws of a refinement that repeats an earlier trial's values before exploring instead.
 MAX_REDRAWS = 20
 
 
 @dataclass(frozen=True)
 class LeaderStaging:
-    """The plan: trials ``0 .. explore-1`` keep ``switch`` at ``off``; each later one refines a leader.
+    """The plan: trials ``0 .. explore-1`` keep ``switch`` at ``off``; each later one turns the stage on,
+    with values drawn afresh (``mode`` "late") or a leader's (``mode`` "leaders").
 
     ``switch`` is the hyperparameter that turns the stage on (``fine_tune_from``) and ``off`` its value that
     leaves it off; the stage's own settings are conditional on it.
@@ -40,17 +50,23 @@ class LeaderStaging:
     explore: int
     seed: int = 0
     leaders: int = LEADERS
+    mode: str = "leaders"
 
     @classmethod
     def for_sweep(cls, spec: SweepSpec) -> LeaderStaging | None:
-        """The plan for a sweep (``--fine-tune-leaders``, the default), or None where the search draws
-        everything jointly: ``--fine-tune-any``, a family without a staged hyperparameter, a sweep that fixes it
-        (``--hp fine_tune_from=...``), Hyperband (its brackets decide which trials go on) and one trial."""
+        """The plan for a sweep (``--fine-tune late``, the default, or ``leaders``), or None where the search
+        draws everything jointly: ``--fine-tune any``, a family without a staged hyperparameter, a sweep that
+        fixes it (``--hp fine_tune_from=...``), Hyperband (its brackets decide which trials go on) and one
+        trial."""
         switch = registry.family_class(spec.family).stage_switch
-        if (not spec.fine_tune_leaders or switch is None or spec.tuner == "hyperband"
+        if (spec.fine_tune == "any" or switch is None or spec.tuner == "hyperband"
                 or switch[0] in dict(spec.fixed) or spec.trials < 2):
             return None
-        return cls(switch=switch[0], off=switch[1], explore=max(1, spec.trials // 2), seed=spec.seed)
+        if spec.fine_tune == "late":
+            explore = spec.trials - max(1, round(spec.trials * LATE_SHARE))
+        else:
+            explore = max(1, spec.trials // 2)
+        return cls(switch=switch[0], off=switch[1], explore=explore, seed=spec.seed, mode=spec.fine_tune)
 
     def propose(self, number: int, drawn: dict[str, Any], space: kt.HyperParameters,
                 leaders: list[dict[str, Any]] | None, tried) -> dict[str, Any]:
@@ -61,10 +77,20 @@ class LeaderStaging:
             space: the oracle's hyperparameters (its Fixed ones hold: a fixed stage setting stays fixed).
             leaders: the values of the finished stage-off trials, best first; None while a trial of the first
                 phase still runs (with several workers): this trial then explores too, rather than refine a
-                leader chosen from half the field.
+                leader chosen from half the field (``leaders`` mode only).
             tried: a predicate, whether values repeat an earlier trial's.
         """
         rng = random.Random(f"{self.seed}-{number}")
+        if number >= self.explore and self.mode == "late":
+            values = dict(drawn)
+            if values.get(self.switch, self.off) == self.off:
+                values[self.switch] = self._stage_on(space, rng)
+            for _ in range(MAX_REDRAWS):
+                values = complete(space, values, rng)
+                if not tried(values):
+                    break
+                values = {self.switch: self._stage_on(space, rng)}
+            return values
         top = (leaders or [])[:self.leaders]
         if number >= self.explore and top:
             for attempt in range(MAX_REDRAWS):

@@ -42,7 +42,7 @@ def test_a_fine_tuning_stage_running_at_the_deadline_stops_there_too(tmp_path):
     from sweep.spec import SweepSpec
     from sweep.tuning import build_oracle
 
-    fixed = (("fine_tune_from", "block_16"), ("fine_tune_epochs", 4))
+    fixed = (("fine_tune_from", "block_16"), ("fine_tune_epochs", 3))
     oracle = build_oracle(SweepSpec(family="transfer", trials=3, epochs=20, seed=1, fixed=fixed, weights="none"))
     oracle._set_project_dir(str(tmp_path), "budget")
     space = oracle.get_space()

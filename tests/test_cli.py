@@ -53,8 +53,9 @@ def test_families_prints_hyperparameters_and_defaults(runner):
     assert "study's validation accuracy 95%-98%; loads --weights" in result.output
     assert "a later stage switched by fine_tune_from" in result.output
     assert "rotation_factor      Float   [0.0, 0.3] step 0.1" in result.output
-    assert "fine_tune_from       Choice  {none, conv_1, block_16}" in result.output
-    assert "default 4 (when fine_tune_from is conv_1 or block_16)" in result.output
+    assert "fine_tune_from       Choice  {none, block_16}" in result.output
+    assert "fine_tune_epochs     Int     [1, 3] step 1" in result.output
+    assert "default 2 (when fine_tune_from is block_16)" in result.output
     assert "{global_max, global_avg}" in result.output
     assert "default flatten" in result.output
 

@@ -415,3 +415,26 @@ def test_a_stop_at_any_point_of_the_pass_leaves_no_temporary_file(tmp_path, smal
     with pytest.raises(KeyboardInterrupt):
         cache.pool(image_files[:5], SPEC)
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.npy"))
+
+
+def test_the_next_chunk_is_rendered_ahead_on_another_thread_in_order():
+    """The pass decodes and renders chunk k+1 on a second thread while the base runs on chunk k; the chunks
+    still come in order, and a pass stopped early leaves no thread behind."""
+    import threading
+
+    cache = FeatureCache(None, lambda: None, "w", (4, 4),
+                         lambda files: np.stack([np.full((4, 4, 3), float(f), "float32") for f in files]))
+    threads = []
+
+    def render(x, rows):
+        threads.append(threading.current_thread().name)
+        return x[:, None]  # one view per image
+
+    files, chunks = ["0", "51", "102", "153", "204"], [slice(0, 2), slice(2, 4), slice(4, 5)]
+    out = list(cache._rendered_ahead(files, chunks, render))
+    assert [np.round(chunk[:, 0, 0, 0, 0], 5).tolist() for chunk in out] == [[-1.0, -0.6], [-0.2, 0.2], [0.6]]
+    assert len(threads) == 3 and all(name.startswith("render-ahead") for name in threads)
+    stopped = cache._rendered_ahead(files, chunks, render)
+    next(stopped)
+    stopped.close()
+    assert not any(t.name.startswith("render-ahead") for t in threading.enumerate())

@@ -42,7 +42,7 @@ def weights_by_layer(model: keras.Model) -> dict[str, list[np.ndarray]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cut,test_time_flip,pooling", [("conv_1", False, "global_max"),
+@pytest.mark.parametrize("cut,test_time_flip,pooling", [("block_16", False, "global_max"),
                                                         ("block_16", True, "global_avg")])
 def test_fine_tuning_on_cached_activations_is_the_end_to_end_model(splits, shared_weights, cut, test_time_flip,
                                                                    pooling):
@@ -99,7 +99,7 @@ def test_a_trial_that_fine_tunes_starts_from_the_imagenet_top_whatever_ran_befor
     """One top model is reused by every trial of a process: a trial's result must not depend on earlier ones."""
     family = make_hypermodel("transfer", image_size=SIZE, weights=str(shared_weights))
     family.prepare(splits, None, lambda message: None)
-    hp = fine_tune_hp("conv_1")
+    hp = fine_tune_hp("block_16")
 
     def run(seed):
         keras.utils.set_random_seed(seed)
@@ -125,17 +125,17 @@ def test_a_fine_tuning_trials_head_stage_is_the_frozen_trials_with_the_same_seed
         return family.fit(hp, family.build(hp), data=splits, batch_size=4, epochs=2, seed=seed)
 
     leader = run(fine_tune_hp("none"))
-    tuned = run(fine_tune_hp("conv_1"))
+    tuned = run(fine_tune_hp("block_16"))
     assert len(tuned.history["val_loss"]) == 4
     for name, series in leader.history.items():
         assert tuned.history[name][:2] == series, name
-    assert run(fine_tune_hp("conv_1"), seed=6).history["val_loss"][:2] != leader.history["val_loss"]
+    assert run(fine_tune_hp("block_16"), seed=6).history["val_loss"][:2] != leader.history["val_loss"]
 
 
 @pytest.mark.slow
 def test_fine_tuning_without_the_cache_trains_the_top_end_to_end(splits, shared_weights):
     family = make_hypermodel("transfer", image_size=SIZE, weights=str(shared_weights))
-    hp = fine_tune_hp("conv_1")
+    hp = fine_tune_hp("block_16")
     model = family.build(hp)
     before = weights_by_layer(own_base(model))
     result = family.fit(hp, model, data=splits, batch_size=4, epochs=1, seed=0)
@@ -143,7 +143,7 @@ def test_fine_tuning_without_the_cache_trains_the_top_end_to_end(splits, shared_
     assert len(result.history["val_loss"]) == 3
     assert own_base(model) is family.build_base() and own_base(result.model) is not own_base(model)
     after = weights_by_layer(own_base(result.model))
-    above = set(trainable_names(family.build_base(), "conv_1"))
+    above = set(trainable_names(family.build_base(), "block_16"))
     for name, weights in before.items():
         assert all(np.array_equal(a, b) for a, b in zip(weights, after[name])) == (name not in above), name
 
@@ -183,7 +183,7 @@ def test_fine_tune_leaders_fine_tunes_the_leading_frozen_model_and_the_report_na
                                                                                    shared_weights):
     """Three trials: the study's model first (frozen), then two fine-tuning trials on its head (sweep/staging.py)."""
     args = ["run", "--family", "transfer", "--trials", "3", "-q", "--weights", str(shared_weights),
-            "--hp", "fine_tune_epochs=2", *tiny_args(tiny_data, image_size="96")]
+            "--fine-tune", "leaders", "--hp", "fine_tune_epochs=2", *tiny_args(tiny_data, image_size="96")]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     trials = sorted((r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags),
@@ -222,7 +222,7 @@ def test_the_report_says_whether_fine_tuning_beat_the_frozen_best(tuned_loss, tu
                            run_id=f"run{number}")
 
     frozen = record(13, 0.04, 0.98)
-    tuned = record(4, tuned_loss, tuned_accuracy, fine_tune_from="block_16", fine_tune_epochs=4, fine_tune_lr_factor=0.1)
+    tuned = record(4, tuned_loss, tuned_accuracy, fine_tune_from="block_16", fine_tune_epochs=2, fine_tune_lr_factor=0.1)
     best = tuned if tuned_loss < 0.04 else frozen
     row = FamilyRow("transfer", best, 0.474, 20, 0.99, frozen=frozen, fine_tuned=tuned,
                     stage_settings=("fine_tune_from", "fine_tune_epochs", "fine_tune_lr_factor"))
@@ -233,7 +233,7 @@ def test_the_report_says_whether_fine_tuning_beat_the_frozen_best(tuned_loss, tu
     text = to_markdown([row], "exp")
     assert "## Fine-tuning (transfer)" in text and verdict in text
     assert "| best frozen-base trial | 13 | no | 98.0% | 0.040 |" in text
-    assert (f"| best fine-tuned trial | 4 | fine_tune_from block_16, fine_tune_epochs 4, fine_tune_lr_factor 0.1 | "
+    assert (f"| best fine-tuned trial | 4 | fine_tune_from block_16, fine_tune_epochs 2, fine_tune_lr_factor 0.1 | "
             f"{tuned_accuracy:.1%} |") in text
     # runs logged before the validation size was recorded: the verdict alone
     frozen.val_images = 0

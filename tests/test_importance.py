@@ -72,4 +72,4 @@ def test_the_search_space_becomes_optuna_distributions():
     space = distributions("transfer")
     assert space["learning_rate"].log and space["learning_rate"].low == 1e-4
     assert space["pooling"].choices == ("global_max", "global_avg")
-    assert space["fine_tune_epochs"].step == 2
+    assert (space["fine_tune_epochs"].low, space["fine_tune_epochs"].high, space["fine_tune_epochs"].step) == (1, 3, 1)

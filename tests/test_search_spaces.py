@@ -182,19 +182,19 @@ def test_describe_lists_every_hyperparameter_with_its_default(family):
 
 
 def test_a_fixed_fine_tuning_setting_holds_in_every_draw():
-    """--hp fine_tune_epochs=6: the setting exists only when fine-tuning, and then it is 6 in every trial."""
+    """--hp fine_tune_epochs=3: the setting exists only when fine-tuning, and then it is 3 in every trial."""
     from search_spaces import fixed_space
     from search_spaces.transfer import HyperTransfer
 
     oracle = kt.oracles.RandomSearchOracle(objective="val_loss", max_trials=40, seed=1, tune_new_entries=True,
-                                           hyperparameters=fixed_space("transfer", {"fine_tune_epochs": 6}))
+                                           hyperparameters=fixed_space("transfer", {"fine_tune_epochs": 3}))
     space = oracle.get_space()
     HyperTransfer().declare(space)
     oracle.update_space(space)
     assert [item.name for item in oracle.hyperparameters.space].count("fine_tune_epochs") == 1
     draws = [oracle.populate_space(str(i))["values"] for i in range(30)]
     tuned = [d for d in draws if d["fine_tune_from"] != "none"]
-    assert tuned and all(d["fine_tune_epochs"] == 6 for d in tuned)
+    assert tuned and all(d["fine_tune_epochs"] == 3 for d in tuned)
     assert all("fine_tune_epochs" not in d for d in draws if d["fine_tune_from"] == "none")
 
 

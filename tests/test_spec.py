@@ -29,20 +29,25 @@ def test_params_round_trip_every_field(tmp_path):
     spec = SweepSpec(family="transfer", trials=7, tuner="hyperband", objective="val_accuracy", epochs=3, seed=9,
                      batch_size=8, image_size=(224, 200), data_dir=tmp_path / "data", weights=str(weights),
                      feature_cache=False, fixed=(("rotation_factor", "0.3"), ("flip_mode", "none")), prune=False,
-                     precision="mixed_bfloat16", fine_tune_leaders=False)
+                     precision="mixed_bfloat16", fine_tune="leaders")
     params = spec.to_params()
     assert params == {"family": "transfer", "trials": "7", "tuner": "hyperband", "objective": "val_accuracy",
                       "epochs": "3", "seed": "9", "batch_size": "8", "image_size": "224x200",
                       "data": str(tmp_path / "data"), "weights": str(weights), "feature_cache": "False",
                       "fixed_hyperparameters": '{"flip_mode": "none", "rotation_factor": 0.30000000000000004}',
-                      "prune": "False", "precision": "mixed_bfloat16", "fine_tune_leaders": "False"}
+                      "prune": "False", "precision": "mixed_bfloat16", "fine_tune": "leaders"}
     assert SweepSpec.from_params({**params, "dropout": "0.2", "num_classes": "2"}) == spec
     assert set(params) == SweepSpec.param_names()
     # a sweep logged before a setting existed had its default
     older = {k: v for k, v in params.items() if k != "fixed_hyperparameters"}
     assert SweepSpec.from_params(older).fixed == ()
     # ... or what such a sweep did: fine-tuning drawn jointly with the head
-    assert SweepSpec.from_params({k: v for k, v in params.items() if k != "fine_tune_leaders"}).fine_tune_leaders is False
+    before = {k: v for k, v in params.items() if k != "fine_tune"}
+    assert SweepSpec.from_params(before).fine_tune == "any"
+    # a sweep logged with the older boolean: True was the leaders plan, False drew the stage with the rest
+    assert SweepSpec.from_params({**before, "fine_tune_leaders": "True"}).fine_tune == "leaders"
+    assert SweepSpec.from_params({**before, "fine_tune_leaders": "False"}).fine_tune == "any"
+    assert SweepSpec(family="transfer").fine_tune == "late"
 
 
 @pytest.mark.parametrize("fixed, message", [

@@ -313,12 +313,12 @@ def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_
                       key=lambda c: int(c.data.tags["trial_number"]))
         last = client.get_run(kept[-1].info.run_id)
         assert last.data.tags["raw_check"] == "passed"
-        assert last.data.metrics["raw_val_accuracy"] == last.data.metrics["val_accuracy"]
-        assert last.data.metrics["raw_val_loss"] == pytest.approx(last.data.metrics["val_loss"], abs=1e-4)
         assert last.data.metrics["raw_test_accuracy"] == last.data.metrics["test_accuracy"]
+        assert last.data.metrics["raw_test_loss"] == pytest.approx(last.data.metrics["test_loss"], abs=1e-4)
+        assert "raw_val_loss" not in last.data.metrics  # the check runs on the test split only
         assert all("raw_check" not in c.data.tags for c in kept[:-1])
-    assert "kept model on raw images" in first.output
-    verified = [c for c in children if "raw_val_loss" in client.get_run(c.info.run_id).data.metrics]
+    assert "raw test images: " in first.output and "checked end to end" in first.output
+    verified = [c for c in children if "raw_test_loss" in client.get_run(c.info.run_id).data.metrics]
     assert len(verified) == 2  # one per sweep
 
     # a cache that no longer matches the model (here: its clean features scaled) fails the sweep at the check
@@ -334,7 +334,7 @@ def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_
     assert "Error: transfer trial " in third.output and "the feature cache does not match the model" in third.output
     assert "Traceback" not in third.output
     failed = [r for r in runs_in(tracking_env) if r.data.tags.get("raw_check") == "failed"]
-    assert len(failed) == 1 and failed[0].data.metrics["raw_val_loss"] != failed[0].data.metrics["val_loss"]
+    assert len(failed) == 1 and failed[0].data.metrics["raw_test_loss"] != failed[0].data.metrics["test_loss"]
 
 
 @pytest.mark.slow
