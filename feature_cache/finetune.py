@@ -5,9 +5,10 @@ learning rate, BatchNormalization kept in inference mode (here: frozen, see ``tr
 below the cut stay frozen, so their output for every (image, view) never changes during a trial: it is computed
 once, with the pooled features, and a fine-tuning trial trains only the top blocks and the head on it.
 
-``CUTS`` maps each cut point (the first layer that trains) to the layer whose output is cached. Offered are
-the final 1x1 convolution alone and the last inverted-residual block with it; deeper cuts cost more per
-epoch than a sweep on two cores can spend (docs/fine-tuning.md has the measurements).
+``CUT_LAYERS`` maps each cut point (the first layer that trains) to the layer whose output is cached; ``CUTS``
+are those a sweep offers: the last inverted-residual block with the final 1x1 convolution. The 1x1 convolution
+alone (``conv_1``) never came near a sweep's best, and deeper cuts cost more per epoch than a sweep on two
+cores can spend (docs/fine-tuning.md has the measurements).
 """
 
 from __future__ import annotations

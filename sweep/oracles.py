@@ -67,8 +67,8 @@ class SweepOracle:
             planned_trials: the spec's trial count (re-runs of expired trials come on top of it).
             deadline: the wall-clock time (``time.time()``) by which the sweep ends (``--time-budget``), or None.
             trial_retries: re-runs of an expired trial's values (``--trial-retries``).
-            stage_gate: stop a trial before its costly later stage when its first stage is in the worse half
-                (``_gate``).
+            stage_gate: stop a trial before its costly later stage unless its first stage is in the best
+                third so far (``_gate``).
         Other arguments go to Keras Tuner's oracle.
         """
         super().__init__(*args, **kwargs)
@@ -152,6 +152,7 @@ class SweepOracle:
             self.last_heard[trial.trial_id] = time.monotonic()  # again when a restarted worker takes it back
             # a trial handed out again (a restarted worker, a resumed sweep) starts over: so does its record
             self.pruned.pop(trial.trial_id, None)
+            self.head_scores.pop(trial.trial_id, None)
             self._last_epoch.pop(trial.trial_id, None)
             if self._pruner is not None:
                 self._pruner.restart(trial.trial_id)
@@ -190,7 +191,7 @@ class SweepOracle:
         first ``GATE_MIN_HEADS`` heads always pass). In the measured sweeps the fine-tuned pick's head was
         the best head so far every time, and a head outside the best third never ended best after fine-tuning
         (docs/fine-tuning.md); the stage costs as much as ten frozen trials."""
-        if trial_id in self.head_scores:  # a trial handed out again: its first report stands
+        if trial_id in self.head_scores:  # reported twice (a repeated heartbeat): judged once
             return False
         earlier = list(self.head_scores.values())
         self.head_scores[trial_id] = float(score)
