@@ -28,6 +28,7 @@ from sweep.cli_common import (
     tracking_settings_for,
 )
 from sweep.cli_results import COMMANDS
+from sweep.cli_serve import COMMANDS as SERVE_COMMANDS
 from sweep.precision import PRECISIONS
 from sweep.results import interval_text
 from sweep.server import redact
@@ -306,7 +307,7 @@ def families(names) -> None:
         click.echo("")
 
 
-for _command in COMMANDS:
+for _command in [*COMMANDS, *SERVE_COMMANDS]:
     main.add_command(_command)
 
 

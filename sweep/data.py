@@ -208,11 +208,20 @@ def list_images(folder: Path, class_names: tuple[str, ...]) -> tuple[list[str], 
 
 
 def decode_image(path: str, image_size: tuple[int, int]) -> np.ndarray:
-    """One image as ``image_dataset_from_directory`` decodes it: 3 channels (grey and RGBA become RGB),
-    bilinear resize, float32 0-255. Raises on a file that is not a readable image."""
+    """One image file as ``image_dataset_from_directory`` decodes it (``decode_bytes``). Raises on a file that
+    is not a readable image."""
     import tensorflow as tf
 
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return decode_bytes(tf.io.read_file(path), image_size)
+
+
+def decode_bytes(data, image_size: tuple[int, int]) -> np.ndarray:
+    """An encoded image (bytes or a string tensor: JPEG, PNG, GIF, BMP) as training decodes it: 3 channels (grey
+    and RGBA become RGB, an animation its first frame), bilinear resize, float32 0-255. The one decoding of
+    training, ``sweep predict`` and ``sweep serve``. Raises on data that is not a readable image."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
     return tf.image.resize(image, image_size, method="bilinear").numpy()
 
 

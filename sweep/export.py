@@ -289,7 +289,8 @@ def _register(out_dir: Path, best: BestTrial, model, registered_model: str, form
                 if name != "keras":  # the Keras flavour is the registered model itself
                     source = out_dir / FORMATS[name].filename
                     (shutil.copytree if source.is_dir() else shutil.copy)(source, files / source.name)
-            shutil.copy(out_dir / FORMAT_FILE, files / FORMAT_FILE)
+            for record in (FORMAT_FILE, "classes.json", "metrics.json", "hyperparameters.json"):
+                shutil.copy(out_dir / record, files / record)  # what `sweep serve models:/...` answers with
             version = tracking.register_keras_model(best.record.run_id, model, registered_model, signature, CHAMPION,
                                                     files=files, metrics=metrics)
     except Exception as exc:  # the export folder is complete; say what did not happen

@@ -1,0 +1,549 @@
+"""``sweep serve``: an exported model behind HTTP. Image files in, class names out.
+
+One process holds the model in the fastest runtime its export verified (LiteRT, then ONNX Runtime, then
+Keras), and serves:
+
+* ``POST /predict``: one image as the body (``image/jpeg``, ``image/png``, ...) or several as
+  ``multipart/form-data`` files. The answer is JSON: per image, the class, its probability and every class's
+  probability, with the model's name, version and format. Decoding and resizing are training's own
+  (``sweep.data.decode_bytes``), so an answer equals ``sweep predict``'s for the same file.
+* ``GET /health`` (the process is alive), ``/ready`` (a model is loaded and requests are taken), ``/metadata``
+  (classes, image size, the sweep run and trial, the export's verified accuracy) and ``/metrics``
+  (Prometheus' text format: requests, errors, latency, batch sizes, images, the process's memory).
+
+Concurrent requests are batched on the server, as TensorFlow Serving and Triton do: the batcher thread takes
+the first waiting request, collects more for up to ``batch_window`` seconds or ``max_batch`` images, and runs
+them as one batch (the runtime is used by that thread alone). Request threads only read and decode.
+
+Bad input never reaches the model. The body's size is checked before it is read and the image's declared
+pixel count before it is decoded (Pillow reads only the header), so a 100 MB upload or a decompression bomb
+costs nothing; each gets a 4xx JSON error naming the problem. On SIGTERM or Ctrl-C the server stops taking
+requests (``/ready`` says 503), finishes those in flight and exits, within ``DRAIN_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sweep.errors import SweepError
+
+# Formats in the order `sweep serve` prefers them (fastest first, as measured by `sweep best --export`).
+PREFERRED_FORMATS = ("litert", "onnx", "keras", "saved_model")
+DRAIN_SECONDS = 25.0
+DEFAULT_MAX_BODY = 20 * 2**20  # bytes
+DEFAULT_MAX_PIXELS = 40_000_000  # declared width x height of one image (a 40-megapixel photo)
+DEFAULT_BATCH_WINDOW = 0.005  # seconds
+DEFAULT_MAX_BATCH = 32
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")  # what training's decoder reads (Pillow's names)
+Reporter = Callable[[str], None]
+
+
+class BadRequest(Exception):
+    """A request the server answers with a 4xx status and one line naming the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Limits:
+    max_body: int = DEFAULT_MAX_BODY
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+# -- the model ------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A model in its runtime, with what ``/metadata`` and the answers say about it."""
+
+    runtime: Any
+    classes: list[str]
+    format: str
+    path: Path
+    name: str = ""
+    version: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.runtime.input_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "format": self.format}
+
+    def metadata(self) -> dict[str, Any]:
+        return {**self.describe(), "classes": self.classes, "image_size": list(self.image_size),
+                "path": str(self.path.resolve()), **self.info}
+
+
+def pick_format(folder: Path, wanted: str | None) -> tuple[str, Path]:
+    """The format to serve from an export folder: ``wanted``, else the first of ``PREFERRED_FORMATS`` that
+    the folder holds and whose runtime is installed."""
+    from sweep.formats import FORMATS
+
+    present = [name for name in FORMATS if (folder / FORMATS[name].filename).exists()]
+    if wanted is not None:
+        if wanted not in present:
+            raise SweepError(f"{folder} holds no {wanted} model (it has {', '.join(present) or 'none'}); export "
+                             f"it with `sweep best --export DIR --format {wanted}` or pick another --format.")
+        return wanted, folder / FORMATS[wanted].filename
+    for name in PREFERRED_FORMATS:
+        if name in present and not FORMATS[name].missing():
+            return name, folder / FORMATS[name].filename
+    raise SweepError(f"{folder} holds no model this machine can run (it has {', '.join(present) or 'none'}).")
+
+
+def load_served(model: str, wanted_format: str | None, registered_model: str, report: Reporter,
+                tracking_uri: str | None = None) -> LoadedModel:
+    """Load what ``sweep serve MODEL`` names: an export folder, one of its model files, or ``models:/NAME@ALIAS``
+    / ``models:/NAME/VERSION`` (downloaded from the registry at ``tracking_uri``)."""
+    from sweep.formats import classes_for, detect, load
+
+    name = version = ""
+    if model.startswith("models:/"):
+        folder, name, version = download_registered(model, tracking_uri)
+    else:
+        folder = Path(model)
+        if not folder.exists():
+            raise SweepError(f"no model at {model}: pass an export folder from `sweep best --export`, one of its "
+                             f"model files, or models:/{registered_model}@champion.")
+    if folder.is_dir() and not (folder / "saved_model.pb").exists():
+        fmt, path = pick_format(folder, wanted_format)
+    else:
+        fmt, path = detect(folder)
+        if wanted_format is not None and fmt != wanted_format:
+            raise SweepError(f"{folder} is a {fmt} model, not {wanted_format}; drop --format or pass the folder.")
+    runtime = load(fmt, path)
+    home = path if path.is_dir() else path.parent
+    info = {}
+    for record, key in (("metrics.json", "metrics"), ("hyperparameters.json", "hyperparameters"),
+                        ("registered_model.json", "registry"), ("formats.json", "verification")):
+        if (home / record).is_file():
+            info[key] = json.loads((home / record).read_text())
+    registry = info.get("registry", {})
+    loaded = LoadedModel(runtime, classes_for(path, runtime.num_classes), fmt, path,
+                         name or registry.get("name", ""), str(version or registry.get("version", "")), info)
+    report(f"Loaded {fmt} model {path} ({', '.join(loaded.classes)}; {loaded.image_size[0]}x{loaded.image_size[1]})"
+           f"{f', {loaded.name} version {loaded.version}' if loaded.name else ''}.")
+    return loaded
+
+
+def download_registered(uri: str, tracking_uri: str | None = None) -> tuple[Path, str, str]:
+    """Download a registered model version's files; returns (the folder holding its formats, name, version)."""
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    rest = uri[len("models:/"):]
+    client = MlflowClient(tracking_uri)
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            found = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = rest.rsplit("/", 1)
+            found = client.get_model_version(name, number)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{found.version}",
+                                                         dst_path=tempfile.mkdtemp(prefix="sweep-serve-"),
+                                                         tracking_uri=tracking_uri))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for "not there"
+        raise SweepError(f"cannot load {uri} from the registry ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); export a model with "
+                         "`sweep best --export DIR` first, or pass an export folder.") from None
+    folder = local / "formats" if (local / "formats").is_dir() else local
+    if not any(folder.glob("model*")) and (local / "data").is_dir():
+        folder = next(local.glob("data/*.keras"), local)  # only the Keras flavour
+    return folder, name, str(found.version)
+
+
+# -- decoding -------------------------------------------------------------------------------------------------
+def decode_upload(body: bytes, image_size: tuple[int, int], limits: Limits) -> np.ndarray:
+    """One uploaded image as training decodes it, after checking it is an image of a sane size.
+
+    Raises:
+        BadRequest: empty, not an image, a kind training cannot decode, more pixels than allowed, or damaged.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from sweep.data import decode_bytes, decode_error
+
+    if not body:
+        raise BadRequest(400, "empty body: send an image file (JPEG, PNG, GIF, BMP or WebP)")
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, below, says it better
+    try:
+        with Image.open(io.BytesIO(body)) as header:  # reads the header only, never the pixels
+            kind, (width, height) = header.format, header.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise BadRequest(415, "the body is not an image (JPEG, PNG, GIF, BMP or WebP)") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    if kind not in IMAGE_FORMATS:
+        raise BadRequest(415, f"{kind} images are not supported; send JPEG, PNG, GIF, BMP or WebP")
+    if width * height > limits.max_pixels:
+        raise BadRequest(413, f"the image declares {width}x{height} pixels, more than this server's "
+                              f"--max-pixels {limits.max_pixels}")
+    try:
+        return decode_bytes(body, image_size)
+    except Exception as exc:  # noqa: BLE001 - truncated or damaged data
+        raise BadRequest(400, f"the {kind} image does not decode ({decode_error(exc)})") from None
+
+
+def multipart_files(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
+    """(file name, content) of each part of a ``multipart/form-data`` body, in order."""
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+                                                   + body)
+    if not message.is_multipart():
+        raise BadRequest(400, "a multipart/form-data body without parts (or without its boundary)")
+    files = [(part.get_filename() or part.get_param("name", header="content-disposition") or f"part{i + 1}",
+              part.get_payload(decode=True) or b"")
+             for i, part in enumerate(message.iter_parts())]
+    if not files:
+        raise BadRequest(400, "a multipart/form-data body without files")
+    return files
+
+
+# -- metrics --------------------------------------------------------------------------------------------------
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (``prometheus_client``)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
+        self.requests = Counter("sweep_serve_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "code"], registry=self.registry)
+        self.latency = Histogram("sweep_serve_request_seconds", "Time from a request's arrival to its answer",
+                                 ["endpoint"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.015, 0.025, 0.04, 0.06, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5))
+        self.batch = Histogram("sweep_serve_batch_images", "Images per batch run through the model",
+                               registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.images = Counter("sweep_serve_images", "Images classified", registry=self.registry)
+        self.in_flight = Gauge("sweep_serve_in_flight_requests", "Requests being answered", registry=self.registry)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+# -- batching -------------------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    images: np.ndarray
+    answer: Future
+    model: LoadedModel | None = None
+
+
+class Batcher:
+    """Runs the model on batches of waiting requests, on one thread (the runtime is not shared)."""
+
+    def __init__(self, holder: ModelHolder, metrics: Metrics, window: float = DEFAULT_BATCH_WINDOW,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.holder, self.metrics, self.window, self.max_batch = holder, metrics, window, max(1, max_batch)
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.thread.start()
+
+    def classify(self, images: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
+        """The class probabilities of ``images`` [n, h, w, 3], and the model that gave them."""
+        job = _Job(images, Future())
+        self.jobs.put(job)
+        return job.answer.result(), job.model
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=DRAIN_SECONDS)
+
+    def _run(self) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch, count = [first], len(first.images)
+            deadline = time.monotonic() + self.window
+            while count < self.max_batch:
+                try:
+                    job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.jobs.put(None)  # stop after this batch
+                    break
+                batch.append(job)
+                count += len(job.images)
+            self._answer(batch)
+
+    def _answer(self, batch: list[_Job]) -> None:
+        model = self.holder.current  # swapped only between batches
+        try:
+            logits = model.runtime(np.concatenate([job.images for job in batch]))
+            probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probabilities /= probabilities.sum(axis=1, keepdims=True)
+        except Exception as exc:  # noqa: BLE001 - answered as a 500 to these requests, the server goes on
+            for job in batch:
+                job.answer.set_exception(exc)
+            return
+        self.metrics.batch.observe(len(probabilities))
+        self.metrics.images.inc(len(probabilities))
+        start = 0
+        for job in batch:
+            job.model = model
+            job.answer.set_result(probabilities[start:start + len(job.images)])
+            start += len(job.images)
+
+
+class ModelHolder:
+    """The model being served; ``swap`` replaces it between batches (``--reload-on-alias``)."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.current = model
+
+    def swap(self, model: LoadedModel) -> None:
+        self.current = model
+
+
+def watch_alias(uri: str, holder: ModelHolder, wanted_format: str | None, registered_model: str,
+                interval: float, stop: threading.Event, report: Reporter,
+                tracking_uri: str | None = None) -> threading.Thread:
+    """Poll the registry every ``interval`` seconds; when ``uri``'s alias points at another version, load it
+    and swap it in (requests keep being answered by the old model until the new one is ready)."""
+    from mlflow import MlflowClient
+
+    name, alias = uri[len("models:/"):].split("@", 1)
+
+    def poll() -> None:
+        while not stop.wait(interval):
+            try:
+                version = str(MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version)
+                if version != holder.current.version:
+                    report(f"{uri} now points at version {version}; loading it ...")
+                    holder.swap(load_served(f"models:/{name}/{version}", wanted_format, registered_model, report,
+                                            tracking_uri))
+                    report(f"Serving {name} version {version}.")
+            except Exception as exc:  # noqa: BLE001 - the old model keeps serving; try again next time
+                report(f"Warning: could not reload {uri}: {type(exc).__name__}: {str(exc)[:200]}")
+
+    thread = threading.Thread(target=poll, name="alias-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+# -- HTTP -----------------------------------------------------------------------------------------------------
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], holder: ModelHolder, batcher: Batcher, metrics: Metrics,
+                 limits: Limits) -> None:
+        super().__init__(address, Handler)
+        self.holder, self.batcher, self.metrics, self.limits = holder, batcher, metrics, limits
+        self.draining = False
+        self._active = 0
+        self._idle = threading.Condition()
+
+    def enter(self) -> None:
+        with self._idle:
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout=timeout)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a client sends many requests on one connection
+    server: Server
+
+    def setup(self) -> None:
+        super().setup()
+        # answers are written as headers then body: without this, Nagle's algorithm and the client's delayed
+        # ACK hold the body back about 40 ms
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the standard library's name
+        pass  # /metrics counts requests; a line per request would cost more than the request
+
+    def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+        self._serve({"/health": self._health, "/ready": self._ready, "/metadata": self._metadata,
+                     "/metrics": self._metrics})
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve({"/predict": self._predict})
+
+    def _serve(self, routes: dict[str, Callable[[], tuple[int, bytes, str]]]) -> None:
+        started = time.monotonic()
+        path = self.path.split("?", 1)[0]
+        endpoint = path if path in ("/health", "/ready", "/metadata", "/metrics", "/predict") else "other"
+        self.server.enter()
+        self.server.metrics.in_flight.inc()
+        try:
+            if path not in routes:
+                known = path in ("/health", "/ready", "/metadata", "/metrics", "/predict")
+                raise BadRequest(405 if known else 404, f"{self.command} {path} is not served here; "
+                                 "POST /predict, GET /health, /ready, /metadata or /metrics")
+            status, body, kind = routes[path]()
+        except BadRequest as exc:
+            status, body, kind = exc.status, _json({"error": str(exc)}), "application/json"
+            if exc.status == 413:  # the unread body is not drained: close the connection after answering
+                self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+            status = 500
+            body, kind = _json({"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}"}), "application/json"
+        finally:
+            self.server.metrics.in_flight.dec()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            if self.server.draining:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
+        finally:
+            self.server.metrics.requests.labels(endpoint, str(status)).inc()
+            self.server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+            self.server.leave()
+
+    # endpoints: (status, body, content type)
+    def _health(self):
+        return 200, _json({"status": "alive"}), "application/json"
+
+    def _ready(self):
+        if self.server.draining:
+            return 503, _json({"ready": False, "reason": "shutting down"}), "application/json"
+        return 200, _json({"ready": True, "model": self.server.holder.current.describe()}), "application/json"
+
+    def _metadata(self):
+        return 200, _json(self.server.holder.current.metadata()), "application/json"
+
+    def _metrics(self):
+        return 200, self.server.metrics.text(), "text/plain; version=0.0.4; charset=utf-8"
+
+    def _predict(self):
+        if self.server.draining:
+            raise BadRequest(503, "the server is shutting down; send the request to another replica")
+        uploads = self._uploads()
+        size = self.server.holder.current.image_size
+        images, answers = [], []
+        for name, data in uploads:
+            try:
+                images.append(decode_upload(data, size, self.server.limits))
+            except BadRequest as exc:
+                if len(uploads) == 1:
+                    raise
+                answers.append({"file": name, "error": str(exc)})
+            else:
+                answers.append({"file": name})
+        if not images:
+            raise BadRequest(400, "no file of the request is a readable image: " +
+                             "; ".join(f"{a['file']}: {a['error']}" for a in answers))
+        probabilities, model = self.server.batcher.classify(np.stack(images))
+        rows = iter(probabilities)
+        for answer in answers:
+            if "error" not in answer:
+                p = next(rows)
+                best = int(np.argmax(p))
+                answer.update({"class": model.classes[best], "probability": float(p[best]),
+                               "probabilities": {c: float(v) for c, v in zip(model.classes, p)}})
+        return 200, _json({"model": model.describe(), "predictions": answers}), "application/json"
+
+    def _uploads(self) -> list[tuple[str, bytes]]:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise BadRequest(411, "send the image with a Content-Length header (chunked uploads are not taken)")
+        try:
+            length = int(length)
+        except ValueError:
+            raise BadRequest(400, f"Content-Length {length!r} is not a number") from None
+        if length > self.server.limits.max_body:
+            raise BadRequest(413, f"the body is {length} bytes, more than this server's --max-body "
+                                  f"{self.server.limits.max_body} bytes")
+        body = self.rfile.read(length)
+        kind = self.headers.get("Content-Type", "")
+        media = kind.split(";", 1)[0].strip().lower()
+        if media.startswith("image/") or media == "application/octet-stream":
+            return [("body", body)]
+        if media == "multipart/form-data":
+            return multipart_files(body, kind)
+        raise BadRequest(415, f"Content-Type {media or '(none)'} is not taken; send the image as image/jpeg, "
+                              "image/png, ... or several as multipart/form-data")
+
+
+def _json(value: Any) -> bytes:
+    return (json.dumps(value) + "\n").encode()
+
+
+# -- running --------------------------------------------------------------------------------------------------
+def serve(model: LoadedModel, host: str, port: int, limits: Limits, batch_window: float, max_batch: int,
+          report: Reporter, watch: tuple[str, str | None, str, float, str | None] | None = None,
+          ready: Callable[[Server], None] | None = None) -> None:
+    """Serve ``model`` until SIGTERM or Ctrl-C, then drain: refuse new requests, finish those in flight
+    (at most ``DRAIN_SECONDS``), exit. ``watch``: (models:/NAME@ALIAS, format, registered model, seconds,
+    tracking URI) to reload the model when the alias moves."""
+    holder, metrics = ModelHolder(model), Metrics()
+    batcher = Batcher(holder, metrics, batch_window, max_batch)
+    try:
+        server = Server((host, port), holder, batcher, metrics, limits)
+    except OSError as exc:
+        batcher.stop()
+        raise SweepError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port.") from None
+    stop_watch = threading.Event()
+    if watch is not None:
+        watch_alias(watch[0], holder, watch[1], watch[2], watch[3], stop_watch, report, watch[4])
+    stopping = threading.Event()
+
+    def drain(signum, frame) -> None:  # noqa: ARG001 - a signal handler's signature
+        if stopping.is_set():
+            return
+        stopping.set()
+        server.draining = True
+        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+
+    previous = {sig: signal.signal(sig, drain) for sig in (signal.SIGTERM, signal.SIGINT)}
+    where = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_address[1]}"
+    report(f"Serving {model.format} model on {where} (POST /predict; GET /health, /ready, /metadata, /metrics); "
+           f"batches of up to {max_batch} within {batch_window * 1000:.0f} ms. Ctrl-C or SIGTERM stops it.")
+    if ready is not None:
+        ready(server)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        started = time.monotonic()
+        drained = server.wait_idle(DRAIN_SECONDS)
+        stop_watch.set()
+        batcher.stop()
+        server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        report(f"Stopped: {'every request in flight was answered' if drained else 'requests still in flight were cut'}"
+               f" ({time.monotonic() - started:.1f}s).")
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
