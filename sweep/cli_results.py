@@ -82,8 +82,9 @@ def best(experiment, config_path, family, metric, export_dir, formats, no_verify
         registry = result.registry
         click.echo(f"Exported {', '.join(formats)} to {export_dir} (each takes raw {found.params.get('image_size', '')} "
                    f"RGB images, 0-255, and gives logits); registered as {registry['uri']}")
-        click.echo(f"Serve it: MLFLOW_TRACKING_URI={redact(settings.tracking_uri)} mlflow models serve "
-                   f"-m {registry['uri']} --env-manager local --host 127.0.0.1 --port 5001")
+        click.echo(f"Serve it: sweep serve {registry['uri']} (or, with MLflow's server: "
+                   f"MLFLOW_TRACKING_URI={redact(settings.tracking_uri)} mlflow models serve -m {registry['uri']} "
+                   "--env-manager local --host 127.0.0.1 --port 5001)")
 
 
 @click.command()

@@ -163,7 +163,7 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
                 folder.rmdir()
         raise
     try:
-        registry = _register(out_dir, best, model, registered_model, formats, checks)
+        registry = _register(out_dir, best, registered_model, formats, checks)
     except KeyboardInterrupt:  # stopped while registering: no folder without its registry record stays behind
         shutil.rmtree(out_dir, ignore_errors=True)
         for folder in reversed(made):
@@ -273,26 +273,24 @@ def _representative_images(source: Path, classes: list[str], image_size: tuple[i
     return decode_images([files[i] for i in chosen], image_size)
 
 
-def _register(out_dir: Path, best: BestTrial, model, registered_model: str, formats: Sequence[str],
+def _register(out_dir: Path, best: BestTrial, registered_model: str, formats: Sequence[str],
               checks: list[Verification]) -> dict[str, Any]:
-    """Register the exported model (a new version, alias ``champion``) with the format files as its artifacts and
-    the formats' figures on the trial's run, and add ``registered_model.json``."""
-    from mlflow.models import infer_signature
-
-    sample = np.zeros((1, *model.input_shape[1:]), dtype="float32")
-    signature = infer_signature(sample, model.predict(sample, verbose=0))
+    """Register the exported model (a new version, alias ``champion``) in MLflow's pyfunc flavour, the export's
+    files as its ``formats`` artifacts and the formats' figures on the trial's run, and add
+    ``registered_model.json``."""
     metrics = {k: v for check in checks for k, v in check.metrics().items()}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            files = Path(tmp)
+            files = Path(tmp) / "formats"
+            files.mkdir()
             for name in formats:
-                if name != "keras":  # the Keras flavour is the registered model itself
-                    source = out_dir / FORMATS[name].filename
-                    (shutil.copytree if source.is_dir() else shutil.copy)(source, files / source.name)
+                source = out_dir / FORMATS[name].filename
+                (shutil.copytree if source.is_dir() else shutil.copy)(source, files / source.name)
             for record in (FORMAT_FILE, "classes.json", "metrics.json", "hyperparameters.json"):
                 shutil.copy(out_dir / record, files / record)  # what `sweep serve models:/...` answers with
-            version = tracking.register_keras_model(best.record.run_id, model, registered_model, signature, CHAMPION,
-                                                    files=files, metrics=metrics)
+            classes = json.loads((out_dir / "classes.json").read_text())
+            version = tracking.register_model(best.record.run_id, files, classes, registered_model, CHAMPION,
+                                              metrics=metrics)
     except Exception as exc:  # the export folder is complete; say what did not happen
         raise SweepError(f"exported to {out_dir}, but registering the model in MLflow failed "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); the folder "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import re
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field

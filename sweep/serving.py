@@ -13,7 +13,9 @@ Keras), and serves:
 
 Concurrent requests are batched on the server, as TensorFlow Serving and Triton do: the batcher thread takes
 the first waiting request, collects more for up to ``batch_window`` seconds or ``max_batch`` images, and runs
-them as one batch (the runtime is used by that thread alone). Request threads only read and decode.
+them as one batch (the runtime is used by that thread alone). It waits only while the server is answering
+requests that are not in the batch yet, so a lone request does not pay the window. Request threads only read
+and decode.
 
 Bad input never reaches the model. The body's size is checked before it is read and the image's declared
 pixel count before it is decoded (Pillow reads only the header), so a 100 MB upload or a decompression bomb
@@ -34,7 +36,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -168,9 +169,11 @@ def download_registered(uri: str, tracking_uri: str | None = None) -> tuple[Path
         raise SweepError(f"cannot load {uri} from the registry ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); export a model with "
                          "`sweep best --export DIR` first, or pass an export folder.") from None
-    folder = local / "formats" if (local / "formats").is_dir() else local
-    if not any(folder.glob("model*")) and (local / "data").is_dir():
-        folder = next(local.glob("data/*.keras"), local)  # only the Keras flavour
+    # the export's files, as `sweep best --export` registers them (sweep.pyfunc_model)
+    folder = next((p.parent for p in sorted(local.rglob("classes.json"))), None)
+    if folder is None:
+        raise SweepError(f"{uri} (version {found.version}) holds no export folder; it was not registered by "
+                         "`sweep best --export`. Pass an export folder instead.")
     return folder, name, str(found.version)
 
 
@@ -257,8 +260,11 @@ class Batcher:
     """Runs the model on batches of waiting requests, on one thread (the runtime is not shared)."""
 
     def __init__(self, holder: ModelHolder, metrics: Metrics, window: float = DEFAULT_BATCH_WINDOW,
-                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, in_flight: Callable[[], int] | None = None) -> None:
+        """``in_flight``: how many requests the server is answering now; the batcher waits for more only
+        while some of them are not in the batch yet (a lone request runs at once, not after the window)."""
         self.holder, self.metrics, self.window, self.max_batch = holder, metrics, window, max(1, max_batch)
+        self.in_flight = in_flight
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self.thread.start()
@@ -280,7 +286,7 @@ class Batcher:
                 return
             batch, count = [first], len(first.images)
             deadline = time.monotonic() + self.window
-            while count < self.max_batch:
+            while count < self.max_batch and (self.in_flight is None or self.in_flight() > len(batch)):
                 try:
                     job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
@@ -358,6 +364,7 @@ class Server(ThreadingHTTPServer):
         self.holder, self.batcher, self.metrics, self.limits = holder, batcher, metrics, limits
         self.draining = False
         self._active = 0
+        self._predicting = 0
         self._idle = threading.Condition()
 
     def enter(self) -> None:
@@ -368,6 +375,15 @@ class Server(ThreadingHTTPServer):
         with self._idle:
             self._active -= 1
             self._idle.notify_all()
+
+    @property
+    def predicting(self) -> int:
+        """``/predict`` requests being answered now (reading, decoding or waiting for the model)."""
+        return self._predicting
+
+    def predict_started(self, delta: int) -> None:
+        with self._idle:
+            self._predicting += delta
 
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
@@ -447,6 +463,13 @@ class Handler(BaseHTTPRequestHandler):
     def _predict(self):
         if self.server.draining:
             raise BadRequest(503, "the server is shutting down; send the request to another replica")
+        self.server.predict_started(1)
+        try:
+            return self._classify()
+        finally:
+            self.server.predict_started(-1)
+
+    def _classify(self):
         uploads = self._uploads()
         size = self.server.holder.current.image_size
         images, answers = [], []
@@ -506,7 +529,9 @@ def serve(model: LoadedModel, host: str, port: int, limits: Limits, batch_window
     (at most ``DRAIN_SECONDS``), exit. ``watch``: (models:/NAME@ALIAS, format, registered model, seconds,
     tracking URI) to reload the model when the alias moves."""
     holder, metrics = ModelHolder(model), Metrics()
-    batcher = Batcher(holder, metrics, batch_window, max_batch)
+    server = None
+    batcher = Batcher(holder, metrics, batch_window, max_batch,
+                      in_flight=lambda: server.predicting if server is not None else 0)
     try:
         server = Server((host, port), holder, batcher, metrics, limits)
     except OSError as exc:
@@ -526,8 +551,10 @@ def serve(model: LoadedModel, host: str, port: int, limits: Limits, batch_window
 
     previous = {sig: signal.signal(sig, drain) for sig in (signal.SIGTERM, signal.SIGINT)}
     where = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_address[1]}"
+    batching = (f"batches of up to {max_batch} within {batch_window * 1000:.0f} ms" if max_batch > 1
+                else "one image a batch")
     report(f"Serving {model.format} model on {where} (POST /predict; GET /health, /ready, /metadata, /metrics); "
-           f"batches of up to {max_batch} within {batch_window * 1000:.0f} ms. Ctrl-C or SIGTERM stops it.")
+           f"{batching}. Ctrl-C or SIGTERM stops it.")
     if ready is not None:
         ready(server)
     try:
@@ -542,6 +569,15 @@ def serve(model: LoadedModel, host: str, port: int, limits: Limits, batch_window
             signal.signal(sig, handler)
         report(f"Stopped: {'every request in flight was answered' if drained else 'requests still in flight were cut'}"
                f" ({time.monotonic() - started:.1f}s).")
+
+
+def default_max_batch(fmt: str) -> int:
+    """The batch limit a format is served with unless ``--max-batch`` says otherwise. LiteRT (XNNPACK) runs one
+    image as fast per image as a batch on a CPU (2-core AMD EPYC: 3.5 ms batch-1 against 232 images/s at
+    batch 32), so batching only adds the window and larger tensors: served with batches of up to 32 it gave
+    96 images/s (p99 224 ms) against 105 (p99 176 ms) without, for a test-time-flip model (docs/serving.md).
+    Keras, the SavedModel and ONNX Runtime pay a cost per call that batching shares out."""
+    return 1 if fmt.startswith("litert") else DEFAULT_MAX_BATCH
 
 
 def is_loopback(host: str) -> bool:

@@ -390,18 +390,25 @@ def has_artifact(run_id: str, artifact_path: str) -> bool:
     return any(a.path == artifact_path for a in MlflowClient().list_artifacts(run_id, folder or None))
 
 
-def register_keras_model(run_id: str, model: keras.Model, name: str, signature: Any, alias: str,
-                         files: Path | None = None, metrics: dict[str, float] | None = None) -> int:
-    """Log ``model`` in MLflow's Keras flavour into ``run_id`` (with the folder ``files`` as the logged model's
-    ``formats/`` artifacts and ``metrics`` on the run), register it as a new version of ``name`` and point the
+def register_model(run_id: str, files: Path, classes: list[str], name: str, alias: str,
+                   metrics: dict[str, float] | None = None) -> int:
+    """Log the export folder ``files`` into ``run_id`` as a model in MLflow's pyfunc flavour
+    (``sweep.pyfunc_model.ImageClassifier``: encoded images in, class names out; the files are its
+    ``formats`` artifacts), with ``metrics`` on the run; register it as a new version of ``name`` and point the
     registry alias ``alias`` at that version (MLflow's aliases replace the deprecated stages)."""
+    import keras
+    import tensorflow as tf
+
+    from sweep.pyfunc_model import ImageClassifier, signature
+
     client = MlflowClient()
-    with mlflow.start_run(run_id=run_id):  # mlflow.keras.log_model logs into a started run only
-        info = mlflow.keras.log_model(model, name="registered_model", signature=signature)
+    with mlflow.start_run(run_id=run_id):  # log_model logs into a started run only
+        info = mlflow.pyfunc.log_model(name="registered_model", python_model=ImageClassifier(),
+                                       artifacts={"formats": str(files)}, signature=signature(classes),
+                                       pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
+                                                         f"mlflow=={mlflow.__version__}"])
         if metrics:
             mlflow.log_metrics(metrics)
-    if files is not None:
-        _with_retries(client.log_model_artifacts, info.model_id, str(files), "formats")
     version = int(mlflow.register_model(info.model_uri, name).version)
     client.set_registered_model_alias(name, alias, version)
     return version

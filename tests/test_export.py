@@ -489,7 +489,9 @@ def test_mlflow_server_receives_a_sweep(tiny_data, tmp_path, runner, monkeypatch
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_predictions(swept, runner, tiny_data):
+def test_mlflow_models_serve_answers_a_photo_with_its_class(swept, runner, tiny_data):
+    """The registered version's pyfunc flavour (sweep/pyfunc_model.py): base64 images in, class names out, as
+    `sweep predict` answers, through a real HTTP request to `mlflow models serve`."""
     out = swept / "export"
     assert runner.invoke(main, ["best", "--export", str(out), "--no-verify", "--format", "keras"]).exit_code == 0
     registry = json.loads((out / "registered_model.json").read_text())
@@ -504,16 +506,23 @@ def test_mlflow_models_serve_answers_predictions(swept, runner, tiny_data):
                             start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=server)
-        splits = load_splits(tiny_data, (32, 32), 4, 3)
-        body = json.dumps({"inputs": splits.test.images[:2].tolist()}).encode()
+        import base64
+
+        from sweep.export import predict
+
+        photos = sorted((tiny_data / "validation" / "cats").iterdir())[:1] + \
+            sorted((tiny_data / "validation" / "dogs").iterdir())[:1]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(p.read_bytes()).decode()] for p in photos]}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
-            predictions = np.array(json.load(response)["predictions"])
-        import keras
-
-        expected = keras.models.load_model(out / "model.keras").predict(splits.test.images[:2], verbose=0)
-        np.testing.assert_allclose(predictions, expected, rtol=1e-4, atol=1e-4)
+            predictions = json.load(response)["predictions"]
+        expected = predict(out, photos)
+        assert [p["class"] for p in predictions] == [e.label for e in expected]
+        for got, want in zip(predictions, expected):
+            assert got["probability"] == pytest.approx(want.probability, abs=1e-5)
+            assert got["p_cats"] + got["p_dogs"] == pytest.approx(1.0, abs=1e-6)
     finally:
         stop(server)
 
@@ -644,9 +653,10 @@ def test_every_format_is_written_verified_logged_and_predicts_as_keras_does(swep
         assert run.data.metrics[f"export_{name}_latency_ms_median"] == pytest.approx(row["latency_ms_median"])
     version = client.get_model_version_by_alias("sweep-best", "champion")
     model_id = version.source.rsplit("/", 1)[-1]
-    assert sorted(a.path for a in client.list_logged_model_artifacts(model_id, "formats")) == [
-        "formats/formats.json", "formats/model.onnx", "formats/model.tflite", "formats/model_int8.tflite",
-        "formats/saved_model"]
+    assert sorted(a.path for a in client.list_logged_model_artifacts(model_id, "artifacts/formats")) == [
+        "artifacts/formats/classes.json", "artifacts/formats/formats.json", "artifacts/formats/hyperparameters.json",
+        "artifacts/formats/metrics.json", "artifacts/formats/model.keras", "artifacts/formats/model.onnx",
+        "artifacts/formats/model.tflite", "artifacts/formats/model_int8.tflite", "artifacts/formats/saved_model"]
 
     images = tiny_data / "validation"
     predicted = {}

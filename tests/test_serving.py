@@ -281,3 +281,47 @@ def test_the_load_test_prints_latency_throughput_errors_and_memory(served, runne
     assert "server memory from second 10 to the end" in result.output
     refused = runner.invoke(main, ["loadtest", "http://example.com:80", str(images)])
     assert refused.exit_code == 1 and "loopback only" in refused.output
+
+
+@pytest.mark.slow  # a server process and an MLflow registry
+def test_the_registrys_champion_is_served_and_a_moved_alias_swaps_in_without_a_failed_request(tracking_env):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sweep import tracking
+
+    mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
+    client = MlflowClient()
+    experiment = client.create_experiment("test-exp", artifact_location=str(tracking_env / "mlruns" / "artifacts"))
+    run = client.create_run(experiment).info.run_id
+    first = tiny_export(tracking_env / "one")
+    second = tiny_export(tracking_env / "two", scale=-1.0)  # the opposite answers
+    name = "sweep-best"  # the registered model of a mlflow.yaml that names none
+    assert tracking.register_model(run, first, ["cats", "dogs"], name, "champion") == 1
+    images = make_image_folders(tracking_env / "data", train=1, validation=1, size=48)
+    photo = next((images / "validation" / "cats").iterdir()).read_bytes()
+
+    process, port = start(["--reload-on-alias", "--reload-interval", "0.5"], tracking_env)
+    try:
+        status, answer = request(port, "POST", "/predict", photo, {"Content-Type": "image/jpeg"})
+        assert status == 200 and answer["model"] == {"name": name, "version": "1", "format": "keras"}
+        assert answer["predictions"][0]["class"] == "cats"
+        assert tracking.register_model(run, second, ["cats", "dogs"], name, "champion") == 2
+        seen, deadline = [], time.monotonic() + 60
+        while time.monotonic() < deadline and (not seen or seen[-1][0] != "2"):
+            status, answer = request(port, "POST", "/predict", photo, {"Content-Type": "image/jpeg"})
+            assert status == 200, answer  # no request fails while the new version loads and swaps in
+            seen.append((answer["model"]["version"], answer["predictions"][0]["class"]))
+        assert seen[-1] == ("2", "dogs")
+        assert request(port, "GET", "/metadata")[1]["version"] == "2"
+        assert any("Serving sweep-best version 2." in line for line in process.lines)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_litert_is_served_one_image_a_batch_and_other_runtimes_batched():
+    from sweep.serving import DEFAULT_MAX_BATCH, default_max_batch
+
+    assert default_max_batch("litert") == default_max_batch("litert_int8") == 1
+    assert default_max_batch("keras") == default_max_batch("onnx") == default_max_batch("saved_model") == DEFAULT_MAX_BATCH
