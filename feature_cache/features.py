@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from search_spaces.base import MAX_ROTATION_FACTOR, ROTATION_STEP
+from sweep.errors import first_line
 
 CACHE_VERSION = 2
 FLIP_COMBOS = ("none", "horizontal", "vertical", "both")
@@ -285,8 +286,8 @@ class FeatureExtractor:
             except Exception as exc:  # a converter or runtime that fails here must not stop the sweep
                 if backend == "litert":
                     raise
-                report(f"Warning: LiteRT could not run the base ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); computing features with TensorFlow.")
+                report(f"Warning: LiteRT could not run the base ({first_line(exc, 200)}); computing features with "
+                       "TensorFlow.")
             if self._litert is not None:
                 self.backend = "litert"
 

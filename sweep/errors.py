@@ -27,6 +27,9 @@ class FamilyError(SweepError):
     """A ``--family`` that cannot be found, imported, built, or whose model does not fit the data."""
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message (many span several lines)."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception as one line: its type and the first line of its message (many span several lines), that
+    line cut at ``limit`` characters. The one place this is written: every message that names a caught error
+    calls it."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {line[:limit] if limit is not None else line}"

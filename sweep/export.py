@@ -16,7 +16,7 @@ import numpy as np
 from sweep import tracking
 from sweep.config import TrackingSettings
 from sweep.data import decode_error, decode_image, load_manifest
-from sweep.errors import SweepError
+from sweep.errors import SweepError, first_line
 from sweep.formats import (
     DEFAULT_FORMATS,
     FORMAT_FILE,
@@ -232,8 +232,7 @@ def _write_formats(model, keras_file: Path | None, staging: Path, formats: Seque
         except SweepError:
             raise
         except Exception as exc:  # a converter that fails on this model: say which format, keep nothing
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            raise SweepError(f"could not write --format {name} ({type(exc).__name__}: {first}); nothing was "
+            raise SweepError(f"could not write --format {name} ({first_line(exc, 200)}); nothing was "
                              "exported. Leave it out of --format.") from None
         line = f"  {name}: written in {time.monotonic() - started:.0f}s"
         if test is not None:
@@ -293,7 +292,7 @@ def _register(out_dir: Path, best: BestTrial, registered_model: str, formats: Se
                                               metrics=metrics)
     except Exception as exc:  # the export folder is complete; say what did not happen
         raise SweepError(f"exported to {out_dir}, but registering the model in MLflow failed "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); the folder "
+                         f"({first_line(exc, 200)}); the folder "
                          "is usable as it is.") from None
     registry = {"name": registered_model, "version": version, "alias": CHAMPION,
                 "uri": f"models:/{registered_model}@{CHAMPION}", "version_uri": f"models:/{registered_model}/{version}",

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from sweep.errors import SweepError
+from sweep.errors import SweepError, first_line
 
 # How close a format must stay to the Keras model on the test split (agreement of the predicted class, and the
 # accuracy gap in points): float formats compute the same function up to rounding; int8 quantises it.
@@ -318,9 +318,8 @@ def load(name: str, path: Path) -> Runtime:
             runtime.num_classes = int(runtime(np.zeros((1, *runtime.input_size, 3), dtype="float32")).shape[-1])
         return runtime
     except Exception as exc:  # damaged, or another kind of file under the expected name
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise SweepError(f"cannot load model {path}: it is not a readable {KINDS[name]} (damaged, or not a model; "
-                         f"{FORMATS[name].runtime.split(' ')[0]} said {type(exc).__name__}: {first}). Pass an export "
+                         f"{FORMATS[name].runtime.split(' ')[0]} said {first_line(exc, 200)}). Pass an export "
                          "folder from `sweep best --export` or one of its model files.") from None
 
 

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sweep.errors import SweepError
+from sweep.errors import SweepError, first_line
 
 # Formats in the order `sweep serve` prefers them (fastest first, as measured by `sweep best --export`).
 PREFERRED_FORMATS = ("litert", "onnx", "keras", "saved_model")
@@ -166,8 +166,7 @@ def download_registered(uri: str, tracking_uri: str | None = None) -> tuple[Path
                                                          dst_path=tempfile.mkdtemp(prefix="sweep-serve-"),
                                                          tracking_uri=tracking_uri))
     except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for "not there"
-        raise SweepError(f"cannot load {uri} from the registry ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); export a model with "
+        raise SweepError(f"cannot load {uri} from the registry ({first_line(exc, 200)}); export a model with "
                          "`sweep best --export DIR` first, or pass an export folder.") from None
     # the export's files, as `sweep best --export` registers them (sweep.pyfunc_model)
     folder = next((p.parent for p in sorted(local.rglob("classes.json"))), None)
@@ -346,7 +345,7 @@ def watch_alias(uri: str, holder: ModelHolder, wanted_format: str | None, regist
                                             tracking_uri))
                     report(f"Serving {name} version {version}.")
             except Exception as exc:  # noqa: BLE001 - the old model keeps serving; try again next time
-                report(f"Warning: could not reload {uri}: {type(exc).__name__}: {str(exc)[:200]}")
+                report(f"Warning: could not reload {uri}: {first_line(exc, 200)}")
 
     thread = threading.Thread(target=poll, name="alias-watch", daemon=True)
     thread.start()

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sweep.config import TrackingSettings, folder_problem, require_store, sqlite_path
-from sweep.errors import ConfigError
+from sweep.errors import ConfigError, SweepError, first_line
 from sweep.server import check_server, redact
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -323,8 +323,7 @@ class EpochMetricsLogger(keras.callbacks.Callback):
             self.failed_epochs.extend(steps)
             which = f"epoch {steps[0]}'s" if len(steps) == 1 else f"epochs {steps[0]}-{steps[-1]}'s"
             self.run.report(f"Warning: could not log {which} metrics to MLflow run {self.run.run_id} "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                            "training goes on.")
+                            f"({first_line(exc, 200)}); training goes on.")
 
 
 def _with_retries(call, *args, **kwargs):
@@ -366,11 +365,28 @@ def experiment_id_of(settings: TrackingSettings) -> str:
     return experiment.experiment_id
 
 
+def filter_value(text: str) -> str:
+    """``text`` as a quoted value of an MLflow search filter. MLflow's filter grammar has no escape inside a
+    quoted value, so a value holding a single quote is put in double quotes, and one holding both kinds of
+    quote cannot be searched for (a user-given sweep or family name, say).
+
+    Raises:
+        SweepError: ``text`` holds both ``'`` and ``"``.
+    """
+    text = str(text)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise SweepError(f"the name {text!r} holds both kinds of quote, which MLflow's search cannot match; rename it "
+                     "without one of them.")
+
+
 def finished_trials(experiment_id: str, family: str | None = None) -> list:
     """Every finished trial run (nested under a sweep) of an experiment, optionally of one family."""
     query = "attributes.status = 'FINISHED'"
     if family:
-        query += f" and tags.family = '{family}'"
+        query += f" and tags.family = {filter_value(family)}"
     runs = MlflowClient().search_runs([experiment_id], filter_string=query, max_results=50000)
     return [r for r in runs if PARENT_RUN_TAG in r.data.tags and "trial_id" in r.data.tags
             and "test_accuracy" in r.data.metrics]
@@ -428,9 +444,9 @@ def log_report_run(experiment_id: str, name: str, files: list[Path], metrics: di
 
 def find_sweep(experiment_id: str, family: str | None, name: str | None = None):
     """The sweep run named ``name``, else the newest unfinished sweep of ``family``; or None."""
-    query = "tags.kind = 'sweep'" + (f" and tags.family = '{family}'" if family else "")
+    query = "tags.kind = 'sweep'" + (f" and tags.family = {filter_value(family)}" if family else "")
     if name:
-        query += f" and tags.sweep = '{name}'"
+        query += f" and tags.sweep = {filter_value(name)}"
     runs = MlflowClient().search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
                                       max_results=100)
     if name:
@@ -452,7 +468,8 @@ def sweep_runs(experiment_id: str) -> list:
 
 def child_runs(experiment_id: str, parent_run_id: str) -> list:
     """Every run whose parent is ``parent_run_id``."""
-    return MlflowClient().search_runs([experiment_id], filter_string=f"tags.{PARENT_RUN_TAG} = '{parent_run_id}'",
+    return MlflowClient().search_runs([experiment_id],
+                                      filter_string=f"tags.{PARENT_RUN_TAG} = {filter_value(parent_run_id)}",
                                       max_results=50000)
 
 

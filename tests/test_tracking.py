@@ -153,3 +153,28 @@ def test_an_experiment_kind_chosen_in_the_ui_is_kept(tracking_env):
     chosen = client.create_experiment(settings.experiment, tags={"mlflow.experimentKind": "genai_development"})
     assert tracking.use_experiment(settings) == chosen
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_names_with_quotes_are_searched_for_not_parsed(tracking_env):
+    """A sweep or family name is the user's text: one with a quote must find its runs, not break the query."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sweep.errors import SweepError
+    from sweep.tracking import filter_value, find_sweep, finished_trials
+
+    mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
+    client = MlflowClient()
+    experiment = client.create_experiment("quotes")
+    for family, sweep in (("it's", 'the "big" one'), ("plain", "other")):
+        parent = client.create_run(experiment, tags={"kind": "sweep", "family": family, "sweep": sweep})
+        child = client.create_run(experiment, tags={"family": family, "trial_id": "0",
+                                                    "mlflow.parentRunId": parent.info.run_id})
+        client.log_metric(child.info.run_id, "test_accuracy", 0.5)
+        client.set_terminated(child.info.run_id)
+    found = find_sweep(experiment, "it's", 'the "big" one')
+    assert found is not None and found.data.tags["sweep"] == 'the "big" one'
+    assert [r.data.tags["family"] for r in finished_trials(experiment, "it's")] == ["it's"]
+    assert filter_value("plain") == "'plain'" and filter_value("it's") == '"it\'s"'
+    with pytest.raises(SweepError, match="both kinds of quote"):
+        filter_value("""it's "both\"""")
