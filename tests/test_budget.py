@@ -9,8 +9,7 @@ from keras_tuner.engine.trial import TrialStatus
 
 from sweep.cli import main
 from tests.conftest import runs_in
-from tests.test_pruning import make_oracle
-from tests.test_tuning import tiny_args
+from tests.helpers import make_oracle, tiny_args
 
 
 def test_no_trial_starts_that_would_not_finish_before_the_deadline(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import runs_in
-from tests.test_resume import run_states
+from tests.helpers import run_states
 
 SWEEP_BIN = str(Path(sys.executable).with_name("sweep"))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -6,11 +6,9 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from sweep.results import accuracy_interval
 from sweep.results import param_value
 from sweep.spec import SweepSpec
 from tests.conftest import make_image_folders, runs_in
+from tests.helpers import free_port, stop, wait_http
 
 # Every trial runs its two epochs: these tests rank and export trials (pruning, at epoch 1 here, has its own tests).
 SWEEP = ["--data-dir", None, "--batch-size", "4", "--image-size", "32", "--epochs", "2", "--seed", "3", "-q",
@@ -38,40 +37,11 @@ def sweep_args(data_dir, family, trials=2):
     return ["run", "--family", family, "--trials", str(trials), *args]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 90, proc=None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout}s")
 
 
-def stop(proc) -> None:
-    """Stop a server started with start_new_session=True, and everything it started."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # uvicorn and MLflow's job runners, if any outlived it
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=15)
+
 
 
 @pytest.fixture()

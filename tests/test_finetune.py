@@ -15,7 +15,7 @@ from feature_cache.trainer import own_base
 from sweep.cli import main
 from sweep.data import load_splits
 from tests.conftest import runs_in
-from tests.test_tuning import tiny_args
+from tests.helpers import tiny_args
 
 SIZE = (64, 64)  # MobileNetV2's top sees 2x2 maps: max and average pooling differ
 

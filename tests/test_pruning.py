@@ -8,15 +8,7 @@ from keras_tuner.engine.trial import TrialStatus
 from search_spaces.conv import HyperScratch
 from sweep.oracles import build_oracle, epoch_metric
 from sweep.spec import SweepSpec
-
-
-def make_oracle(tmp_path, **spec):
-    oracle = build_oracle(SweepSpec(family="scratch", **{"trials": 10, "epochs": 20, "seed": 1, **spec}))
-    oracle._set_project_dir(str(tmp_path), "prune")
-    space = oracle.get_space()
-    HyperScratch().declare(space)
-    oracle.update_space(space)
-    return oracle
+from tests.helpers import make_oracle
 
 
 def run(oracle, curve: list[float]) -> tuple[str, int]:
@@ -91,7 +83,7 @@ def test_a_pruned_trial_is_a_finished_trial_with_fewer_epochs(tiny_data, trackin
 
     from sweep.cli import main
     from tests.conftest import runs_in
-    from tests.test_tuning import tiny_args
+    from tests.helpers import tiny_args
 
     args = ["run", "--family", "scratch", "--trials", "6", "-q", *tiny_args(tiny_data), "--epochs", "6"]
     result = runner.invoke(main, args)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -16,19 +15,10 @@ import pytest
 
 from sweep.cli import main
 from tests.conftest import SWEEP_BIN, runs_in, signal_on_line
+from tests.helpers import run_states
 
 
-def run_states(db: Path) -> list[tuple[str, str]]:
-    """(status, parent id or '') of every run, read straight from the SQLite store."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(db, timeout=1) as conn:
-            return conn.execute(
-                "select r.status, coalesce(t.value, '') from runs r left join tags t "
-                "on t.run_uuid = r.run_uuid and t.key = 'mlflow.parentRunId'").fetchall()
-    except sqlite3.Error:
-        return []
+
 
 
 @pytest.mark.slow

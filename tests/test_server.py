@@ -22,6 +22,7 @@ from sweep.cli import main
 from sweep.config import load_tracking
 from sweep.errors import ConfigError
 from sweep.server import check_server, check_uri, redact
+from tests.helpers import free_port
 
 USER, PASSWORD = "ana", "correct horse battery"
 
@@ -201,12 +202,6 @@ def test_something_else_on_the_port_is_not_taken_for_a_tracking_server(fake_serv
     server = fake_server(health=(404, "<html>nginx</html>"))
     message, _ = refusal(server.uri)
     assert message.startswith(f"{server.uri} answered /health with HTTP 404, not as an MLflow tracking server")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_an_unreachable_server_is_refused_at_once(login):

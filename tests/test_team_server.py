@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.test_export import stop, wait_http
+from tests.helpers import free_port, stop, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,6 @@ DB_PASSWORD = "db-pass-for-tests-11"
 def postgres_bin() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     return Path(found[-1]).parent if found else None
-
-
-def free_port() -> int:
-    from sweep.distributed import free_port as port
-
-    return port()
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,10 @@ from sweep.results import accuracy_interval
 from sweep.spec import SweepSpec
 from sweep.tuning import build_oracle
 from tests.conftest import runs_in
+from tests.helpers import tiny_args
 
 
-def tiny_args(data_dir, image_size="32"):
-    return ["--data-dir", str(data_dir), "--batch-size", "4", "--image-size", image_size, "--epochs", "2",
-            "--seed", "3"]
+
 
 
 @pytest.mark.parametrize("tuner", ["random", "bayesian", "hyperband"])
