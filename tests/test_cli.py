@@ -104,6 +104,7 @@ def test_bad_input_gets_one_message_and_no_run(runner, tracking_env, data_varian
         assert result.output.count("Error: ") == 1
 
 
+@pytest.mark.no_store
 def test_malformed_mlflow_yaml(runner, tracking_env, data_variants):
     (tracking_env / "mlflow.yaml").write_text("tracking_uri: [oops\n")
     result = runner.invoke(main, [*BASE, "--family", "scratch", "--data-dir", str(data_variants["good"])])

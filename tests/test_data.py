@@ -173,6 +173,7 @@ def test_an_image_size_that_cannot_fit_in_memory_is_refused_before_decoding(tiny
     assert runs_in(tracking_env) == []
 
 
+@pytest.mark.no_store
 def test_a_rejected_input_leaves_no_store_behind(tiny_data, tracking_env, runner):
     """Data that fails its checks (here a batch too large for the test split) stops the run before the MLflow
     store, the experiment or a named sweep's lookup writes anything."""

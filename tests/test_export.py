@@ -78,6 +78,7 @@ def swept(swept_store, tracking_env):
     artifacts in the module's store, where an export only adds a logged model under a new id."""
     import mlflow
 
+    shutil.rmtree(tracking_env / "mlruns", ignore_errors=True)  # the empty store tracking_env starts with
     shutil.copytree(swept_store / "mlruns", tracking_env / "mlruns")
     mlflow.set_tracking_uri(f"sqlite:///{tracking_env}/mlruns/mlflow.db")  # what a sweep here would have set
     return tracking_env
@@ -326,6 +327,7 @@ def test_output_paths_that_cannot_be_folders_get_one_line_and_nothing_is_written
     assert not MlflowClient().search_registered_models()
 
 
+@pytest.mark.no_store
 def test_ui_refuses_a_store_mlflow_cannot_open_and_best_refuses_a_lone_no_verify(tracking_env, runner, monkeypatch,
                                                                                   no_exec):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
@@ -498,6 +500,7 @@ def test_mlflow_models_serve_answers_a_photo_with_its_class(swept, runner, tiny_
 
 
 # -- deployment formats ---------------------------------------------------------------------------------------
+@pytest.mark.no_store
 def test_format_names_are_checked_before_anything_runs(tracking_env, runner, monkeypatch):
     from sweep.formats import FORMATS, parse_formats
 

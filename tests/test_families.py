@@ -111,6 +111,7 @@ def test_the_example_declares_what_it_can_do():
     ("no_such_package.families:Wide", "Error: --family no_such_package.families:Wide: no module named "
                                       "'no_such_package'; install its package"),
 ])
+@pytest.mark.no_store
 def test_a_family_that_cannot_be_found_gets_one_line_and_nothing_is_written(family, message, family_file, tiny_data,
                                                                           tracking_env, runner):
     family, message = (text.replace("{dir}", str(family_file.parent)) for text in (family, message))

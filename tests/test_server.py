@@ -272,6 +272,7 @@ def test_a_chief_on_every_interface_is_warned_about_and_one_address_is_not():
         assert exposure_warning(host) is None
 
 
+@pytest.mark.no_store
 def test_a_worker_without_a_chief_says_so_and_writes_nothing(tracking_env, runner):
     from tests.conftest import runs_in
 
@@ -302,6 +303,7 @@ def test_waiting_for_a_chief_or_a_sweep_says_so_every_few_seconds():
     assert lines and lines[0].startswith("Waiting for sweep 'team-1' to appear in MLflow (")
 
 
+@pytest.mark.no_store
 def test_a_chief_on_a_taken_port_stops_before_writing_anything(tracking_env, runner, tiny_data):
     from tests.conftest import runs_in
 
@@ -323,6 +325,7 @@ def run_cli(runner, args):
     return result.exit_code, result.output.strip().splitlines()[-1] if result.output.strip() else ""
 
 
+@pytest.mark.no_store
 def test_more_doors_each_get_one_line_and_leave_no_store(tracking_env, runner, tiny_data, monkeypatch):
     """Found by trying bad inputs as a new user would (docs/faults.md)."""
     data = ["--data-dir", str(tiny_data), "--image-size", "32", "--trials", "1", "--epochs", "1"]

@@ -34,6 +34,19 @@ def run_oracle(tmp_path, spec: SweepSpec, score=lambda values, number: 1.0 / (nu
     return trials
 
 
+def two_phases(trials: list[dict], explore: int) -> tuple[list[dict], list[dict]]:
+    """The trials split where the plan turns fine-tuning on, checked: trial 1 is the study's model, the first
+    ``explore`` trials are frozen (no fine-tuning settings drawn), every later one fine-tunes within the space."""
+    space = kt.HyperParameters()
+    HyperTransfer().declare(space)
+    assert trials[0] == default_values(space)  # trial 1: the study's model
+    first, later = trials[:explore], trials[explore:]
+    assert all(t["fine_tune_from"] == "none" and "fine_tune_epochs" not in t for t in first)
+    assert all(t["fine_tune_from"] in CUTS for t in later)
+    assert all(1 <= t["fine_tune_epochs"] <= 3 and 0.01 <= t["fine_tune_lr_factor"] <= 0.3 for t in later)
+    return first, later
+
+
 def test_the_first_half_searches_the_head_then_each_trial_fine_tunes_a_leading_head(tmp_path):
     spec = SweepSpec(family="transfer", trials=20, seed=7, fine_tune="leaders")
     losses = {}
@@ -43,13 +56,7 @@ def test_the_first_half_searches_the_head_then_each_trial_fine_tunes_a_leading_h
         return losses[number]
 
     trials = run_oracle(tmp_path, spec, score)
-    space = kt.HyperParameters()
-    HyperTransfer().declare(space)
-    assert trials[0] == default_values(space)  # trial 1: the study's model
-    explore, refine = trials[:10], trials[10:]
-    assert all(t["fine_tune_from"] == "none" and "fine_tune_epochs" not in t for t in explore)
-    assert all(t["fine_tune_from"] in CUTS for t in refine)
-    assert all(1 <= t["fine_tune_epochs"] <= 3 and 0.01 <= t["fine_tune_lr_factor"] <= 0.3 for t in refine)
+    explore, refine = two_phases(trials, 10)
     # Every refinement takes the head (all but the fine-tuning settings) of one of the three best frozen heads.
     leaders = sorted(explore, key=lambda t: t["learning_rate"])[:3]
     strip = lambda t: {k: v for k, v in t.items() if not k.startswith("fine_tune")}  # noqa: E731
@@ -132,13 +139,7 @@ def test_fine_tune_any_draws_fine_tuning_with_the_head_in_every_trial(tmp_path):
 def test_late_the_first_half_searches_the_head_and_the_rest_fine_tune_heads_of_their_own(tmp_path):
     spec = SweepSpec(family="transfer", trials=20, seed=7)  # the default plan: late
     trials = run_oracle(tmp_path, spec, lambda values, number: values["learning_rate"])
-    space = kt.HyperParameters()
-    HyperTransfer().declare(space)
-    assert trials[0] == default_values(space)  # trial 1: the study's model
-    explore, late = trials[:10], trials[10:]
-    assert all(t["fine_tune_from"] == "none" and "fine_tune_epochs" not in t for t in explore)
-    assert all(t["fine_tune_from"] in CUTS for t in late)
-    assert all(1 <= t["fine_tune_epochs"] <= 3 and 0.01 <= t["fine_tune_lr_factor"] <= 0.3 for t in late)
+    explore, late = two_phases(trials, 10)
     # the late trials draw their heads afresh: not the frozen leaders' (measured: the fine-tuned picks came
     # from heads the frozen ranking did not put first)
     strip = lambda t: {k: v for k, v in t.items() if not k.startswith("fine_tune")}  # noqa: E731
