@@ -189,14 +189,14 @@ def decode_upload(body: bytes, image_size: tuple[int, int], limits: Limits) -> n
 
     if not body:
         raise BadRequest(400, "empty body: send an image file (JPEG, PNG, GIF, BMP or WebP)")
-    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit, below, says it better
     try:
         with Image.open(io.BytesIO(body)) as header:  # reads the header only, never the pixels
             kind, (width, height) = header.format, header.size
+    except Image.DecompressionBombError:  # Pillow's own limit (``serve`` lifts it: ours below says it better)
+        raise BadRequest(413, f"the image declares more pixels than this server's --max-pixels "
+                              f"{limits.max_pixels}") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise BadRequest(415, "the body is not an image (JPEG, PNG, GIF, BMP or WebP)") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
     if kind not in IMAGE_FORMATS:
         raise BadRequest(415, f"{kind} images are not supported; send JPEG, PNG, GIF, BMP or WebP")
     if width * height > limits.max_pixels:
@@ -409,6 +409,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._serve({"/predict": self._predict})
 
+    def do_OTHER(self) -> None:  # noqa: N802 - PUT, DELETE, ...: a JSON 404 or 405, not the standard 501 page
+        self._serve({})
+
+    do_PUT = do_DELETE = do_PATCH = do_OTHER
+
     def _serve(self, routes: dict[str, Callable[[], tuple[int, bytes, str]]]) -> None:
         started = time.monotonic()
         path = self.path.split("?", 1)[0]
@@ -527,6 +532,11 @@ def serve(model: LoadedModel, host: str, port: int, limits: Limits, batch_window
     """Serve ``model`` until SIGTERM or Ctrl-C, then drain: refuse new requests, finish those in flight
     (at most ``DRAIN_SECONDS``), exit. ``watch``: (models:/NAME@ALIAS, format, registered model, seconds,
     tracking URI) to reload the model when the alias moves."""
+    from PIL import Image
+
+    # Pillow refuses very large declared sizes on its own; the server's --max-pixels check names the limit
+    # that applies (Pillow only reads headers here: it never decodes a pixel).
+    Image.MAX_IMAGE_PIXELS = None
     holder, metrics = ModelHolder(model), Metrics()
     server = None
     batcher = Batcher(holder, metrics, batch_window, max_batch,

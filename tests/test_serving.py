@@ -194,6 +194,8 @@ def test_an_unknown_path_and_method_get_json_errors(served):
     assert status == 404 and "POST /predict" in answer["error"]
     status, answer = request(port, "GET", "/predict")
     assert status == 405
+    status, answer = request(port, "DELETE", "/predict")
+    assert status == 405 and "POST /predict" in answer["error"]
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer():
