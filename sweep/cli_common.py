@@ -36,25 +36,19 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules:
         return
-    import tempfile
+    from sweep.native_output import captured
 
-    sys.stderr.flush()
-    saved = os.dup(2)
-    imported = False
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
+    imported, err = False, None
+    try:
+        with captured((2,)) as err:
             import tensorflow  # noqa: F401
 
             imported = True
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            for line in sink.read().decode(errors="replace").splitlines():
-                # a failed import shows all it wrote, the start-up lines included
-                if line.strip() and (not imported or not any(noise in line for noise in _IMPORT_NOISE)):
-                    print(line, file=sys.stderr)
+    finally:
+        for line in (err.text if err is not None else "").splitlines():
+            # a failed import shows all it wrote, the start-up lines included
+            if line.strip() and (not imported or not any(noise in line for noise in _IMPORT_NOISE)):
+                print(line, file=sys.stderr)
 
 
 def keras_verbosity(quiet: bool) -> int:

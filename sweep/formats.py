@@ -23,7 +23,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from sweep.errors import SweepError, first_line
+from sweep.native_output import captured
 
 # How close a format must stay to the Keras model on the test split (agreement of the predicted class, and the
 # accuracy gap in points): float formats compute the same function up to rounding; int8 quantises it.
@@ -193,28 +193,15 @@ def native_output_held() -> Iterator[None]:
     """Hold what converters and runtimes write from C++ (progress and INFO lines on the file descriptors 1 and
     2, which Python's own redirection does not reach) and Python warnings; pass it all on only if the block
     raises, as the context of the error."""
-    held = tempfile.TemporaryFile()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    failed = False
+    out = None
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd in saved:
-            os.dup2(held.fileno(), fd)
-        with warnings.catch_warnings():
+        with captured((1, 2)) as out, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     except BaseException:
-        failed = True
+        if out is not None:
+            sys.stderr.write(out.text)
         raise
-    finally:
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
-        if failed:
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-        held.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
