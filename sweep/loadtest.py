@@ -18,6 +18,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from sweep.errors import SweepError
+from sweep.serving import is_loopback
 
 MEMORY_FROM = 10.0  # seconds into the throughput phase: memory is compared from here to its end
 TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif", ".bmp": "image/bmp",
@@ -77,9 +78,9 @@ class LoadResult:
 
 
 def image_bodies(paths: list[str]) -> list[tuple[bytes, str]]:
-    files: list[Path] = []
-    for path in map(Path, paths):
-        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    from sweep.export import image_files  # the walk `sweep predict` does
+
+    files = image_files([Path(p) for p in paths])
     bodies = [(f.read_bytes(), TYPES[f.suffix.lower()]) for f in files if f.suffix.lower() in TYPES]
     if not bodies:
         raise SweepError(f"no images (.jpg, .png, ...) in {', '.join(paths)}.")
@@ -120,7 +121,7 @@ def run(url: str, images: list[str], clients: int = 16, seconds: float = 60.0, s
     """Measure the server at ``url`` (loopback only)."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+    if not is_loopback(host):
         raise SweepError(f"the load test runs over loopback only; {host} is not this machine.")
     bodies = image_bodies(images)
     try:
