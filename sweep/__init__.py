@@ -17,7 +17,7 @@ _EXPORTS = {
     "SweepResult": "sweep.study",
     "TrialRecord": "sweep.results",
     "BestTrial": "sweep.export",
-    "Prediction": "sweep.export",
+    "Prediction": "sweep.prediction",
     "Export": "sweep.api",
     "Verification": "sweep.formats",
     "run_sweep": "sweep.api",

@@ -27,7 +27,8 @@ from sweep.formats import DEFAULT_FORMATS, FORMATS, Verification
 from sweep.spec import SweepSpec
 
 if TYPE_CHECKING:  # these load TensorFlow and MLflow: imported by the calls that need them
-    from sweep.export import BestTrial, Prediction
+    from sweep.export import BestTrial
+    from sweep.prediction import Prediction
     from sweep.study import SweepResult
 
 Progress = Union[bool, Callable[[str], None]]
@@ -161,7 +162,7 @@ def predict(model: str | Path, images: Sequence[str | Path] | str | Path, batch_
     Raises:
         SweepError: nothing loadable at ``model``, or its runtime is not installed.
     """
-    from sweep.export import predict as run
+    from sweep.prediction import predict as run
 
     paths = [images] if isinstance(images, (str, Path)) else list(images)
     return run(Path(model), [Path(p) for p in paths], batch_size)

@@ -143,7 +143,7 @@ def run_child_sweep(spec: SweepSpec, settings: TrackingSettings, label: str, qui
         if child.returncode != 0:
             raise SweepError(f"bench: our {label} sweep failed (exit {child.returncode}); its output is above.")
         produced = json.loads(Path(out.name).read_text())
-    runs = tracking.child_runs(produced["experiment_id"], produced["run_id"])
+    runs = tracking.child_runs(tracking.Store(settings).client, produced["experiment_id"], produced["run_id"])
     finished = [r for r in runs if r.info.status == "FINISHED"]
     return SweepFigures(label, produced["run_id"], wall, produced["setup_seconds"],
                         usage.ru_maxrss * 1024,  # kilobytes on Linux

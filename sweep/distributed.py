@@ -292,17 +292,21 @@ def run_worker(tracking_settings, chief_address: str, sweep_name: str, tuner_id:
 
     host, port = parse_address(chief_address)
     wait_for_chief(f"{host}:{port}", chief_timeout, report)  # before anything is written
-    experiment_id = tracking.use_experiment(tracking_settings)
-    run = wait_for_sweep(lambda: tracking.find_sweep(experiment_id, None, sweep_name), sweep_name, report=report)
+    store = tracking.Store(tracking_settings)
+    experiment_id = store.open_experiment()
+    client = store.client
+    run = wait_for_sweep(lambda: tracking.find_sweep(client, experiment_id, None, sweep_name), sweep_name,
+                         report=report)
     spec = SweepSpec.from_params(run.data.params)
     prepared = prepare(spec, tracking_settings, report)
-    for child in tracking.child_runs(experiment_id, run.info.run_id):  # this worker's previous life
+    for child in tracking.child_runs(client, experiment_id, run.info.run_id):  # this worker's previous life
         if child.info.status == "RUNNING" and child.data.tags.get("tuner_id") == tuner_id:
-            tracking.mark_killed(child.info.run_id, f"worker {tuner_id} died; the chief hands its trial out again")
+            tracking.mark_killed(client, child.info.run_id, f"worker {tuner_id} died; the chief hands its trial out "
+                                 "again")
             report(f"Marked run {child.info.run_name} of the dead worker {tuner_id} as KILLED.")
     worker_environment(host, port, tuner_id)
     # overwrite=False: the project folder is the chief's (a shared file system, or this machine).
-    tuner, _ = build_tuner(spec, prepared.splits, tracking_settings, prepared.weights_path, sweep_name,
+    tuner, _ = build_tuner(spec, prepared.splits, store, prepared.weights_path, sweep_name,
                            overwrite=False, report=report, verbose=verbose)
     tuner.experiment_id, tuner.parent_run_id = experiment_id, run.info.run_id
     report(f"Worker {tuner_id} joined sweep {sweep_name} at {host}:{port}.")

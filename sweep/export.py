@@ -1,4 +1,4 @@
-"""Take a result away: find the best trial, export and register its model, predict with it."""
+"""Take a result away: find the best trial, export and register its model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from sweep import tracking
 from sweep.config import TrackingSettings
-from sweep.data import decode_error, decode_image, load_manifest
+from sweep.data import load_manifest
 from sweep.errors import SweepError, first_line
 from sweep.formats import (
     DEFAULT_FORMATS,
@@ -56,7 +56,16 @@ class BestTrial:
     params: dict[str, str]
     has_model: bool
     metric: str = DEFAULT_OBJECTIVE  # what it is best by
-    tracking_uri: str = ""  # the store it was found in, which export reads and registers into
+    store: tracking.Store | None = field(default=None, repr=False, compare=False)  # where it was found; export
+    # reads its files from there and registers into it
+
+    @property
+    def client(self):
+        """The MLflow client of the store the trial was found in."""
+        if self.store is None:
+            raise SweepError("this trial was not found in a tracking store (use sweep.api.find_best); it cannot be "
+                             "exported.")
+        return self.store.client
 
     def describe(self) -> str:
         r = self.record
@@ -81,8 +90,10 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
     """
     if metric is not None and metric not in RANKINGS:
         raise SweepError(f"unknown metric {metric!r}; choose one of {', '.join(RANKINGS)}.")
-    experiment_id = tracking.experiment_id_of(settings)
-    runs = tracking.finished_trials(experiment_id, family)
+    store = tracking.Store(settings)
+    experiment_id = store.experiment_id()
+    client = store.client
+    runs = tracking.finished_trials(client, experiment_id, family)
     where = f" of family {family}" if family else ""
     if not runs:
         raise SweepError(f"experiment {settings.experiment!r} has no finished trial{where}; run `sweep run` first.")
@@ -93,22 +104,22 @@ def find_best(settings: TrackingSettings, family: str | None = None, metric: str
             raise SweepError(f"no finished trial{where} in experiment {settings.experiment!r} kept its model "
                              "(a trial keeps it when it improves on its sweep's best); run a sweep, then export.")
     best = best_run(runs, metric)
-    parent = tracking.get_run(best.data.tags[tracking.PARENT_RUN_TAG])
+    parent = client.get_run(best.data.tags[tracking.PARENT_RUN_TAG])
     return BestTrial(
         record=record_from_run(best),
         sweep=parent.info.run_name,
         sweep_run_id=parent.info.run_id,
         baseline_accuracy=float(best.data.metrics.get("baseline_accuracy", float("nan"))),
         params={**parent.data.params, **best.data.params},
-        has_model=tracking.has_artifact(best.info.run_id, MODEL_ARTIFACT),
+        has_model=tracking.has_artifact(client, best.info.run_id, MODEL_ARTIFACT),
         metric=metric,
-        tracking_uri=settings.tracking_uri,
+        store=store,
     )
 
 
 def _sweep_data(best: BestTrial, tmp: Path) -> tuple[list[str], Path]:
     """The sweep's class names and the data folder it read (its ``data.json``)."""
-    data = json.loads(tracking.download(best.sweep_run_id, "data.json", tmp).read_text())
+    data = json.loads(tracking.download(best.client, best.sweep_run_id, "data.json", tmp).read_text())
     return list(data["class_names"]), Path(data["source"])
 
 
@@ -136,10 +147,6 @@ def export_best(best: BestTrial, out_dir: Path, registered_model: str, verify: b
     out_dir = Path(out_dir)
     formats = tuple(formats)
     check_available(formats)
-    if best.tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(best.tracking_uri)
     if out_dir.exists() and not out_dir.is_dir():
         raise SweepError(f"export folder {out_dir} is a file; pick a new folder.")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -183,8 +190,8 @@ def _write(best: BestTrial, out_dir: Path, verify: bool, report, formats: Sequen
         tmp = Path(tmp)
         staging = tmp / "export"
         staging.mkdir()
-        keras_file = tracking.download(best.record.run_id, MODEL_ARTIFACT, tmp / "logged")
-        shutil.copy(tracking.download(best.record.run_id, "accuracy.png", tmp), staging / "accuracy.png")
+        keras_file = tracking.download(best.client, best.record.run_id, MODEL_ARTIFACT, tmp / "logged")
+        shutil.copy(tracking.download(best.client, best.record.run_id, "accuracy.png", tmp), staging / "accuracy.png")
         classes, source = _sweep_data(best, tmp)
         trained = keras.models.load_model(keras_file)
         model = float32_copy(trained)  # what deploys everywhere; a float32 model is itself
@@ -197,7 +204,7 @@ def _write(best: BestTrial, out_dir: Path, verify: bool, report, formats: Sequen
                    "test_loss": best.record.test_loss, "baseline_accuracy": best.baseline_accuracy}
         test = None
         if verify:
-            manifest = tracking.download(best.sweep_run_id, "test_files.txt", tmp).read_text()
+            manifest = tracking.download(best.client, best.sweep_run_id, "test_files.txt", tmp).read_text()
             test = load_manifest(manifest, classes, spec.image_size)
             metrics.update(_reevaluate(model, best, test, spec.batch_size, report))
         checks = _write_formats(model, keras_file, staging, formats, test, source, classes, spec, report)
@@ -288,8 +295,8 @@ def _register(out_dir: Path, best: BestTrial, registered_model: str, formats: Se
             for record in (FORMAT_FILE, "classes.json", "metrics.json", "hyperparameters.json"):
                 shutil.copy(out_dir / record, files / record)  # what `sweep serve models:/...` answers with
             classes = json.loads((out_dir / "classes.json").read_text())
-            version = tracking.register_model(best.record.run_id, files, classes, registered_model, CHAMPION,
-                                              metrics=metrics)
+            version = tracking.register_model(best.client, best.record.run_id, files, classes, registered_model,
+                                              CHAMPION, metrics=metrics)
     except Exception as exc:  # the export folder is complete; say what did not happen
         raise SweepError(f"exported to {out_dir}, but registering the model in MLflow failed "
                          f"({first_line(exc, 200)}); the folder "
@@ -307,73 +314,3 @@ def _reevaluate(model, best: BestTrial, test, batch_size: int, report) -> dict[s
     report(f"Re-evaluated on the sweep's {len(test)} test images (test_files.txt): {accuracy:.4%} "
            f"(logged {best.record.test_accuracy:.4%})")
     return {"reevaluated_test_accuracy": float(accuracy), "reevaluated_test_loss": float(loss)}
-
-
-@dataclass
-class Prediction:
-    """One image's predicted class and probability, or why it could not be read."""
-
-    path: Path
-    label: str = ""
-    probability: float = float("nan")
-    error: str = ""
-
-
-def load_model_and_classes(model_path: Path):
-    """Load a model in any export format (an export folder, a ``.keras``, ``.tflite`` or ``.onnx`` file, a
-    SavedModel folder) in its own runtime, with its class names (``classes.json`` beside it, else 0, 1, ...).
-
-    Returns:
-        (runtime, classes, format name)
-
-    Raises:
-        SweepError: nothing loadable at ``model_path``, or its runtime is not installed.
-    """
-    from sweep.formats import classes_for, detect, load
-
-    name, path = detect(Path(model_path))
-    runtime = load(name, path)
-    return runtime, classes_for(path, runtime.num_classes), name
-
-
-def image_files(paths: list[Path]) -> list[Path]:
-    """The files named, and every file under the folders named (sorted); missing paths are kept to be reported."""
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        else:
-            files.append(path)
-    return files
-
-
-def predict(model_path: Path, paths: list[Path], batch_size: int = 32) -> list[Prediction]:
-    """Class and probability (softmax of the logits) for each image, with a model in any export format run in
-    its own runtime; unreadable files carry an error."""
-    model, classes, _ = load_model_and_classes(model_path)
-    size = model.input_size
-    results, batch = [], []
-
-    def flush() -> None:
-        if not batch:
-            return
-        logits = model(np.stack([image for _, image in batch]))
-        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
-        for (prediction, _), p in zip(batch, probabilities):
-            prediction.label, prediction.probability = classes[int(np.argmax(p))], float(np.max(p))
-        batch.clear()
-
-    for path in image_files(paths):
-        prediction = Prediction(path)
-        results.append(prediction)
-        try:
-            if not path.is_file():
-                raise FileNotFoundError("no such file")
-            batch.append((prediction, decode_image(str(path), size)))
-        except Exception as exc:  # corrupt, truncated, or not an image at all
-            prediction.error = f"not a readable image ({decode_error(exc)})"
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    return results

@@ -78,7 +78,7 @@ class LoadResult:
 
 
 def image_bodies(paths: list[str]) -> list[tuple[bytes, str]]:
-    from sweep.export import image_files  # the walk `sweep predict` does
+    from sweep.prediction import image_files  # the walk `sweep predict` does
 
     files = image_files([Path(p) for p in paths])
     bodies = [(f.read_bytes(), TYPES[f.suffix.lower()]) for f in files if f.suffix.lower() in TYPES]

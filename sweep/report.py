@@ -82,14 +82,15 @@ def build_report(settings: TrackingSettings, metric: str | None = None) -> list[
     Raises:
         SweepError: the experiment has no finished trial.
     """
-    experiment_id = tracking.experiment_id_of(settings)
-    runs = tracking.finished_trials(experiment_id)
+    store = tracking.Store(settings)
+    experiment_id = store.experiment_id()
+    client = store.client
+    runs = tracking.finished_trials(client, experiment_id)
     if not runs:
         raise SweepError(f"experiment {settings.experiment!r} has no finished trial; run `sweep run` first.")
     metric = metric or objective_of(runs)
-    client = tracking.MlflowClient()
     rows = []
-    sweeps = tracking.sweep_runs(experiment_id)
+    sweeps = tracking.sweep_runs(client, experiment_id)
     tagged = {r.data.tags.get("family", "?") for r in runs}
     study = registry.study_families()
     order = [f for f in study if f in tagged] + sorted(tagged - set(study))  # the study's first, in its order
@@ -195,8 +196,9 @@ def write_report(rows: list[FamilyRow], settings: TrackingSettings, out_dir: Pat
                                settings.experiment).savefig(files[-1])
     metrics = {f"{r.family}_best_test_accuracy": r.best.test_accuracy for r in rows}
     metrics["baseline_accuracy"] = rows[0].baseline
-    run_id = tracking.log_report_run(tracking.experiment_id_of(settings), "report", files, metrics,
-                                     {"kind": "report"})
+    store = tracking.Store(settings)
+    experiment_id = store.experiment_id()  # before the client: a missing store is refused, not created
+    run_id = tracking.log_report_run(store.client, experiment_id, "report", files, metrics, {"kind": "report"})
     return files, run_id
 
 
@@ -227,5 +229,7 @@ def write_data_overview(splits, settings: TrackingSettings, out_dir: Path, seed:
     metrics = {f"{split}_{name}": float(n) for split, counts in splits.counts().items() for name, n in counts.items()}
     metrics["baseline_accuracy"] = splits.baseline_accuracy
     files = [summary, samples, augmentation]
-    run_id = tracking.log_report_run(tracking.use_experiment(settings), "data", files, metrics, {"kind": "data"})
+    store = tracking.Store(settings)
+    experiment_id = store.open_experiment()
+    run_id = tracking.log_report_run(store.client, experiment_id, "data", files, metrics, {"kind": "data"})
     return files, run_id

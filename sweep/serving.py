@@ -162,7 +162,10 @@ def download_registered(uri: str, tracking_uri: str | None = None) -> tuple[Path
         else:
             name, number = rest.rsplit("/", 1)
             found = client.get_model_version(name, number)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{found.version}",
+        # where the version's files are, asked of this client's registry: a models:/ URI would be resolved
+        # through MLflow's process-wide registry URI, which need not be this store
+        where = client.get_model_version_download_uri(name, found.version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=where,
                                                          dst_path=tempfile.mkdtemp(prefix="sweep-serve-"),
                                                          tracking_uri=tracking_uri))
     except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for "not there"

@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Callable
 
 import keras
-import mlflow
 
 from search_spaces import registry
 from search_spaces.base import HyperFamily
@@ -40,13 +39,13 @@ class Prepared:
 
     splits: Splits
     weights_path: str | None
-    tracking_settings: TrackingSettings
+    store: tracking.Store
     _experiment_id: str | None = None
 
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            self._experiment_id = tracking.use_experiment(self.tracking_settings)
+            self._experiment_id = self.store.open_experiment()
         return self._experiment_id
 
 
@@ -64,7 +63,6 @@ def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, report: Report
     check_layout(data_dir)  # fail in a second, before decoding thousands of images
     weights_path = resolve_weights(spec.weights, spec.image_size) if need_weights else None
     tracking.check_store(tracking_settings)  # nothing is written until the data has passed its checks
-    mlflow.set_tracking_uri(tracking_settings.tracking_uri)  # the store the tuner's client logs to (made on first use)
     line = image_size_line(weights_path, spec.image_size) if need_weights else None
     if line:
         report(line)
@@ -77,7 +75,7 @@ def prepare(spec: SweepSpec, tracking_settings: TrackingSettings, report: Report
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in splits.counts().items())
     report(f"Classes {', '.join(splits.class_names)}; images: {counts}; "
            f"baseline (always '{splits.class_names[splits.majority_class]}') {splits.baseline_accuracy:.1%}")
-    return Prepared(splits, weights_path, tracking_settings)
+    return Prepared(splits, weights_path, tracking.Store(tracking_settings))
 
 
 @dataclass
@@ -143,18 +141,18 @@ def run_sweep(
         name = name or default_name(spec)
     if chief is not None:  # Keras Tuner's distributed mode: this process serves the oracle, until the sweep ends
         with chief.environment():
-            return _run_sweep(spec, prepared, tracking_settings, report, verbose, resume_run, name, chief, tags,
+            return _run_sweep(spec, prepared, report, verbose, resume_run, name, chief, tags,
                               deadline)
-    return _run_sweep(spec, prepared, tracking_settings, report, verbose, resume_run, name, chief, tags, deadline)
+    return _run_sweep(spec, prepared, report, verbose, resume_run, name, chief, tags, deadline)
 
 
-def _run_sweep(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingSettings, report: Reporter,
+def _run_sweep(spec: SweepSpec, prepared: Prepared, report: Reporter,
                verbose: int, resume_run, name: str, chief, tags: dict[str, str] | None,
                deadline: float | None) -> SweepResult:
     splits = prepared.splits
     # Built before any MLflow run exists: a model that cannot be built (bad weights file) leaves no run behind.
     try:
-        tuner, setup_seconds = build_tuner(spec, splits, tracking_settings, prepared.weights_path, name,
+        tuner, setup_seconds = build_tuner(spec, splits, prepared.store, prepared.weights_path, name,
                                            overwrite=resume_run is None, report=report, verbose=verbose,
                                            trains_here=chief is None, deadline=deadline,
                                            trial_retries=chief.trial_retries if chief is not None else 1)
@@ -166,7 +164,7 @@ def _run_sweep(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingS
         raise
     tuner.experiment_id = prepared.experiment_id
     if resume_run is not None:
-        _adopt_finished_trials(tuner, prepared.experiment_id, resume_run.info.run_id, report)
+        _adopt_finished_trials(tuner, resume_run.info.run_id, report)
     params = {**spec.to_params(), "num_classes": len(splits.class_names), "tuner_dir": tuner.project_dir}
     policy = tuner.hypermodel.dtype_policy
     run_tags = {"family": spec.family_name, "sweep": name, "kind": "sweep", "dtype_policy": policy, **(tags or {})}
@@ -197,15 +195,16 @@ def _run_sweep(spec: SweepSpec, prepared: Prepared, tracking_settings: TrackingS
                 else:
                     tuner.save()
                     chief.serve(tuner.oracle, report, name)
-                    _adopt_finished_trials(tuner, prepared.experiment_id, run.run_id, report)
+                    _adopt_finished_trials(tuner, run.run_id, report)
                 if tuner.oracle.out_of_time:
                     run.set_tags({"stopped": TIME_BUDGET})
                     done = len(tuner.oracle.trials)
                     report(f"[{spec.family_name}] time budget reached after {done} of {spec.trials} trials; continue with: "
                            f"sweep run --family {spec.family} --resume --sweep {name} [--time-budget ...]")
                 elif resume_run is not None and resume_run.data.tags.get("stopped") == TIME_BUDGET:
-                    tracking.clear_tag(run.run_id, "stopped")  # all its trials ran this time
-                verify_best_kept(spec, tuner.family, splits, prepared.experiment_id, run.run_id, report, tuner.last_kept)
+                    tracking.clear_tag(run.client, run.run_id, "stopped")  # all its trials ran this time
+                verify_best_kept(spec, tuner.family, splits, tuner.client, prepared.experiment_id, run.run_id, report,
+                                 tuner.last_kept)
             except ConsecutiveFailures as exc:
                 run.set_tags({"stopped": "consecutive_failures"})
                 raise SweepError(
@@ -225,7 +224,7 @@ def default_name(spec: SweepSpec) -> str:
     return f"{spec.family_name}-{spec.tuner}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def build_tuner(spec: SweepSpec, splits: Splits, tracking_settings: TrackingSettings, weights_path: str | None,
+def build_tuner(spec: SweepSpec, splits: Splits, store: tracking.Store, weights_path: str | None,
                 name: str, overwrite: bool, report: Reporter, verbose: int = 0, trains_here: bool = True,
                 deadline: float | None = None, trial_retries: int = 1):
     """The family's hypermodel, prepared to train here (its cached features, when the spec caches), and the
@@ -243,26 +242,27 @@ def build_tuner(spec: SweepSpec, splits: Splits, tracking_settings: TrackingSett
         hypermodel.dtype_policy = precision.resolve(spec.precision)
     started = time.monotonic()
     if spec.feature_cache and trains_here:
-        hypermodel.prepare(splits, tracking_settings.cache_dir, report, fixed=dict(spec.fixed))
+        hypermodel.prepare(splits, store.settings.cache_dir, report, fixed=dict(spec.fixed))
     setup_seconds = time.monotonic() - started
     tuner = SweepTuner(
         spec=spec, data=splits, report=report, verbose=verbose, oracle=build_oracle(spec, deadline=deadline), hypermodel=hypermodel,
-        directory=str(tracking_settings.tuner_dir), project_name=name, overwrite=overwrite,
+        directory=str(store.settings.tuner_dir), project_name=name, overwrite=overwrite, store=store,
     )
     return tuner, setup_seconds
 
 
-def _adopt_finished_trials(tuner, experiment_id: str, parent_run_id: str, report: Reporter) -> None:
+def _adopt_finished_trials(tuner, parent_run_id: str, report: Reporter) -> None:
     """Resume: close the runs a dead process left RUNNING, and hand finished trials to the tuner."""
-    children = tracking.child_runs(experiment_id, parent_run_id)
+    client = tuner.client
+    children = tracking.child_runs(client, tuner.experiment_id, parent_run_id)
     for run in children:
         if run.info.status == "RUNNING":
-            tracking.mark_killed(run.info.run_id, "interrupted; the trial is run again on resume")
+            tracking.mark_killed(client, run.info.run_id, "interrupted; the trial is run again on resume")
             report(f"Marked interrupted run {run.info.run_name} ({run.info.run_id}) as KILLED.")
     finished = []
     for run in children:
         if run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics:
-            history = {name: tracking.metric_history(run.info.run_id, name) for name in tracking.EPOCH_METRICS}
+            history = {name: tracking.metric_history(client, run.info.run_id, name) for name in tracking.EPOCH_METRICS}
             finished.append(record_from_run(run, history))
     tuner.adopt(finished)
     report(f"Kept {len(finished)} finished trial(s); {len(children) - len(finished)} other run(s) stay as they were.")
@@ -288,8 +288,9 @@ def find_resumable(family: str, tracking_settings: TrackingSettings, name: str |
     Raises:
         SweepError: no such sweep, or it already finished all its trials.
     """
-    experiment_id = tracking.experiment_id_of(tracking_settings)
-    run = tracking.find_sweep(experiment_id, family, name)
+    store = tracking.Store(tracking_settings)
+    experiment_id = store.experiment_id()  # before the client: a missing store is refused, not created
+    run = tracking.find_sweep(store.client, experiment_id, family, name)
     if run is None:
         what = f"sweep {name!r} of family {family}" if name else f"unfinished {family} sweep"
         raise SweepError(f"no {what} in experiment {tracking_settings.experiment!r} to resume; "
@@ -309,8 +310,9 @@ def check_new_name(tracking_settings: TrackingSettings, name: str, family: str) 
     Raises:
         SweepError: the name is taken.
     """
-    experiment_id = tracking.existing_experiment_id(tracking_settings)  # creates nothing
-    if experiment_id is not None and tracking.find_sweep(experiment_id, None, name) is not None:
+    store = tracking.Store(tracking_settings)
+    experiment_id = store.find_experiment()  # creates nothing
+    if experiment_id is not None and tracking.find_sweep(store.client, experiment_id, None, name) is not None:
         raise SweepError(f"experiment {tracking_settings.experiment!r} already has a sweep named {name!r}; continue "
                          f"it with `sweep run --family {family} --resume --sweep {name}`, or pick another name.")
 

@@ -119,7 +119,7 @@ def _check_agreement(fitted: Fitted, raw: dict[str, float], images: dict[str, in
             )
 
 
-def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, experiment_id: str, parent_run_id: str,
+def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, client, experiment_id: str, parent_run_id: str,
                      report: Reporter, in_memory: tuple[str, keras.Model] | None = None) -> None:
     """Check the sweep's best kept model end to end, when it was scored on cached features: evaluate it on the
     raw test images, log those figures (``raw_test_*``) and ``raw_check`` to its trial's run, and require them
@@ -138,7 +138,7 @@ def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, experiment
     Raises:
         SweepError: the figures differ: the feature cache does not match the model.
     """
-    kept = [r for r in tracking.child_runs(experiment_id, parent_run_id)
+    kept = [r for r in tracking.child_runs(client, experiment_id, parent_run_id)
             if r.info.status == "FINISHED" and r.data.tags.get("model_kept") == "true"]
     if not kept:
         return
@@ -151,13 +151,14 @@ def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, experiment
         model = in_memory[1]
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            model = keras.models.load_model(tracking.download(run.info.run_id, tracking.MODEL_ARTIFACT, Path(tmp)))
+            model = keras.models.load_model(tracking.download(client, run.info.run_id, tracking.MODEL_ARTIFACT,
+                                                              Path(tmp)))
     scored = Fitted(model, {}, metrics["val_loss"], metrics["val_accuracy"], metrics["test_loss"],
                     metrics["test_accuracy"], "cached_features")
     raw = family.evaluate_raw(scored, data, spec.batch_size, splits=RAW_CHECK_SPLITS)
     if raw is None:
         return
-    logger = tracking.RunLogger(tracking.MlflowClient(), run.info.run_id, report)
+    logger = tracking.RunLogger(client, run.info.run_id, report)
     logger.log_metrics(raw)
     number = run.data.tags.get("trial_number", "?")
     try:
@@ -178,7 +179,7 @@ class SweepTuner(kt.Tuner):
     per-epoch curve ends on) and the oracle scores the sweep's objective among them.
     """
 
-    def __init__(self, *, spec: SweepSpec, data: Any, report: Reporter, verbose: int = 0,
+    def __init__(self, *, spec: SweepSpec, data: Any, report: Reporter, store: tracking.Store, verbose: int = 0,
                  experiment_id: str = "", **kwargs: Any) -> None:
         self.spec, self.data, self.report, self.verbose = spec, data, report, verbose
         self.records: list[TrialRecord] = []
@@ -186,14 +187,13 @@ class SweepTuner(kt.Tuner):
         self.experiment_id = experiment_id
         self.parent_run_id = ""  # set once the sweep's MLflow run exists
         self.last_kept: tuple[str, keras.Model] | None = None  # (run id, model) of the last model kept here
-        self._client = None  # made on first use (tracking.new_client), once the model has been built
+        self.store = store
         super().__init__(**kwargs)
 
     @property
     def client(self):
-        if self._client is None:
-            self._client = tracking.new_client()
-        return self._client
+        """The store's MLflow client (made on first use, once the model has been built)."""
+        return self.store.client
 
     @property
     def family(self) -> HyperFamily:
@@ -293,7 +293,7 @@ class SweepTuner(kt.Tuner):
         if (plan is None or plan.mode != "leaders" or hp.values.get(plan.switch, plan.off) == plan.off
                 or not self.parent_run_id):
             return None
-        runs = tracking.child_runs(self.experiment_id, self.parent_run_id)
+        runs = tracking.child_runs(self.client, self.experiment_id, self.parent_run_id)
         return staging.leader_of(runs, hyperparameters(hp.values), hp, (plan.switch, plan.off), s.objective,
                                  OBJECTIVES[s.objective])
 

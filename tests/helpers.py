@@ -17,6 +17,15 @@ from sweep.spec import SweepSpec
 from sweep.tuning import build_oracle
 
 
+def store_client(root: Path | str = "."):
+    """An MLflow client on the store ``tracking_env`` sets up (``mlruns/mlflow.db`` under ``root``, by default
+    the test's working folder). The code under test never sets MLflow's process-wide tracking URI, so tests
+    name the store too."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{Path(root).resolve() / 'mlruns' / 'mlflow.db'}")
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
 from search_spaces import describe
 from sweep.cli import main
@@ -23,7 +22,7 @@ from sweep.results import accuracy_interval
 from sweep.results import param_value
 from sweep.spec import SweepSpec
 from tests.conftest import make_image_folders, runs_in
-from tests.helpers import free_port, stop, wait_http
+from tests.helpers import free_port, stop, store_client, wait_http
 
 # Every trial runs its two epochs: these tests rank and export trials (pruning, at epoch 1 here, has its own tests).
 SWEEP = ["--data-dir", None, "--batch-size", "4", "--image-size", "32", "--epochs", "2", "--seed", "3", "-q",
@@ -76,11 +75,8 @@ def swept_store(tiny_data, tmp_path_factory):
 def swept(swept_store, tracking_env):
     """A copy of the module's swept store as this test's tracking folder, to change freely. Its runs keep their
     artifacts in the module's store, where an export only adds a logged model under a new id."""
-    import mlflow
-
     shutil.rmtree(tracking_env / "mlruns", ignore_errors=True)  # the empty store tracking_env starts with
     shutil.copytree(swept_store / "mlruns", tracking_env / "mlruns")
-    mlflow.set_tracking_uri(f"sqlite:///{tracking_env}/mlruns/mlflow.db")  # what a sweep here would have set
     return tracking_env
 
 
@@ -118,7 +114,7 @@ def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner,
                                                "metrics.json", "classes.json", "accuracy.png", "registered_model.json"}
     assert [row["format"] for row in json.loads((out / "formats.json").read_text())["formats"]] == \
         ["keras", "saved_model"]  # the default formats, both verified
-    client = MlflowClient()
+    client = store_client()
     children = [r for r in runs_in(swept) if "mlflow.parentRunId" in r.data.tags]
     best = min(children, key=lambda r: (r.data.metrics["val_loss"], r.info.start_time))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -157,7 +153,7 @@ def test_export_reproduces_the_logged_test_accuracy_and_registers(swept, runner,
 
 @pytest.mark.slow
 def test_a_second_export_is_a_new_version_and_takes_the_champion_alias(swept, runner):
-    client = MlflowClient()
+    client = store_client()
     children = [r for r in runs_in(swept) if "mlflow.parentRunId" in r.data.tags]
     best = min(children, key=lambda r: (r.data.metrics["val_loss"], r.info.start_time))
     first = runner.invoke(main, ["best", "--export", str(swept / "export"), "--format", "keras"])
@@ -190,7 +186,7 @@ def own_data_hyperband_sweep(tmp_path, tracking_env, runner):
 def test_export_refuses_a_changed_or_missing_test_image_and_writes_nothing(own_data_hyperband_sweep, tracking_env,
                                                                           runner, tmp_path):
     parent = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" not in r.data.tags)
-    manifest = Path(MlflowClient().download_artifacts(parent.info.run_id, "test_files.txt", str(tmp_path)))
+    manifest = Path(store_client().download_artifacts(parent.info.run_id, "test_files.txt", str(tmp_path)))
     listed = Path(manifest.read_text().splitlines()[0].split("  ", 1)[1])
     original = listed.read_bytes()
     out = tracking_env / "champion"
@@ -203,7 +199,7 @@ def test_export_refuses_a_changed_or_missing_test_image_and_writes_nothing(own_d
         assert len(errors) == 1 and errors[0].startswith(f"Error: {message}"), result.output
         assert "Traceback" not in result.output
         assert set(tracking_env.iterdir()) == before  # no export folder, no staging folder left behind
-        assert MlflowClient().search_registered_models() == []
+        assert store_client().search_registered_models() == []
 
     listed.write_bytes(original + b"\0")  # one byte more: still a readable JPEG, not the image that was scored
     refused(f"1 of the sweep's 4 test images changed since the sweep (first: {listed}); the logged test accuracy "
@@ -234,14 +230,14 @@ def test_export_refuses_a_non_empty_folder_and_writes_nothing(swept, runner):
     assert result.exit_code == 1
     assert f"export folder {out} already exists and is not empty" in result.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert not MlflowClient().search_registered_models()
+    assert not store_client().search_registered_models()
 
 
 def test_best_without_runs(tracking_env, runner):
     from sweep import tracking
     from sweep.config import load_tracking
 
-    tracking.use_experiment(load_tracking())  # a store with an empty experiment, as a sweep's first step leaves
+    tracking.Store(load_tracking()).open_experiment()  # a store with an empty experiment, as a sweep's first step leaves
     result = runner.invoke(main, ["best", "--experiment", "nothing-here"])
     assert result.exit_code == 1
     assert "experiment 'nothing-here' has no runs" in result.output and "Traceback" not in result.output
@@ -324,7 +320,7 @@ def test_output_paths_that_cannot_be_folders_get_one_line_and_nothing_is_written
             f"Error: {message}; pick another path." in result.output, result.output
         assert "Traceback" not in result.output
     assert a_file.read_text() == "mine" and len(runs_in(swept)) == before
-    assert not MlflowClient().search_registered_models()
+    assert not store_client().search_registered_models()
 
 
 @pytest.mark.no_store
@@ -364,7 +360,7 @@ def test_ui_prints_the_link_that_opens_the_experiments_training_runs(swept, runn
     port = free_port()
     result = runner.invoke(main, ["ui", "--port", str(port)])
     assert result.exit_code == 0, result.output
-    experiment = MlflowClient().get_experiment_by_name("test-exp")
+    experiment = store_client().get_experiment_by_name("test-exp")
     # MLflow 3's UI opens an experiment on its GenAI overview unless the link asks for the training runs
     assert (f"Experiment 'test-exp', its runs: http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}"
             "/runs?workflowType=machine_learning") in result.output
@@ -393,7 +389,7 @@ def test_report_compares_two_families_with_the_baseline(swept, runner, tiny_data
     assert "Wilson score interval over the test images (one image of 4 is 25.00 points)" in text
     report_runs = [r for r in runs_in(swept) if r.data.tags.get("kind") == "report"]
     assert len(report_runs) == 1
-    artifacts = {a.path for a in MlflowClient().list_artifacts(report_runs[0].info.run_id)}
+    artifacts = {a.path for a in store_client().list_artifacts(report_runs[0].info.run_id)}
     assert artifacts == {"report.md", "report.png"}
 
 
@@ -407,7 +403,7 @@ def test_data_overview(tiny_data, tracking_env, runner):
     assert {p.name for p in out.iterdir()} == {"data.json", "samples.png", "augmentation.png"}
     run = next(r for r in runs_in(tracking_env) if r.data.tags.get("kind") == "data")
     assert run.data.metrics["train_cats"] == 16
-    assert {a.path for a in MlflowClient().list_artifacts(run.info.run_id)} == {"data.json", "samples.png",
+    assert {a.path for a in store_client().list_artifacts(run.info.run_id)} == {"data.json", "samples.png",
                                                                                   "augmentation.png"}
 
 
@@ -480,7 +476,7 @@ def test_mlflow_models_serve_answers_a_photo_with_its_class(swept, runner, tiny_
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=120, proc=server)
         import base64
 
-        from sweep.export import predict
+        from sweep.prediction import predict
 
         photos = sorted((tiny_data / "validation" / "cats").iterdir())[:1] + \
             sorted((tiny_data / "validation" / "dogs").iterdir())[:1]
@@ -552,26 +548,89 @@ def test_predict_names_a_damaged_model_file_of_each_kind(tmp_path, runner):
     assert f"Error: {plain} is not a model sweep can run: pass an export folder" in result.output
 
 
+def test_a_format_is_one_entry_that_detect_write_and_load_follow(tmp_path, monkeypatch):
+    """Everything about a format is its ``FORMATS`` entry: ``detect`` knows its file alone and in an export
+    folder, ``write`` calls its writer (with training images only where it calibrates), ``load`` runs its
+    runtime; a new entry is a new format everywhere."""
+    import dataclasses
+
+    from sweep.errors import SweepError
+    from sweep.formats import FORMATS, Format, Runtime, detect, load, parse_formats, write
+
+    for fmt in FORMATS.values():
+        assert fmt.filename and fmt.kind and fmt.runtime and callable(fmt.writer), fmt.name
+        assert issubclass(fmt.runtime_class, Runtime) and fmt.runtime_class is not Runtime, fmt.name
+        assert bool(fmt.suffix) != bool(fmt.marker), fmt.name  # known by its name, or by the file in its folder
+        folder = tmp_path / fmt.name  # an export folder holding only this format's model
+        folder.mkdir()
+        model = folder / fmt.filename
+        if fmt.marker:
+            model.mkdir()
+            (model / fmt.marker).write_bytes(b"")
+        else:
+            model.write_bytes(b"")
+        assert detect(folder) == (fmt.name, model) and detect(model) == (fmt.name, model)
+    assert detect(tmp_path / "other.tflite") == ("litert", tmp_path / "other.tflite")  # a shared suffix: the first's
+    mixed = tmp_path / "mixed"
+    (mixed / "saved_model").mkdir(parents=True)  # no saved_model.pb: not a SavedModel, passed over
+    for name in ("model_int8.tflite", "model.tflite", "model.onnx"):
+        (mixed / name).write_bytes(b"")
+    assert detect(mixed) == ("litert", mixed / "model.tflite")  # the first of FORMATS' order it holds
+    with pytest.raises(SweepError) as caught:
+        detect(tmp_path / "notes.txt")
+    assert str(caught.value) == (f"{tmp_path / 'notes.txt'} is not a model sweep can run: pass an export folder from "
+                                 "`sweep best --export`, a .keras, .tflite or .onnx file, or a SavedModel folder.")
+
+    class Zeros(Runtime):
+        def __init__(self, path: Path) -> None:
+            self.input_size = (2, 2)
+
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            return np.zeros((len(x), 3), dtype="float32")
+
+    given = []
+
+    def writer(model, keras_file, dest, images):
+        given.append(images)
+        Path(dest).write_text(model)
+
+    def no_images():
+        raise AssertionError("training images read for a format that does not calibrate")
+
+    fake = Format("fake", "model.fake", "fake file", "Fake", Zeros, writer, suffix=".fake", calibrates=True)
+    monkeypatch.setitem(FORMATS, "fake", fake)
+    assert parse_formats("all")[-1] == "fake" and parse_formats("fake") == ("fake",)
+    path = write("fake", "weights", None, tmp_path / "model.fake", lambda: "training images")
+    assert given == ["training images"] and path.read_text() == "weights"
+    assert detect(path) == ("fake", path) and load("fake", path).num_classes == 3
+    with pytest.raises(SweepError, match=r"a \.keras, \.tflite, \.onnx or \.fake file, or a SavedModel folder"):
+        detect(tmp_path / "notes.txt")
+    monkeypatch.setitem(FORMATS, "fake", dataclasses.replace(fake, calibrates=False))
+    write("fake", "again", None, tmp_path / "model.fake", no_images)
+    assert given == ["training images", None]
+
+
 def test_a_format_that_misses_its_check_fails_with_its_figures_and_nothing_is_exported(swept, runner,
                                                                                       monkeypatch):
     """A deliberately broken conversion (the LiteRT file of a model whose last layer is negated, so every class
     flips): one Error line with its figures, no export folder nor staging left, nothing registered or logged."""
+    import dataclasses
+
     import keras
 
-    from sweep import formats
+    from sweep.formats import FORMATS
 
-    real = formats._write
+    real = FORMATS["litert"].writer
 
-    def broken(name, model, keras_file, dest, images):
-        if name == "litert":
-            weights = model.get_weights()
-            model = keras.models.clone_model(model)
-            model.set_weights(weights)
-            last = model.layers[-1]  # logits negated: with two classes, every prediction flips
-            last.set_weights([-w for w in last.get_weights()])
-        return real(name, model, keras_file, dest, images)
+    def broken(model, keras_file, dest, images):
+        weights = model.get_weights()
+        model = keras.models.clone_model(model)
+        model.set_weights(weights)
+        last = model.layers[-1]  # logits negated: with two classes, every prediction flips
+        last.set_weights([-w for w in last.get_weights()])
+        return real(model, keras_file, dest, images)
 
-    monkeypatch.setattr(formats, "_write", broken)
+    monkeypatch.setitem(FORMATS, "litert", dataclasses.replace(FORMATS["litert"], writer=broken))
     out = swept / "out"
     result = runner.invoke(main, ["best", "--export", str(out), "--format", "keras,litert"])
     assert result.exit_code == 1, result.output
@@ -582,13 +641,13 @@ def test_a_format_that_misses_its_check_fails_with_its_figures_and_nothing_is_ex
     assert errors[0].endswith("; nothing was exported. Export the others with --format keras.")
     assert "litert       LiteRT" in result.output and "FAILED" in result.output  # the table, with its figures
     assert not out.exists() and not list(swept.glob(".out.*"))
-    assert not MlflowClient().search_registered_models()
+    assert not store_client().search_registered_models()
     assert not [k for r in runs_in(swept) for k in r.data.metrics if k.startswith("export_")]
 
-    def failing(name, model, keras_file, dest, images):
+    def failing(model, keras_file, dest, images):
         raise RuntimeError("converter crashed")
 
-    monkeypatch.setattr(formats, "_write", failing)
+    monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(FORMATS["onnx"], writer=failing))
     result = runner.invoke(main, ["best", "--export", str(out), "--format", "onnx"])
     assert result.exit_code == 1
     assert "Error: could not write --format onnx (RuntimeError: converter crashed); nothing was exported. Leave " \
@@ -618,14 +677,15 @@ def test_every_format_is_written_verified_logged_and_predicts_as_keras_does(swep
     assert rows["litert_int8"]["size_bytes"] < rows["litert"]["size_bytes"] / 2
     assert "litert_int8: calibrating on 32 training images from" in result.output  # train/, never the test split
 
-    client = MlflowClient()
+    client = store_client()
     registry = json.loads((out / "registered_model.json").read_text())
     run = client.get_run(registry["run_id"])
     for name, row in rows.items():  # the figures on the trial's run
         assert run.data.metrics[f"export_{name}_accuracy"] == row["accuracy"]
         assert run.data.metrics[f"export_{name}_latency_ms_median"] == pytest.approx(row["latency_ms_median"])
     version = client.get_model_version_by_alias("sweep-best", "champion")
-    model_id = version.source.rsplit("/", 1)[-1]
+    model_id = run.outputs.model_outputs[-1].model_id  # the trial run's logged model, which the version points at
+    assert client.get_logged_model(model_id).status == "READY" and model_id in version.source
     assert sorted(a.path for a in client.list_logged_model_artifacts(model_id, "artifacts/formats")) == [
         "artifacts/formats/classes.json", "artifacts/formats/formats.json", "artifacts/formats/hyperparameters.json",
         "artifacts/formats/metrics.json", "artifacts/formats/model.keras", "artifacts/formats/model.onnx",

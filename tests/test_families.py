@@ -17,6 +17,7 @@ from sweep.cli import main
 from sweep.errors import FamilyError
 from sweep.spec import SweepSpec
 from tests.conftest import runs_in, signal_on_line
+from tests.helpers import store_client
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "augmented_preprocessed.py"
@@ -210,7 +211,6 @@ def test_a_logged_trial_reruns_to_the_same_validation_figures(tiny_data, trackin
     """Hyperparameters are logged exactly: trial 2's drawn values, read back from MLflow and held with --hp
     semantics, train the very model again."""
     import keras
-    from mlflow.tracking import MlflowClient
 
     from search_spaces.space import fix_hyperparameters, fixed_space
     from sweep.data import load_splits
@@ -220,7 +220,7 @@ def test_a_logged_trial_reruns_to_the_same_validation_figures(tiny_data, trackin
             "--data-dir", str(tiny_data), *EXAMPLE_SIZE]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
-    client = MlflowClient()
+    client = store_client()
     trial = next(r for r in runs_in(tracking_env) if r.data.tags.get("trial_number") == "2")
     record = record_from_run(trial)
     drawn = json.loads(next((tracking_env / "mlruns" / "keras_tuner").glob("*/trial_1/trial.json")).read_text())
@@ -244,7 +244,6 @@ def test_a_logged_trial_reruns_to_the_same_validation_figures(tiny_data, trackin
 def test_the_example_family_through_workers_resume_and_every_format(tiny_data, tracking_env, runner):
     """The example in examples/, as CI runs it: a sweep on two local workers, a second sweep stopped mid-trial
     and resumed, the best trial exported in all five formats, and predict on the export."""
-    from mlflow.tracking import MlflowClient
 
     common = ["--family", EXAMPLE_REF, "--epochs", "2", "--data-dir", str(tiny_data), *EXAMPLE_SIZE]
     result = runner.invoke(main, ["run", *common, "--trials", "3", "--workers", "2", "--sweep", "with-workers"])
@@ -257,7 +256,7 @@ def test_the_example_family_through_workers_resume_and_every_format(tiny_data, t
     assert len(trials) == 3 and {r.info.status for r in trials} == {"FINISHED"}
     assert all(r.data.tags["tuner_id"] != "chief" for r in trials)  # trained in the worker processes
     assert all("zoom_factor" in r.data.params and "val_accuracy" in r.data.metrics for r in trials)
-    client = MlflowClient()
+    client = store_client()
     assert "accuracy.png" in {a.path for a in client.list_artifacts(trials[0].info.run_id)}
 
     code, output, _ = signal_on_line(["run", *common, "--trials", "3", "--sweep", "resumed"], tracking_env,

@@ -6,7 +6,6 @@ import keras
 import keras_tuner as kt
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
 from search_spaces import make_hypermodel
 from feature_cache.features import FeatureExtractor, preprocess
@@ -15,7 +14,7 @@ from feature_cache.trainer import own_base
 from sweep.cli import main
 from sweep.data import load_splits
 from tests.conftest import runs_in
-from tests.helpers import tiny_args
+from tests.helpers import store_client, tiny_args
 
 SIZE = (64, 64)  # MobileNetV2's top sees 2x2 maps: max and average pooling differ
 
@@ -157,7 +156,7 @@ def test_a_fine_tuning_sweep_logs_both_stages_and_keeps_the_fine_tuned_model(tin
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     child = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags)
-    client = MlflowClient()
+    client = store_client()
     assert child.data.params["fine_tune_from"] == "block_16" and child.data.params["fine_tune_epochs"] == "2"
     assert child.data.tags["fine_tune_first_epoch"] == "3"
     assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [1, 2, 3, 4]
@@ -192,7 +191,7 @@ def test_fine_tune_leaders_fine_tunes_the_leading_frozen_model_and_the_report_na
     head = lambda run: {k: v for k, v in run.data.params.items() if not k.startswith("fine_tune")}  # noqa: E731
     assert trials[0].data.params["fine_tune_from"] == "none"
     epochs = int(trials[0].data.params["epochs"])
-    client = MlflowClient()
+    client = store_client()
     curve = lambda run: [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"),  # noqa: E731
                                                  key=lambda m: m.step)]
     for tuned in trials[1:]:

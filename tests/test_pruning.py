@@ -8,7 +8,7 @@ from keras_tuner.engine.trial import TrialStatus
 from search_spaces.conv import HyperScratch
 from sweep.oracles import build_oracle, epoch_metric
 from sweep.spec import SweepSpec
-from tests.helpers import make_oracle
+from tests.helpers import make_oracle, store_client
 
 
 def run(oracle, curve: list[float]) -> tuple[str, int]:
@@ -79,7 +79,6 @@ def test_a_sweep_logged_before_pruning_existed_resumes_without_it():
 
 @pytest.mark.slow
 def test_a_pruned_trial_is_a_finished_trial_with_fewer_epochs(tiny_data, tracking_env, runner):
-    from mlflow import MlflowClient
 
     from sweep.cli import main
     from tests.conftest import runs_in
@@ -91,7 +90,7 @@ def test_a_pruned_trial_is_a_finished_trial_with_fewer_epochs(tiny_data, trackin
     trials = sorted((r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags),
                     key=lambda r: int(r.data.tags["trial_number"]))
     assert [r.info.status for r in trials] == ["FINISHED"] * 6
-    client = MlflowClient()
+    client = store_client()
     steps = {int(r.data.tags["trial_number"]): len(client.get_metric_history(r.info.run_id, "val_loss"))
              for r in trials}
     pruned = {int(r.data.tags["trial_number"]): int(r.data.tags["pruned_at_epoch"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REAL_DATA, SHARED_WEIGHTS, copy_sample
+from tests.helpers import store_client
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 SURFACE = ["SweepSpec", "SweepResult", "TrialRecord", "BestTrial", "Export", "Verification", "Prediction",
@@ -83,9 +84,8 @@ def test_the_python_api_page_runs_as_written(tmp_path, monkeypatch):
     assert len(result.trials) == 2 and result.run_id in out
     assert all(t.hyperparameters["fine_tune_from"] == "none" for t in result.trials)
     # the 224 checkpoint runs at its own size; trial 1 is the study's model
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
+    client = store_client()
     first = next(t for t in result.trials if t.number == 1)
     params = client.get_run(first.run_id).data.params
     assert params["image_size"] == "224x224" and client.get_run(result.run_id).data.params["image_size"] == "224x224"

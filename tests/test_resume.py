@@ -15,7 +15,7 @@ import pytest
 
 from sweep.cli import main
 from tests.conftest import SWEEP_BIN, runs_in, signal_on_line
-from tests.helpers import run_states
+from tests.helpers import run_states, store_client
 
 
 
@@ -186,7 +186,6 @@ def test_an_interrupted_cached_transfer_sweep_resumes_warm_with_one_score_per_tr
                                                                                    monkeypatch):
     """Ctrl-C in trial 2 of a cached transfer sweep: the runs end KILLED; --resume loads the features from disk,
     keeps trial 1, runs trials 2 and 3, and every trial's Keras Tuner score is its last logged val_loss."""
-    from mlflow.tracking import MlflowClient
 
     from sweep.tuning import SweepTuner
     from tests.conftest import SHARED_WEIGHTS
@@ -215,7 +214,7 @@ def test_an_interrupted_cached_transfer_sweep_resumes_warm_with_one_score_per_tr
     assert resumed.exit_code == 0, resumed.output
     assert "Computing" not in resumed.output  # the cache on disk, not a second forward pass over the images
     assert "Kept 1 finished trial(s)" in resumed.output
-    client = MlflowClient()
+    client = store_client()
     children = {r.data.tags["trial_number"]: r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags}
     assert sorted(children) == ["1", "2", "3"]
     assert {r.info.status for r in children.values()} == {"FINISHED"}

@@ -102,7 +102,7 @@ def served(tmp_path_factory):
 
 @pytest.mark.slow  # a server process
 def test_an_image_gets_the_class_and_probabilities_sweep_predict_gives(served):
-    from sweep.export import predict
+    from sweep.prediction import predict
 
     port, export, images = served
     photo = next((images / "validation" / "dogs").iterdir())
@@ -287,19 +287,17 @@ def test_the_load_test_prints_latency_throughput_errors_and_memory(served, runne
 
 @pytest.mark.slow  # a server process and an MLflow registry
 def test_the_registrys_champion_is_served_and_a_moved_alias_swaps_in_without_a_failed_request(tracking_env):
-    import mlflow
     from mlflow import MlflowClient
 
     from sweep import tracking
 
-    mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
-    client = MlflowClient()
+    client = MlflowClient("sqlite:///mlruns/mlflow.db")
     experiment = client.create_experiment("test-exp", artifact_location=str(tracking_env / "mlruns" / "artifacts"))
     run = client.create_run(experiment).info.run_id
     first = tiny_export(tracking_env / "one")
     second = tiny_export(tracking_env / "two", scale=-1.0)  # the opposite answers
     name = "sweep-best"  # the registered model of a mlflow.yaml that names none
-    assert tracking.register_model(run, first, ["cats", "dogs"], name, "champion") == 1
+    assert tracking.register_model(client, run, first, ["cats", "dogs"], name, "champion") == 1
     images = make_image_folders(tracking_env / "data", train=1, validation=1, size=48)
     photo = next((images / "validation" / "cats").iterdir()).read_bytes()
 
@@ -308,7 +306,7 @@ def test_the_registrys_champion_is_served_and_a_moved_alias_swaps_in_without_a_f
         status, answer = request(port, "POST", "/predict", photo, {"Content-Type": "image/jpeg"})
         assert status == 200 and answer["model"] == {"name": name, "version": "1", "format": "keras"}
         assert answer["predictions"][0]["class"] == "cats"
-        assert tracking.register_model(run, second, ["cats", "dogs"], name, "champion") == 2
+        assert tracking.register_model(client, run, second, ["cats", "dogs"], name, "champion") == 2
         seen, deadline = [], time.monotonic() + 60
         while time.monotonic() < deadline and (not seen or seen[-1][0] != "2"):
             status, answer = request(port, "POST", "/predict", photo, {"Content-Type": "image/jpeg"})

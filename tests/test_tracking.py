@@ -39,7 +39,7 @@ def test_a_run_ends_as_its_block_ends(client, experiment, raised, status):
 
 def test_an_error_after_a_stop_request_ends_the_run_killed(client, experiment, monkeypatch):
     # TensorFlow can turn the KeyboardInterrupt of a signal into a RuntimeError in its C++ stack
-    monkeypatch.setattr(tracking, "STOP_REQUESTED", _set_event())
+    monkeypatch.setattr(tracking.runs, "STOP_REQUESTED", _set_event())
     with pytest.raises(RuntimeError):
         with tracking.open_run(client, experiment, "r", {}, {}) as run:
             raise RuntimeError("pybind11::error_already_set: ... REPLACED BY KeyboardInterrupt")
@@ -134,37 +134,35 @@ def _store():
 
 def test_a_new_experiment_is_marked_as_model_training_for_the_mlflow_ui(tracking_env):
     settings, client = _store()
-    experiment_id = tracking.use_experiment(settings)
+    experiment_id = tracking.Store(settings).open_experiment()
     tags = client.get_experiment(experiment_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
-    assert tracking.use_experiment(settings) == experiment_id  # opening it again changes nothing
+    assert tracking.Store(settings).open_experiment() == experiment_id  # opening it again changes nothing
 
 
 def test_an_experiment_made_before_the_tag_gets_it_when_sweep_opens_it(tracking_env):
     settings, client = _store()
     old = client.create_experiment(settings.experiment, artifact_location=settings.artifact_root.resolve().as_uri())
     assert "mlflow.experimentKind" not in client.get_experiment(old).tags
-    assert tracking.use_experiment(settings) == old
+    assert tracking.Store(settings).open_experiment() == old
     assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_an_experiment_kind_chosen_in_the_ui_is_kept(tracking_env):
     settings, client = _store()
     chosen = client.create_experiment(settings.experiment, tags={"mlflow.experimentKind": "genai_development"})
-    assert tracking.use_experiment(settings) == chosen
+    assert tracking.Store(settings).open_experiment() == chosen
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
 
 def test_names_with_quotes_are_searched_for_not_parsed(tracking_env):
     """A sweep or family name is the user's text: one with a quote must find its runs, not break the query."""
-    import mlflow
     from mlflow import MlflowClient
 
     from sweep.errors import SweepError
     from sweep.tracking import filter_value, find_sweep, finished_trials
 
-    mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
-    client = MlflowClient()
+    client = MlflowClient("sqlite:///mlruns/mlflow.db")
     experiment = client.create_experiment("quotes")
     for family, sweep in (("it's", 'the "big" one'), ("plain", "other")):
         parent = client.create_run(experiment, tags={"kind": "sweep", "family": family, "sweep": sweep})
@@ -172,9 +170,44 @@ def test_names_with_quotes_are_searched_for_not_parsed(tracking_env):
                                                     "mlflow.parentRunId": parent.info.run_id})
         client.log_metric(child.info.run_id, "test_accuracy", 0.5)
         client.set_terminated(child.info.run_id)
-    found = find_sweep(experiment, "it's", 'the "big" one')
+    found = find_sweep(client, experiment, "it's", 'the "big" one')
     assert found is not None and found.data.tags["sweep"] == 'the "big" one'
-    assert [r.data.tags["family"] for r in finished_trials(experiment, "it's")] == ["it's"]
+    assert [r.data.tags["family"] for r in finished_trials(client, experiment, "it's")] == ["it's"]
     assert filter_value("plain") == "'plain'" and filter_value("it's") == '"it\'s"'
     with pytest.raises(SweepError, match="both kinds of quote"):
         filter_value("""it's "both\"""")
+
+
+def test_the_one_lookup_finds_makes_or_refuses_an_experiment_and_sets_no_process_wide_state(tracking_env):
+    import mlflow
+
+    from sweep.config import load_tracking
+    from sweep.errors import ConfigError
+
+    before = mlflow.get_tracking_uri()
+    store = tracking.Store(load_tracking())
+    assert store.find_experiment() is None  # the template store holds only MLflow's Default experiment
+    with pytest.raises(ConfigError, match="'test-exp' has no runs in sqlite:///.*run `sweep run` first"):
+        store.experiment_id()
+    made = store.open_experiment()
+    assert store.find_experiment() == store.experiment_id() == store.open_experiment() == made
+    with tracking.open_run(store.client, made, "r", {"a": 1}, {}) as run:
+        run.log_metrics({"m": 1.0})
+    assert mlflow.get_tracking_uri() == before and mlflow.active_run() is None  # nothing implicit was touched
+    store.client.delete_experiment(made)
+    assert store.find_experiment() is None
+    for lookup in (store.experiment_id, store.open_experiment):
+        with pytest.raises(ConfigError, match="'test-exp' is deleted .* restore it in the MLflow UI"):
+            lookup()
+
+
+@pytest.mark.no_store
+def test_reading_a_store_that_is_not_there_refuses_and_creates_nothing(tracking_env):
+    from sweep.config import load_tracking
+    from sweep.errors import ConfigError
+
+    store = tracking.Store(load_tracking())
+    assert store.find_experiment() is None
+    with pytest.raises(ConfigError, match="no MLflow store at .*mlflow.db; run `sweep run` first"):
+        store.experiment_id()
+    assert not (tracking_env / "mlruns").exists()

@@ -10,7 +10,6 @@ import math
 import keras_tuner as kt
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
 from search_spaces import default_values, make_hypermodel
 from sweep.cli import main
@@ -18,7 +17,7 @@ from sweep.results import accuracy_interval
 from sweep.spec import SweepSpec
 from sweep.tuning import build_oracle
 from tests.conftest import runs_in
-from tests.helpers import tiny_args
+from tests.helpers import store_client, tiny_args
 
 
 
@@ -60,7 +59,7 @@ def test_sweep_logs_parent_trials_curves_and_artifacts(tiny_data, tracking_env, 
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert {r.info.status for r in runs} == {"FINISHED"}
 
-    client = MlflowClient()
+    client = store_client()
     hp_names = {"dropout", "learning_rate", "conv1_filters", "conv2_filters", "conv3_filters", "pooling"}
     by_number = {int(c.data.tags["trial_number"]): c for c in children}
     for child in children:
@@ -203,7 +202,7 @@ def test_hyperband_continues_trials_from_the_earlier_rounds_weights(tiny_data, t
     continued = {tid: t for tid, t in trials.items() if "tuner/trial_id" in t["hyperparameters"]["values"]}
     assert continued, "Hyperband ran no second round"
     assert len(loads) == len(continued)
-    client = MlflowClient()
+    client = store_client()
     by_id = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
     for (path, weights), (tid, trial) in zip(sorted(loads), sorted(continued.items(), key=lambda kv: kv[0])):
         values = trial["hyperparameters"]["values"]
@@ -284,7 +283,7 @@ def test_transfer_trains_on_cached_features_and_a_second_sweep_starts_warm(tiny_
     assert second.exit_code == 0, second.output
     assert "Computing" not in second.output  # read from the disk cache
 
-    client = MlflowClient()
+    client = store_client()
     children = [r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 4
     for child in children:
@@ -395,7 +394,7 @@ def test_a_test_time_flip_trial_logs_keeps_and_exports_the_flip_averaged_model(t
     child = next(r for r in runs_in(tracking_env) if "mlflow.parentRunId" in r.data.tags)
     assert child.data.params["test_time_flip"] == "True"
     assert child.data.tags["training"] == ("cached_features" if cached else "raw_images")
-    logged_val = MlflowClient().get_metric_history(child.info.run_id, "val_accuracy")[-1].value
+    logged_val = store_client().get_metric_history(child.info.run_id, "val_accuracy")[-1].value
 
     # the flip-averaged model through a SavedModel and its serving signature too, once
     formats = ["--format", "keras"] if cached else []
