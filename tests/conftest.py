@@ -37,6 +37,16 @@ def make_image_folders(root: Path, classes=("cats", "dogs"), train=16, validatio
     return root
 
 
+def pytest_collection_modifyitems(config, items):
+    """Long work first, so that two processes end together (``--dist loadgroup`` hands tests out in this order):
+    the files whose tests share an expensive module fixture (marked ``xdist_group``: each runs in one process),
+    then the tests marked slow, then the rest, each in file order."""
+    def rank(item) -> int:
+        return 0 if item.get_closest_marker("xdist_group") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """2 classes, 16 train and 12 validation images each (batch 4: 6 validation batches, 1 for test)."""
@@ -74,6 +84,47 @@ def tracking_env(tmp_path, monkeypatch, request, migrated_store):
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def swept_store(tiny_data, tmp_path_factory) -> Path:
+    """One small 2-trial scratch sweep (``helpers.sweep_args``) in a store of its own, made once per process:
+    the tests of best, export, predict, report and the UI start from copies of it."""
+    from click.testing import CliRunner
+
+    from sweep.cli import main
+    from tests.helpers import sweep_args
+
+    store = tmp_path_factory.mktemp("swept")
+    (store / "mlflow.yaml").write_text(
+        "tracking_uri: sqlite:///mlruns/mlflow.db\nartifact_root: mlruns/artifacts\n"
+        "experiment: test-exp\ntuner_dir: mlruns/keras_tuner\n"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(store)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        result = CliRunner().invoke(main, sweep_args(tiny_data, "scratch"))
+    assert result.exit_code == 0, result.output
+    return store
+
+
+@pytest.fixture()
+def swept(swept_store, tracking_env) -> Path:
+    """A copy of the swept store as this test's tracking folder, to change freely. Its runs keep their artifacts
+    in the shared store, where an export only adds a logged model under a new id."""
+    shutil.rmtree(tracking_env / "mlruns", ignore_errors=True)  # the empty store tracking_env starts with
+    shutil.copytree(swept_store / "mlruns", tracking_env / "mlruns")
+    return tracking_env
+
+
+@pytest.fixture()
+def no_exec(monkeypatch):
+    """`sweep ui` replaces its process with MLflow's UI; inside pytest that must fail loudly instead."""
+    def refuse(*args):
+        raise AssertionError(f"sweep ui went on to start the UI: {args}")
+
+    monkeypatch.setattr(os, "execv", refuse)
 
 
 @pytest.fixture()

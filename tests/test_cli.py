@@ -138,6 +138,7 @@ def test_offline_download_failure_is_one_message(runner, tracking_env, empty_ker
     assert runs_in(tracking_env) == []
 
 
+@pytest.mark.slow  # a process, and seconds of waiting
 def test_a_stopping_process_takes_one_stop_signal_and_a_second_ctrl_c_exits_at_once():
     """The first SIGTERM or Ctrl-C interrupts; a repeated SIGTERM (a supervisor passing the stop on, a
     scheduler repeating it) must not interrupt the closing of the runs; a second Ctrl-C ends the process."""

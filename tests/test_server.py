@@ -212,6 +212,7 @@ def test_an_unreachable_server_is_refused_at_once(login):
     assert seconds < 3  # MLflow's own client would retry for minutes
 
 
+@pytest.mark.slow  # waits out the 5 s probe
 def test_a_server_that_never_answers_is_refused_after_the_probe_timeout(login):
     with socket.socket() as silent:  # the kernel accepts the connection; nobody ever answers
         silent.bind(("127.0.0.1", 0))
@@ -272,6 +273,7 @@ def test_a_chief_on_every_interface_is_warned_about_and_one_address_is_not():
         assert exposure_warning(host) is None
 
 
+@pytest.mark.slow  # waits out --chief-timeout
 @pytest.mark.no_store
 def test_a_worker_without_a_chief_says_so_and_writes_nothing(tracking_env, runner):
     from tests.conftest import runs_in
@@ -288,6 +290,7 @@ def test_a_worker_without_a_chief_says_so_and_writes_nothing(tracking_env, runne
     assert not (tracking_env / "mlruns").exists() and runs_in(tracking_env) == []
 
 
+@pytest.mark.slow  # waits out two timeouts
 def test_waiting_for_a_chief_or_a_sweep_says_so_every_few_seconds():
     from sweep.distributed import wait_for_chief, wait_for_sweep
 
