@@ -55,7 +55,8 @@ def best(experiment, config_path, family, metric, export_dir, formats, no_verify
         raise click.UsageError("--no-verify only applies with --export DIR.")
     if formats is not None and export_dir is None:
         raise click.UsageError("--format only applies with --export DIR.")
-    quiet_tensorflow()
+    if export_dir is not None:  # listing the best trial needs no TensorFlow: it starts in about a second
+        quiet_tensorflow()
     from sweep.api import export_best, find_best
     from sweep.formats import DEFAULT_FORMATS, check_available
 
@@ -173,7 +174,10 @@ def data(experiment, config_path, data_dir, seed, batch_size, image_size, out_di
 @CONFIG
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 127.0.0.1 keeps it local.")
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
-def ui(config_path, host, port) -> None:
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="The UI's server processes (MLflow's own default is 4, each a few hundred MB; one user's "
+                   "browser needs two).")
+def ui(config_path, host, port, workers) -> None:
     """Start the MLflow UI on the configured store and print its address."""
     import os
     import shutil
@@ -195,7 +199,8 @@ def ui(config_path, host, port) -> None:
     link = _experiment_link(settings, f"http://{host}:{port}")
     if link:
         click.echo(f"Experiment {settings.experiment!r}, its runs: {link}")
-    command = [mlflow_bin, "ui", "--backend-store-uri", settings.tracking_uri, "--host", host, "--port", str(port)]
+    command = [mlflow_bin, "ui", "--backend-store-uri", settings.tracking_uri, "--host", host, "--port", str(port),
+               "--workers", str(workers)]
     # Become the MLflow UI (exec), so Ctrl-C and SIGTERM reach it and it stops its own worker processes;
     # a child left behind a dead parent would keep its server and job runners alive.
     sys.stdout.flush()

@@ -37,16 +37,6 @@ def make_image_folders(root: Path, classes=("cats", "dogs"), train=16, validatio
     return root
 
 
-def pytest_collection_modifyitems(config, items):
-    """Long work first, so that two processes end together (``--dist loadgroup`` hands tests out in this order):
-    the files whose tests share an expensive module fixture (marked ``xdist_group``: each runs in one process),
-    then the tests marked slow, then the rest, each in file order."""
-    def rank(item) -> int:
-        return 0 if item.get_closest_marker("xdist_group") else 1 if item.get_closest_marker("slow") else 2
-
-    items.sort(key=rank)
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """2 classes, 16 train and 12 validation images each (batch 4: 6 validation batches, 1 for test)."""

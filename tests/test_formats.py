@@ -105,6 +105,7 @@ def test_a_format_is_one_entry_that_detect_write_and_load_follow(tmp_path, monke
     assert given == ["training images", None]
 
 
+@pytest.mark.slow  # an export end to end, through LiteRT and ONNX
 def test_a_format_that_misses_its_check_fails_with_its_figures_and_nothing_is_exported(swept, runner,
                                                                                       monkeypatch):
     """A deliberately broken conversion (the LiteRT file of a model whose last layer is negated, so every class

@@ -20,8 +20,6 @@ import pytest
 
 from tests.conftest import SWEEP_BIN, make_image_folders
 
-pytestmark = pytest.mark.xdist_group("serving")  # the module's server process is started once, in one process
-
 SIZE = 32
 
 

@@ -22,7 +22,7 @@ import requests
 
 from tests.helpers import free_port, stop, wait_http
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("team_server")]  # one PostgreSQL and server
+pytestmark = pytest.mark.slow
 
 SWEEP_BIN = str(Path(sys.executable).with_name("sweep"))
 MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))

@@ -61,6 +61,7 @@ def test_ui_prints_the_link_that_opens_the_experiments_training_runs(swept, runn
             "/runs?workflowType=machine_learning") in result.output
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert started and started[0][1][1:3] == ["ui", "--backend-store-uri"]
+    assert started[0][1][-2:] == ["--workers", "2"]  # MLflow's default of 4 server processes is for teams
 
 
 @pytest.mark.slow

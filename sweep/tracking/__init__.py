@@ -7,10 +7,11 @@
 - ``queries``: reading runs back (trials, sweeps, histories, artifacts);
 - ``registry``: registering an export and moving its alias.
 
-The names below are the package's public face; callers import them from ``sweep.tracking``.
+The names below are the package's public face; callers import them from ``sweep.tracking``. The callback (and
+with it Keras and TensorFlow) is imported on first use, so the commands that only read results start in a second.
 """
 
-from sweep.tracking.callback import EPOCH_METRICS, EpochMetricsLogger
+from sweep.tracking.runs import EPOCH_METRICS
 from sweep.tracking.checks import check_sqlite_file, check_store
 from sweep.tracking.queries import (child_runs, download, filter_value, find_sweep, finished_trials, has_artifact,
                                     metric_history, sweep_runs)
@@ -23,3 +24,11 @@ __all__ = ["EPOCH_METRICS", "EpochMetricsLogger", "check_sqlite_file", "check_st
            "filter_value", "find_sweep", "finished_trials", "has_artifact", "metric_history", "sweep_runs",
            "register_model", "MODEL_ARTIFACT", "PARENT_RUN_TAG", "STOP_REQUESTED", "RunLogger", "clear_tag",
            "interrupted", "log_report_run", "mark_killed", "open_run", "with_retries", "Store"]
+
+
+def __getattr__(name: str):
+    if name == "EpochMetricsLogger":
+        from sweep.tracking.callback import EpochMetricsLogger
+
+        return EpochMetricsLogger
+    raise AttributeError(f"module 'sweep.tracking' has no attribute {name!r}")

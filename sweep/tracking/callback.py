@@ -8,9 +8,7 @@ import keras
 from mlflow.entities import Metric
 
 from sweep.errors import first_line
-from sweep.tracking.runs import RunLogger, with_retries
-
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+from sweep.tracking.runs import EPOCH_METRICS, RunLogger, with_retries
 
 
 class EpochMetricsLogger(keras.callbacks.Callback):

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from sweep.tracking.callback import EpochMetricsLogger
 
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # what a trial logs per epoch
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's documented system tag for nested runs
 MODEL_ARTIFACT = "model/model.keras"  # the trained end-to-end model, kept for trials that improved their sweep
 RETRY_ATTEMPTS = 3
