@@ -17,17 +17,11 @@ from sweep.spec import SweepSpec
 from sweep.tuning import build_oracle
 
 
-# A small scratch sweep on tiny_data in which every trial runs its two epochs (pruning, at epoch 1 here, has its
-# own tests): what the tests of best, export, predict, report and the UI rank, export and read.
-SWEEP = ["--data-dir", None, "--batch-size", "4", "--image-size", "32", "--epochs", "2", "--seed", "3", "-q",
-         "--no-prune"]
-
-
 def sweep_args(data_dir, family: str, trials: int = 2) -> list[str]:
-    """``sweep run`` arguments of that small sweep, of ``family`` on ``data_dir``."""
-    args = list(SWEEP)
-    args[1] = str(data_dir)
-    return ["run", "--family", family, "--trials", str(trials), *args]
+    """``sweep run`` of the small sweep (``tiny_args``) in which every trial runs its two epochs (pruning, at
+    epoch 1 here, has its own tests): what the tests of best, export, predict, report and the UI rank, export
+    and read."""
+    return ["run", "--family", family, "--trials", str(trials), *tiny_args(data_dir), "-q", "--no-prune"]
 
 
 def store_client(root: Path | str = "."):
