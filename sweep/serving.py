@@ -115,7 +115,7 @@ def load_served(model: str, wanted_format: str | None, registered_model: str, re
                 tracking_uri: str | None = None) -> LoadedModel:
     """Load what ``sweep serve MODEL`` names: an export folder, one of its model files, or ``models:/NAME@ALIAS``
     / ``models:/NAME/VERSION`` (downloaded from the registry at ``tracking_uri``)."""
-    from sweep.formats import classes_for, detect, load
+    from sweep.formats import FORMATS, classes_for, detect, load
 
     name = version = ""
     if model.startswith("models:/"):
@@ -125,7 +125,8 @@ def load_served(model: str, wanted_format: str | None, registered_model: str, re
         if not folder.exists():
             raise SweepError(f"no model at {model}: pass an export folder from `sweep best --export`, one of its "
                              f"model files, or models:/{registered_model}@champion.")
-    if folder.is_dir() and not (folder / "saved_model.pb").exists():
+    model_folder = any(f.marker and (folder / f.marker).exists() for f in FORMATS.values())  # a SavedModel, say
+    if folder.is_dir() and not model_folder:
         fmt, path = pick_format(folder, wanted_format)
     else:
         fmt, path = detect(folder)
