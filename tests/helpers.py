@@ -87,14 +87,19 @@ def make_oracle(tmp_path, **spec):
     return oracle
 
 
-def run_states(db: Path) -> list[tuple[str, str]]:
-    """(status, parent id or '') of every run, read straight from the SQLite store."""
+def store_rows(db: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """The rows of ``sql`` read straight from the SQLite store ``db`` (without MLflow, while other processes
+    write to it); none when it is not there yet or is busy."""
     if not db.exists():
         return []
     try:
         with sqlite3.connect(db, timeout=1) as conn:
-            return conn.execute(
-                "select r.status, coalesce(t.value, '') from runs r left join tags t "
-                "on t.run_uuid = r.run_uuid and t.key = 'mlflow.parentRunId'").fetchall()
+            return conn.execute(sql, params).fetchall()
     except sqlite3.Error:
         return []
+
+
+def run_states(db: Path) -> list[tuple[str, str]]:
+    """(status, parent id or '') of every run, read straight from the SQLite store."""
+    return store_rows(db, "select r.status, coalesce(t.value, '') from runs r left join tags t "
+                          "on t.run_uuid = r.run_uuid and t.key = 'mlflow.parentRunId'")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import runs_in
-from tests.helpers import run_states
+from tests.helpers import run_states, store_rows
 
 SWEEP_BIN = str(Path(sys.executable).with_name("sweep"))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -34,25 +33,14 @@ def finished_trials(tracking_env):
 
 def running_trials(db: Path) -> list[tuple[str, str]]:
     """(run id, tuner id) of every trial run still RUNNING, read straight from the SQLite store."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(db, timeout=1) as conn:
-            return conn.execute(
-                "select r.run_uuid, coalesce(t.value, '') from runs r join tags p on p.run_uuid = r.run_uuid "
-                "and p.key = 'mlflow.parentRunId' left join tags t on t.run_uuid = r.run_uuid "
-                "and t.key = 'tuner_id' where r.status = 'RUNNING'").fetchall()
-    except sqlite3.Error:
-        return []
+    return store_rows(db, "select r.run_uuid, coalesce(t.value, '') from runs r join tags p on p.run_uuid = "
+                          "r.run_uuid and p.key = 'mlflow.parentRunId' left join tags t on t.run_uuid = r.run_uuid "
+                          "and t.key = 'tuner_id' where r.status = 'RUNNING'")
 
 
 def logged_epochs(db: Path, run_id: str) -> int:
-    try:
-        with sqlite3.connect(db, timeout=1) as conn:
-            return conn.execute("select count(*) from metrics where run_uuid = ? and key = 'loss'",
-                                (run_id,)).fetchone()[0]
-    except sqlite3.Error:
-        return 0
+    rows = store_rows(db, "select count(*) from metrics where run_uuid = ? and key = 'loss'", (run_id,))
+    return rows[0][0] if rows else 0
 
 
 def wait_for_running_trial(db: Path, procs, tuner_id: str, timeout: float = 300) -> str:
