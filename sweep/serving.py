@@ -384,7 +384,8 @@ class Server(ThreadingHTTPServer):
         """``/predict`` requests being answered now (reading, decoding or waiting for the model)."""
         return self._predicting
 
-    def predict_started(self, delta: int) -> None:
+    def count_predicting(self, delta: int) -> None:
+        """One more (+1) or one fewer (-1) ``/predict`` request being answered."""
         with self._idle:
             self._predicting += delta
 
@@ -471,11 +472,11 @@ class Handler(BaseHTTPRequestHandler):
     def _predict(self):
         if self.server.draining:
             raise BadRequest(503, "the server is shutting down; send the request to another replica")
-        self.server.predict_started(1)
+        self.server.count_predicting(1)
         try:
             return self._classify()
         finally:
-            self.server.predict_started(-1)
+            self.server.count_predicting(-1)
 
     def _classify(self):
         uploads = self._uploads()
