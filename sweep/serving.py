@@ -47,6 +47,9 @@ from sweep.errors import SweepError, first_line
 # Formats in the order `sweep serve` prefers them (fastest first, as measured by `sweep best --export`).
 PREFERRED_FORMATS = ("litert", "onnx", "keras", "saved_model")
 DRAIN_SECONDS = 25.0
+# a body refused for its size is read and dropped for up to this long, so that a client that sends the whole body
+# before it reads the answer (most do, unless they ask with "Expect: 100-continue") gets the 413, not a reset
+LINGER_SECONDS = 5.0
 DEFAULT_MAX_BODY = 20 * 2**20  # bytes
 DEFAULT_MAX_PIXELS = 40_000_000  # declared width x height of one image (a 40-megapixel photo)
 DEFAULT_BATCH_WINDOW = 0.005  # seconds
@@ -58,9 +61,10 @@ Reporter = Callable[[str], None]
 class BadRequest(Exception):
     """A request the server answers with a 4xx status and one line naming the problem."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, unread: int = 0) -> None:
         super().__init__(message)
         self.status = status
+        self.unread = unread  # bytes of the body the client still sends: dropped after the answer
 
 
 @dataclass
@@ -404,6 +408,18 @@ class Handler(BaseHTTPRequestHandler):
         # ACK hold the body back about 40 ms
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def parse_request(self) -> bool:
+        self.body_withheld = False
+        return super().parse_request()
+
+    def handle_expect_100(self) -> bool:
+        """A client that asks before sending its body (curl does, over 1 MB) is refused a too-large one unsent."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.limits.max_body:
+            self.body_withheld = True  # no "100 Continue": the 413 is the answer and the body never comes
+            return True
+        return super().handle_expect_100()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the standard library's name
         pass  # /metrics counts requests; a line per request would cost more than the request
 
@@ -421,6 +437,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, routes: dict[str, Callable[[], tuple[int, bytes, str]]]) -> None:
         started = time.monotonic()
+        unread = 0
         path = self.path.split("?", 1)[0]
         endpoint = path if path in ("/health", "/ready", "/metadata", "/metrics", "/predict") else "other"
         self.server.enter()
@@ -433,8 +450,9 @@ class Handler(BaseHTTPRequestHandler):
             status, body, kind = routes[path]()
         except BadRequest as exc:
             status, body, kind = exc.status, _json({"error": str(exc)}), "application/json"
-            if exc.status == 413:  # the unread body is not drained: close the connection after answering
+            if exc.status == 413:  # the body was not read: the connection closes after the answer
                 self.close_connection = True
+                unread = exc.unread
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
             status = 500
             body, kind = _json({"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}"}), "application/json"
@@ -453,6 +471,22 @@ class Handler(BaseHTTPRequestHandler):
             self.server.metrics.requests.labels(endpoint, str(status)).inc()
             self.server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
             self.server.leave()
+        if unread:
+            self._drop_body(unread)
+
+    def _drop_body(self, length: int) -> None:
+        """Read and drop a refused body for up to LINGER_SECONDS: closing a socket with data still arriving resets
+        the connection, and a client still sending would see a broken pipe instead of the 413 it was sent."""
+        deadline = time.monotonic() + LINGER_SECONDS
+        try:
+            while length > 0 and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(min(length, 1 << 16))
+                if not chunk:
+                    break
+                length -= len(chunk)
+        except OSError:
+            pass  # the client gave up or went quiet: the connection closes either way
 
     # endpoints: (status, body, content type)
     def _health(self):
@@ -514,7 +548,7 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(400, f"Content-Length {length!r} is not a number") from None
         if length > self.server.limits.max_body:
             raise BadRequest(413, f"the body is {length} bytes, more than this server's --max-body "
-                                  f"{self.server.limits.max_body} bytes")
+                                  f"{self.server.limits.max_body} bytes", unread=0 if self.body_withheld else length)
         body = self.rfile.read(length)
         kind = self.headers.get("Content-Type", "")
         media = kind.split(";", 1)[0].strip().lower()

@@ -188,6 +188,28 @@ def test_bad_input_gets_a_4xx_naming_it_or_a_correct_answer_and_the_server_goes_
 
 
 @pytest.mark.slow  # a server process
+def test_a_body_over_max_body_gets_the_413_whether_the_client_sends_it_first_or_asks_first(served):
+    import socket
+
+    port, _, _ = served
+    # http.client, like most clients, sends the whole body before it reads the answer: a server that answers and
+    # closes with the body still arriving resets the connection, and the client sees a broken pipe, not the 413
+    for _ in range(5):
+        status, answer = request(port, "POST", "/predict", b"\xff" * (16 * 2**20), {"Content-Type": "image/jpeg"})
+        assert status == 413 and "more than this server's --max-body 1048576 bytes" in answer["error"]
+    # curl asks first over 1 MB ("Expect: 100-continue"): it is refused before it sends anything
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                       b"Content-Length: 16777216\r\nExpect: 100-continue\r\n\r\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+    assert b"more than this server's --max-body" in answer
+    assert request(port, "GET", "/health")[0] == 200
+
+
+@pytest.mark.slow  # a server process
 def test_an_unknown_path_and_method_get_json_errors(served):
     port, _, _ = served
     status, answer = request(port, "GET", "/nope")
