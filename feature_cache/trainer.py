@@ -73,17 +73,11 @@ class CachedTraining:
         return model
 
     def new_session(self) -> None:
-        """A trial on cached features builds next to nothing (its head is reused): Keras' global state is
-        reset without the full garbage collection, which took longer than such a trial's training.
-
-        The base is built here, before the trial seeds Keras, so that building it (once per process, in
-        whichever trial comes first) never shifts a trial's random draws: a trial's initial weights are the
-        same in a warm or a cold process, first or not.
+        """Keras' state is reset as for any family. The base is built here, before the trial seeds Keras, so
+        that building it (once per process, in whichever trial comes first) never shifts a trial's random
+        draws: a trial's initial weights are the same in a warm or a cold process, first or not.
         """
-        if self.features is None:
-            super().new_session()
-        else:
-            keras.backend.clear_session(free_memory=False)
+        super().new_session()
         self.build_base()
 
     def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None],
