@@ -17,18 +17,10 @@ ROTATION_STEP = 0.1
 
 
 def release_session() -> None:
-    """Reset Keras' global state and collect the previous trial's garbage.
-
-    A full collection walks every object Python tracks, and with TensorFlow, Keras and MLflow loaded that is
-    about half a million of them: a quarter of a second per trial, longer than a small trial's training. So the
-    first call, once the libraries and the data are loaded, moves what is alive then into the collector's
-    permanent generation (``gc.freeze``); every later collection walks only what trials made since, in
-    milliseconds, and still frees a trial's models.
-    """
+    """Reset Keras' global state and collect the previous trial's garbage (cheap inside a sweep's search, which
+    freezes what was alive before it: ``sweep.tuning.frozen_heap``)."""
     keras.backend.clear_session(free_memory=False)
     gc.collect()
-    if not gc.get_freeze_count():
-        gc.freeze()
 
 
 @dataclass

@@ -7,6 +7,8 @@ This module knows nothing of click.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import tempfile
@@ -172,6 +174,24 @@ def verify_best_kept(spec: SweepSpec, family: HyperFamily, data: Any, client, ex
            f"end ({time.monotonic() - started:.0f}s)")
 
 
+@contextlib.contextmanager
+def frozen_heap():
+    """While a search runs, what was alive before it (the libraries, the data, a notebook's own objects) sits in
+    the garbage collector's permanent generation (``gc.freeze``), so each trial's collection walks only what
+    trials made. With TensorFlow, Keras and MLflow loaded, a full collection walks about half a million objects:
+    0.25-0.35 s a trial, more than a small trial's training. Unfrozen when the search ends, however it ends; a
+    heap the caller froze is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class SweepTuner(kt.Tuner):
     """A Keras Tuner whose trials train through the family's ``fit`` and log to MLflow.
 
@@ -198,6 +218,10 @@ class SweepTuner(kt.Tuner):
     @property
     def family(self) -> HyperFamily:
         return self.hypermodel
+
+    def search(self, *fit_args: Any, **fit_kwargs: Any) -> None:
+        with frozen_heap():
+            super().search(*fit_args, **fit_kwargs)
 
     def on_trial_end(self, trial) -> None:
         # Keras Tuner stores the whole traceback as the message; our line already said what failed and the

@@ -268,25 +268,23 @@ def test_the_scored_and_kept_model_has_no_augmentation_and_answers_the_same_each
     np.testing.assert_allclose(np.asarray(loaded(x)), first, atol=1e-5)
 
 
-def test_release_session_frees_the_last_trials_model_and_freezes_what_was_alive_before():
+
+def test_release_session_frees_the_last_trials_model():
     import gc
     import weakref
 
     from search_spaces.base import release_session
 
-    release_session()  # what is alive now (libraries, fixtures) is frozen: later collections skip it
-    assert gc.get_freeze_count() > 0
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
                               keras.layers.Dense(2)])
     model.compile("adam", "mse")
     model.fit(np.zeros((4, 8, 8, 3)), np.zeros((4, 2)), verbose=0)
     gone = weakref.ref(model)
     del model
-    frozen = gc.get_freeze_count()
     gc.disable()  # only release_session may collect (a model's layers hold it in reference cycles)
     try:
         assert gone() is not None
         release_session()
     finally:
         gc.enable()
-    assert gone() is None and gc.get_freeze_count() <= frozen  # collected, and nothing more frozen
+    assert gone() is None

@@ -408,3 +408,26 @@ def test_a_test_time_flip_trial_logs_keeps_and_exports_the_flip_averaged_model(t
     # the last logged epoch, the tuner's score and the logged test accuracy are this model's
     assert val == pytest.approx(logged_val, abs=1e-6)
     assert test == pytest.approx(child.data.metrics["test_accuracy"], abs=1e-6)
+
+
+def test_a_search_freezes_the_heap_it_found_and_unfreezes_it_however_it_ends(monkeypatch):
+    import gc
+
+    from sweep.tuning import SweepTuner, frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    seen = []
+    monkeypatch.setattr(kt.Tuner, "search", lambda self, *a, **k: seen.append(gc.get_freeze_count()))
+    SweepTuner.__new__(SweepTuner).search(verbose=0)  # trials run with what was alive before frozen
+    assert seen[0] > 10_000 and gc.get_freeze_count() == 0
+    with pytest.raises(KeyboardInterrupt), frozen_heap():
+        raise KeyboardInterrupt  # Ctrl-C in a trial
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller that froze its own heap keeps it frozen
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_heap():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
