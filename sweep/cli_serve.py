@@ -7,8 +7,8 @@ import re
 import click
 
 from sweep.cli_common import TRACKING_OPTIONS, quiet_tensorflow, tracking_settings_for
-from sweep.serving import (DEFAULT_BATCH_WINDOW, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY, DEFAULT_MAX_PIXELS,
-                           PREFERRED_FORMATS, Limits, default_max_batch, is_loopback)
+from sweep.serving import (DEFAULT_BATCH_WINDOW, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY,
+                           DEFAULT_MAX_PIXELS, PREFERRED_FORMATS, Limits, default_max_batch, is_loopback)
 
 
 def _size(text: str) -> int:
@@ -37,12 +37,15 @@ def _size(text: str) -> int:
               help="Largest request body taken (413 above it, before it is read).")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(1),
               help="Most pixels (width x height) an image may declare (413 above it, before it is decoded).")
+@click.option("--idle-timeout", default=DEFAULT_IDLE_TIMEOUT, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a connection may stay silent (an idle keep-alive, or a request whose headers or body stop "
+                   "coming: 408) before it is closed.")
 @click.option("--reload-on-alias", is_flag=True,
               help="With models:/NAME@ALIAS: poll the registry and swap in the version the alias moves to.")
 @click.option("--reload-interval", default=10.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds between polls of the registry (--reload-on-alias).")
 def serve(experiment, config_path, model, wanted_format, host, port, batch_window, max_batch, max_body, max_pixels,
-          reload_on_alias, reload_interval) -> None:
+          idle_timeout, reload_on_alias, reload_interval) -> None:
     """Serve a model over HTTP: POST an image to /predict, get its class. MODEL is an export folder from
     `sweep best --export`, one of its model files, or models:/NAME@ALIAS (default: the configured registered
     model's champion). Also GET /health, /ready, /metadata and /metrics (Prometheus)."""
@@ -50,7 +53,7 @@ def serve(experiment, config_path, model, wanted_format, host, port, batch_windo
     model = model or f"models:/{settings.registered_model}@champion"
     if reload_on_alias and not (model.startswith("models:/") and "@" in model):
         raise click.UsageError("--reload-on-alias needs MODEL as models:/NAME@ALIAS.")
-    limits = Limits(max_body=_size(max_body), max_pixels=max_pixels)
+    limits = Limits(max_body=_size(max_body), max_pixels=max_pixels, idle_timeout=idle_timeout)
     quiet_tensorflow()
     from sweep.serving import load_served, serve as run_server
 

@@ -52,6 +52,8 @@ DRAIN_SECONDS = 25.0
 LINGER_SECONDS = 5.0
 DEFAULT_MAX_BODY = 20 * 2**20  # bytes
 DEFAULT_MAX_PIXELS = 40_000_000  # declared width x height of one image (a 40-megapixel photo)
+# seconds a connection may stay silent: between keep-alive requests, or mid-request (headers or body)
+DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_BATCH_WINDOW = 0.005  # seconds
 DEFAULT_MAX_BATCH = 32
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")  # what training's decoder reads (Pillow's names)
@@ -71,6 +73,7 @@ class BadRequest(Exception):
 class Limits:
     max_body: int = DEFAULT_MAX_BODY
     max_pixels: int = DEFAULT_MAX_PIXELS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
 
 # -- the model ------------------------------------------------------------------------------------------------
@@ -403,6 +406,9 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
 
     def setup(self) -> None:
+        # a silent connection (an idle keep-alive, or headers or a body that stop coming) is closed after this:
+        # otherwise each one would hold a thread for good
+        self.timeout = self.server.limits.idle_timeout
         super().setup()
         # answers are written as headers then body: without this, Nagle's algorithm and the client's delayed
         # ACK hold the body back about 40 ms
@@ -450,7 +456,7 @@ class Handler(BaseHTTPRequestHandler):
             status, body, kind = routes[path]()
         except BadRequest as exc:
             status, body, kind = exc.status, _json({"error": str(exc)}), "application/json"
-            if exc.status == 413:  # the body was not read: the connection closes after the answer
+            if exc.status in (408, 413):  # the body was not (all) read: the connection closes after the answer
                 self.close_connection = True
                 unread = exc.unread
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
@@ -549,7 +555,11 @@ class Handler(BaseHTTPRequestHandler):
         if length > self.server.limits.max_body:
             raise BadRequest(413, f"the body is {length} bytes, more than this server's --max-body "
                                   f"{self.server.limits.max_body} bytes", unread=0 if self.body_withheld else length)
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise BadRequest(408, f"the body stopped coming for {self.server.limits.idle_timeout:g} s (this "
+                                  f"server's --idle-timeout) before its {length} bytes arrived") from None
         kind = self.headers.get("Content-Type", "")
         media = kind.split(";", 1)[0].strip().lower()
         if media.startswith("image/") or media == "application/octet-stream":

@@ -94,7 +94,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     export = tiny_export(root / "export")
     images = make_image_folders(root / "data", train=2, validation=2, size=48)
-    process, port = start([str(export), "--max-body", "1MB", "--max-pixels", "1000000"], root)
+    process, port = start([str(export), "--max-body", "1MB", "--max-pixels", "1000000", "--idle-timeout", "2"], root)
     yield port, export, images
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
@@ -206,6 +206,32 @@ def test_a_body_over_max_body_gets_the_413_whether_the_client_sends_it_first_or_
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
     assert b"more than this server's --max-body" in answer
+    assert request(port, "GET", "/health")[0] == 200
+
+
+@pytest.mark.slow  # a server process, and waits out its --idle-timeout
+def test_a_silent_connection_is_closed_after_the_idle_timeout_and_a_stalled_body_gets_a_408(served):
+    import socket
+
+    port, _, _ = served
+
+    def closed_after(sent: bytes) -> tuple[bytes, float]:
+        """What the server answers a connection that sends ``sent`` and then nothing, and when it closes it."""
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(sent)
+            started, answer = time.monotonic(), b""
+            while chunk := client.recv(65536):
+                answer += chunk
+            return answer, time.monotonic() - started
+
+    for sent in (b"", b"POST /predict HTTP/1.1\r\nHost: x\r\n"):  # connected and silent; headers stopped
+        answer, seconds = closed_after(sent)
+        assert answer == b"" and 1.5 < seconds < 15, (sent, seconds)
+    answer, seconds = closed_after(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                   b"Content-Length: 5000\r\n\r\n" + b"\xff" * 100)  # a body that stopped
+    assert answer.startswith(b"HTTP/1.1 408 ") and 1.5 < seconds < 15, answer
+    assert (b"the body stopped coming for 2 s (this server's --idle-timeout) before its 5000 bytes arrived"
+            in answer)
     assert request(port, "GET", "/health")[0] == 200
 
 
