@@ -268,7 +268,6 @@ def test_the_scored_and_kept_model_has_no_augmentation_and_answers_the_same_each
     np.testing.assert_allclose(np.asarray(loaded(x)), first, atol=1e-5)
 
 
-
 def test_release_session_frees_the_last_trials_model():
     import gc
     import weakref
