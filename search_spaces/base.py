@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -14,13 +13,6 @@ FLIP_MODES = ("horizontal_and_vertical", "horizontal", "vertical", "none")
 MAX_ROTATION_FACTOR = 0.3
 # The transfer family's feature cache keeps one band of rotations per step (feature_cache/features.py).
 ROTATION_STEP = 0.1
-
-
-def release_session() -> None:
-    """Reset Keras' global state and collect the previous trial's garbage (cheap inside a sweep's search, which
-    freezes what was alive before it: ``sweep.tuning.frozen_heap``)."""
-    keras.backend.clear_session(free_memory=False)
-    gc.collect()
 
 
 @dataclass
@@ -138,8 +130,9 @@ class HyperFamily(kt.HyperModel):
 
     # -- training (Keras Tuner's HyperModel.fit hook) ---------------------------------------------------
     def new_session(self) -> None:
-        """Called before each trial: release the previous trial's Keras state (and collect its garbage)."""
-        release_session()
+        """Called before each trial: release the previous trial's Keras state and collect its garbage (cheap
+        inside a sweep's search, which freezes what was alive before it: ``sweep.tuning.frozen_heap``)."""
+        keras.backend.clear_session()
 
     def prepare(self, data: Any, cache_dir: Path | None, report: Callable[[str], None],
                 fixed: dict[str, Any] | None = None) -> None:

@@ -268,11 +268,9 @@ def test_the_scored_and_kept_model_has_no_augmentation_and_answers_the_same_each
     np.testing.assert_allclose(np.asarray(loaded(x)), first, atol=1e-5)
 
 
-def test_release_session_frees_the_last_trials_model():
+def test_a_new_session_frees_the_last_trials_model():
     import gc
     import weakref
-
-    from search_spaces.base import release_session
 
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
                               keras.layers.Dense(2)])
@@ -280,10 +278,10 @@ def test_release_session_frees_the_last_trials_model():
     model.fit(np.zeros((4, 8, 8, 3)), np.zeros((4, 2)), verbose=0)
     gone = weakref.ref(model)
     del model
-    gc.disable()  # only release_session may collect (a model's layers hold it in reference cycles)
+    gc.disable()  # only new_session may collect (a model's layers hold it in reference cycles)
     try:
         assert gone() is not None
-        release_session()
+        make_hypermodel("scratch").new_session()
     finally:
         gc.enable()
     assert gone() is None
